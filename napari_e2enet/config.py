@@ -1,0 +1,207 @@
+"""Frozen configuration dataclasses: the one home of defaults.
+
+Every config round-trips through plain dicts (``to_dict`` / ``from_dict``) and therefore through
+JSON and YAML files. Tuples are stored as lists in files and restored as tuples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+Triple = tuple[int, int, int]
+
+
+def _tupleize(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_tupleize(v) for v in value)
+    return value
+
+
+class _DictMixin:
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - set(known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        kwargs = {}
+        for name, value in data.items():
+            sub = _NESTED.get((cls.__name__, name))
+            if sub is not None and isinstance(value, dict):
+                kwargs[name] = sub.from_dict(value)
+            else:
+                kwargs[name] = _tupleize(value)
+        return cls(**kwargs)
+
+    def replace(self: T, **changes: Any) -> T:
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class ModelConfig(_DictMixin):
+    """Architecture of an E2ENet (spec E2ENET.md §1).
+
+    ``widths[i]`` is the channel count of level i (0 = full resolution). ``pools[i]`` is the
+    down-sampling factor (D, H, W) from level i to level i+1, so ``len(pools) == len(widths) - 1``.
+    """
+
+    in_channels: int = 1
+    num_classes: int = 16
+    widths: tuple[int, ...] = (48, 96, 192, 320, 320, 320)
+    pools: tuple[Triple, ...] = ((2, 2, 2),) * 5
+    kernel: Triple = (1, 3, 3)
+    depth_shift: bool = True
+    units_per_level: int = 2
+    last_stage_units: int = 2
+    num_heads: int = 4
+    name: str = "e2enet"
+
+    def __post_init__(self) -> None:
+        if len(self.widths) < 2:
+            raise ValueError("ModelConfig: at least two levels are needed")
+        if len(self.pools) != len(self.widths) - 1:
+            raise ValueError(
+                f"ModelConfig: {len(self.widths)} levels need {len(self.widths) - 1} pools, "
+                f"got {len(self.pools)}"
+            )
+        if any(len(p) != 3 or min(p) < 1 for p in self.pools):
+            raise ValueError(f"ModelConfig: pools must be positive (D, H, W) triples: {self.pools}")
+        if any(k % 2 != 1 for k in self.kernel):
+            raise ValueError(f"ModelConfig: kernel sizes must be odd: {self.kernel}")
+        if not 1 <= self.num_heads <= len(self.widths) - 1:
+            raise ValueError(f"ModelConfig: num_heads must be in 1..{len(self.widths) - 1}")
+
+    @property
+    def levels(self) -> int:
+        return len(self.widths)
+
+    def divisor(self) -> Triple:
+        """The factor every input size must be a multiple of (product of the pools per axis)."""
+        out = [1, 1, 1]
+        for pool in self.pools:
+            out = [o * p for o, p in zip(out, pool)]
+        return (out[0], out[1], out[2])
+
+
+@dataclass(frozen=True)
+class SparsityConfig(_DictMixin):
+    """Dynamic sparse feature fusion (spec E2ENET.md §2).
+
+    ``update_every`` is ΔT in iterations; 0 means "scale to the run": the paper's 1200 of
+    250 000 iterations, i.e. 0.48 % of the run, with at least 10 updates where the run allows.
+    """
+
+    sparsity: float = 0.8
+    update_every: int = 0
+    prune_fraction: float = 0.5
+    prune_fraction_min: float = 0.001
+    regrow: str = "random"  # "random" (paper) or "gradient" (RigL)
+    stop_updates_at: float = 1.0  # fraction of the run after which the topology is frozen
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"SparsityConfig: sparsity must be in [0, 1), got {self.sparsity}")
+        if self.regrow not in ("random", "gradient"):
+            raise ValueError(f"SparsityConfig: regrow must be 'random' or 'gradient', got {self.regrow!r}")
+        if not 0.0 <= self.prune_fraction_min <= self.prune_fraction <= 1.0:
+            raise ValueError("SparsityConfig: need 0 <= prune_fraction_min <= prune_fraction <= 1")
+
+    def resolved_update_every(self, total_iterations: int) -> int:
+        if self.update_every > 0:
+            return self.update_every
+        paper = round(total_iterations * 1200 / 250_000)
+        return max(1, min(max(paper, 1), max(total_iterations // 10, 1)))
+
+
+@dataclass(frozen=True)
+class DataConfig(_DictMixin):
+    """Where the cases come from and how they are prepared (spec E2ENET.md §4)."""
+
+    source: str = "phantom:8"
+    patch: Triple = (64, 64, 64)
+    batch: int = 2
+    target_spacing: tuple[float, float, float] | None = None  # None: from the dataset fingerprint
+    foreground_oversample: float = 0.33
+    augment: bool = True
+    validation_fraction: float = 0.2
+    num_validation: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig(_DictMixin):
+    """A training run (nnU-Net-style recipe, spec E2ENET.md §4)."""
+
+    model: str = "e2enet_small"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    iterations: int = 1000
+    iterations_per_epoch: int = 50
+    lr: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    grad_clip: float = 12.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"  # "fp32", "bf16" (CPU autocast) or "amp" (CUDA fp16)
+    validation_every_epochs: int = 1
+    checkpoint_every_epochs: int = 1
+
+
+@dataclass(frozen=True)
+class InferenceConfig(_DictMixin):
+    """Sliding-window inference (spec E2ENET.md §4, PERFORMANCE.md)."""
+
+    overlap: float = 0.5
+    tta: bool = False
+    precision: str = "fp32"
+    device: str = "auto"
+    tiles_per_batch: int = 1
+    accelerate: bool = True
+
+
+_NESTED: dict[tuple[str, str], type[_DictMixin]] = {
+    ("TrainConfig", "sparsity"): SparsityConfig,
+    ("TrainConfig", "data"): DataConfig,
+}
+
+
+def load_config(path: str | Path, cls: type[T]) -> T:
+    """Read a JSON or YAML file into ``cls``; raises ValueError naming the file on bad content."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
+        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    try:
+        return cls.from_dict(data)  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def save_config(config: _DictMixin, path: str | Path) -> None:
+    path = Path(path)
+    text = json.dumps(config.to_dict(), indent=2) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

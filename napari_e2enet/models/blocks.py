@@ -1,0 +1,91 @@
+"""Building blocks: the restricted depth shift and the conv unit (spec E2ENET.md §1)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Triple = tuple[int, int, int]
+
+
+def shift_group_sizes(channels: int) -> tuple[int, int, int]:
+    """Channel counts of the three shift groups, as ``torch.tensor_split(x, 3, dim=1)`` splits them."""
+    return ((channels + 2) // 3, (channels + 1) // 3, channels // 3)
+
+
+def depth_shift(x: torch.Tensor) -> torch.Tensor:
+    """Restricted depth shift of a (N, C, D, H, W) tensor; returns a tensor of the same shape.
+
+    The channels are split into three contiguous groups (``tensor_split`` sizes). Group 0 takes its
+    value from depth slice d+1, group 1 is unchanged, group 2 takes its value from slice d-1.
+    Slices shifted in from outside the volume are zero (no wrap-around). With C < 3 the input
+    is returned unchanged. No parameters; the memory format of ``x`` is kept.
+    """
+    channels = x.shape[1]
+    if channels < 3:
+        return x
+    g0, g1, _ = shift_group_sizes(channels)
+    a, b = g0, g0 + g1
+    # Write into one preallocated tensor: one pass over memory, keeps channels_last_3d.
+    out = torch.empty_like(x)
+    out[:, :a, :-1] = x[:, :a, 1:]
+    out[:, :a, -1:] = 0
+    out[:, a:b] = x[:, a:b]
+    out[:, b:, 1:] = x[:, b:, :-1]
+    out[:, b:, :1] = 0
+    return out
+
+
+class DepthShift(nn.Module):
+    """Module form of :func:`depth_shift` (no parameters)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depth_shift(x)
+
+
+def _leaky_relu() -> nn.Module:
+    return nn.LeakyReLU(0.01, inplace=True)
+
+
+def _instance_norm(channels: int) -> nn.Module:
+    return nn.InstanceNorm3d(channels, eps=1e-5, affine=True)
+
+
+class ConvUnit(nn.Module):
+    """Depth shift → Conv3d (kernel, stride, "same" padding, bias) → norm → activation.
+
+    Input (N, in_channels, D, H, W) → output (N, out_channels, D/sd, H/sh, W/sw) for stride
+    (sd, sh, sw). The operators are arguments, so variants never copy this class.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: Triple = (1, 3, 3),
+        stride: Triple = (1, 1, 1),
+        *,
+        shift: bool = True,
+        conv_op: type[nn.Conv3d] = nn.Conv3d,
+        norm_op: Callable[[int], nn.Module] = _instance_norm,
+        act_op: Callable[[], nn.Module] = _leaky_relu,
+    ) -> None:
+        super().__init__()
+        self.shift = DepthShift() if shift else nn.Identity()
+        padding = tuple(k // 2 for k in kernel)
+        self.conv = conv_op(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=True)
+        self.norm = norm_op(out_channels)
+        self.act = act_op()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.conv(self.shift(x))))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal (a = 0.01) for conv weights, zero biases (nnU-Net's InitWeights_He)."""
+    if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+        nn.init.kaiming_normal_(module.weight, a=0.01)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
