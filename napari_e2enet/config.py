@@ -62,7 +62,7 @@ class ModelConfig(_DictMixin):
     depth_shift: bool = True
     units_per_level: int = 2
     last_stage_units: int = 2
-    num_heads: int = 4
+    num_heads: int = 4  # deep-supervision heads, levels 0..3 (fewer on shallow networks)
     name: str = "e2enet"
 
     def __post_init__(self) -> None:
@@ -77,12 +77,17 @@ class ModelConfig(_DictMixin):
             raise ValueError(f"ModelConfig: pools must be positive (D, H, W) triples: {self.pools}")
         if any(k % 2 != 1 for k in self.kernel):
             raise ValueError(f"ModelConfig: kernel sizes must be odd: {self.kernel}")
-        if not 1 <= self.num_heads <= len(self.widths) - 1:
-            raise ValueError(f"ModelConfig: num_heads must be in 1..{len(self.widths) - 1}")
+        if self.num_heads < 1:
+            raise ValueError("ModelConfig: num_heads must be >= 1")
 
     @property
     def levels(self) -> int:
         return len(self.widths)
+
+    @property
+    def head_count(self) -> int:
+        """Deep-supervision heads actually built: ``num_heads``, at most one per decoder output."""
+        return min(self.num_heads, self.levels - 1)
 
     def divisor(self) -> Triple:
         """The factor every input size must be a multiple of (product of the pools per axis)."""

@@ -41,7 +41,7 @@ class E2ENet(nn.Module):
     """E2ENet for 3D segmentation.
 
     Input (N, in_channels, D, H, W) with D, H, W multiples of ``config.divisor()``.
-    Training mode returns a list of ``num_heads`` logit tensors, full resolution first
+    Training mode returns a list of ``config.head_count`` logit tensors, full resolution first
     (N, num_classes, D/r, H/r, W/r) for the reductions r of levels 0 .. num_heads-1 (deep
     supervision; logits are not up-sampled). Eval mode returns the full-resolution logits only.
     """
@@ -54,7 +54,7 @@ class E2ENet(nn.Module):
         self.decoder = FusionDecoder(self.backbone.feature_info, kernel=config.kernel,
                                      shift=config.depth_shift, last_stage_units=config.last_stage_units)
         self.heads = nn.ModuleList(
-            nn.Conv3d(config.widths[i], config.num_classes, 1, bias=False) for i in range(config.num_heads)
+            nn.Conv3d(config.widths[i], config.num_classes, 1, bias=False) for i in range(config.head_count)
         )
         self.apply(init_weights)
         self._maskable = self._find_maskable()
