@@ -79,6 +79,120 @@ def _info(args: argparse.Namespace) -> int:
 _COMMANDS["info"] = (_info_args, _info, "parameters, MACs and paper-convention FLOPs of a model")
 
 
+# -- train --------------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="nnU-Net/MSD dataset folder, or phantom:N for N synthetic abdomen cases")
+    p.add_argument("--out", required=True, help="run directory (created; holds model, metrics, state)")
+    p.add_argument("--model", help="registered model name (default e2enet_small)")
+    p.add_argument("--sparsity", type=float, help="DSFF sparsity S (0 = dense fusion)")
+    p.add_argument("--iterations", type=int, help="total training iterations")
+    p.add_argument("--iterations-per-epoch", type=int, help="iterations between validations/checkpoints")
+    p.add_argument("--update-every", type=int, help="DSFF topology update every K iterations (0 = auto)")
+    p.add_argument("--regrow", choices=("random", "gradient"), help="DSFF regrowth rule (paper: random)")
+    p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"))
+    p.add_argument("--batch", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--precision", choices=("fp32", "bf16", "amp"))
+    p.add_argument("--num-validation", type=int, help="held-out cases for validation")
+    p.add_argument("--no-augment", action="store_true", help="switch training augmentation off")
+    p.add_argument("--init-from", help="model file or run folder to fine-tune from")
+    p.add_argument("--config", help="TrainConfig as JSON/YAML; command-line options override it")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from .config import TrainConfig, load_config
+
+    config = load_config(args.config, TrainConfig) if args.config else TrainConfig()
+    top = {k: v for k, v in {"model": args.model, "iterations": args.iterations, "seed": args.seed,
+                             "device": args.device, "precision": args.precision, "lr": args.lr,
+                             "iterations_per_epoch": args.iterations_per_epoch}.items() if v is not None}
+    sparsity = {k: v for k, v in {"sparsity": args.sparsity, "update_every": args.update_every,
+                                  "regrow": args.regrow}.items() if v is not None}
+    data = {k: v for k, v in {"source": args.data, "patch": _triple(args.patch) if args.patch else None,
+                              "batch": args.batch, "num_validation": args.num_validation}.items() if v is not None}
+    if args.no_augment:
+        data["augment"] = False
+    try:
+        return config.replace(**top, sparsity=config.sparsity.replace(**sparsity), data=config.data.replace(**data))
+    except (TypeError, ValueError) as exc:
+        raise InputError(str(exc)) from None
+
+
+def _model_file(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    return str(p / "model.safetensors") if p.is_dir() else str(p)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from tqdm import tqdm
+
+    from .training import Trainer
+    from .training.distributed import cleanup_distributed, init_distributed
+
+    if not args.resume and not args.data and not args.config:
+        raise InputError("--data is required (a dataset folder or phantom:N)")
+    config = train_config_from_args(args)
+    dist = init_distributed(config.device)
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):  # first Ctrl-C: stop at the next iteration and save; second: abort
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    trainer = Trainer(config, args.out, resume=args.resume, stop=stop, rank=dist.rank,
+                      world_size=dist.world_size, init_from=_model_file(args.init_from) if args.init_from else None)
+    bar = None
+    try:
+        for event in trainer.iter_fit():
+            if not dist.is_main:
+                continue
+            if event.kind == "start":
+                bar = tqdm(total=event.total, initial=event.iteration, unit="it", dynamic_ncols=True,
+                           file=sys.stderr, desc="train")
+                bar.write(event.message, file=sys.stderr)
+            elif event.kind == "iteration" and bar is not None:
+                bar.update(event.iteration - bar.n)
+                bar.set_postfix(loss=f"{event.loss:.3f}", lr=f"{event.lr:.2g}", refresh=False)
+            elif event.kind == "validation" and bar is not None and event.dice:
+                mean = sum(event.dice.values()) / len(event.dice)
+                bar.set_postfix(loss=f"{event.loss or 0:.3f}", dice=f"{mean:.3f}")
+            elif event.kind == "topology" and bar is not None and event.update is not None:
+                bar.set_postfix(loss=f"{event.loss:.3f}", dsff=f"-{event.update.total_pruned}/+{event.update.total_regrown}")
+    finally:
+        if bar is not None:
+            bar.close()
+        signal.signal(signal.SIGINT, previous)
+        cleanup_distributed()
+    summary = trainer.summary
+    if not dist.is_main or summary is None:
+        return 0
+    mean = summary.mean_dice
+    result = {"run_dir": str(summary.run_dir), "iterations": summary.iterations, "seconds": round(summary.seconds, 1),
+              "final_loss": summary.final_loss, "dice": summary.dice, "dice_mean": mean, "stopped": summary.stopped}
+    if args.json:
+        emit_json(result)
+    else:
+        verb = "stopped (resume with --resume)" if summary.stopped else "done"
+        sys.stderr.write(f"train {verb}: {summary.iterations} iterations in {summary.seconds:.0f} s, "
+                         f"loss {summary.final_loss or float('nan'):.4f}, validation Dice "
+                         f"{'n/a' if mean is None else f'{mean:.4f}'} -> {summary.run_dir}\n")
+    return EXIT_INTERRUPTED if summary.stopped else 0
+
+
+_COMMANDS["train"] = (_train_args, _train, "train E2ENet with DSFF on a dataset (torchrun for DDP)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..config import ModelConfig
 from .e2enet import E2ENet, uniform_masks
 
@@ -38,6 +40,7 @@ def create_model(
 ) -> E2ENet:
     """Build a registered variant (or a ModelConfig) with uniform random masks at density 1 − S.
 
+    ``seed`` fixes both the weight initialisation and the masks (the global RNG is left as it was).
     ``sparsity=0`` gives the dense-fusion model (no masks). Overrides are ModelConfig fields.
     """
     if isinstance(name, ModelConfig):
@@ -46,7 +49,9 @@ def create_model(
         config = model_config(name, in_channels=in_channels, num_classes=num_classes, **overrides)
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    model = E2ENet(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = E2ENet(config)
     if sparsity > 0:
         model.set_masks(uniform_masks(model, sparsity, seed))
     return model

@@ -1,0 +1,146 @@
+"""Model files and resumable training state.
+
+- ``model.safetensors``: the state dict — weights (pruned kernels exactly zero) and the kernel masks
+  (bool buffers ``<module>.kernel_mask``) — plus metadata (model config, preprocessing plan, label table, format version)
+  in the safetensors header. Loading never executes code.
+- ``training_state.pt``: optimizer, DSFF updater, iteration and history; only plain tensors and
+  containers, loaded with ``torch.load(weights_only=True)`` so a pickle payload cannot run.
+Both are written to a temporary name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import ModelConfig
+from ..errors import InputError
+from ..models import E2ENet, create_model
+
+FORMAT = "napari-e2enet/model"
+FORMAT_VERSION = "1"
+MASK_KEY = "kernel_mask"
+
+
+def atomic_path(path: Path) -> Path:
+    """A temporary sibling of ``path`` (same folder, so the final rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    os.replace(tmp, path)
+
+
+def save_model(model: E2ENet, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
+    """Write weights, masks and metadata (JSON-able values) to a safetensors file atomically."""
+    path = Path(path)
+    tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "model_config": json.dumps(model.config.to_dict())}
+    for key, value in (metadata or {}).items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    tmp = atomic_path(path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of a model file, JSON values decoded. Raises InputError for non-model files."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("model file not found", path)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"not a safetensors model file ({exc})", path) from None
+    if raw.get("format") != FORMAT:
+        raise InputError("not a napari-e2enet model file (no napari-e2enet metadata)", path)
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def load_model(path: str | Path, *, expected_sha256: str | None = None,
+               device: str | torch.device = "cpu") -> tuple[E2ENet, dict[str, Any]]:
+    """Build the model a file describes and load its weights and masks; returns (model, metadata).
+
+    ``expected_sha256``: refuse the file unless its checksum matches (bundled models).
+    """
+    path = Path(path)
+    if expected_sha256 is not None:
+        actual = sha256_of(path) if path.is_file() else None
+        if actual != expected_sha256:
+            raise InputError(f"checksum mismatch (expected {expected_sha256[:12]}…, got "
+                             f"{(actual or 'missing')[:12]}…): the file is damaged or was replaced", path)
+    meta = read_metadata(path)
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"invalid model config in metadata ({exc})", path) from None
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise InputError(f"cannot read weights ({exc})", path) from None
+    model = create_model(config, sparsity=0.0)
+    masks = {k[: -len(MASK_KEY)] + "weight": v for k, v in tensors.items() if k.endswith(MASK_KEY)}
+    try:
+        model.set_masks(masks)  # creates the mask buffers, so the strict load below expects them
+        model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"weights do not fit the described architecture ({str(exc).splitlines()[0][:200]})",
+                         path) from None
+    model.apply_masks()
+    return model.to(device), meta
+
+
+def save_state(state: dict[str, Any], path: str | Path) -> Path:
+    """Atomically write a training state made of tensors, numbers, strings and containers."""
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        torch.save(state, tmp)
+        _replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Load a training state with ``weights_only=True``: a pickle carrying code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("training state not found", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"refused to load training state ({first[:200]})", path) from None

@@ -1,0 +1,384 @@
+"""The training loop: a generator of events you can read in one sitting.
+
+``Trainer(config, run_dir).iter_fit()`` yields :class:`TrainEvent` objects (iteration, topology
+update, validation, checkpoint, stop) and stops cleanly when ``stop`` is set or the consumer closes
+the generator; the state is then saved at the last completed iteration so ``resume=True`` continues
+exactly (same weights and masks as an uninterrupted run on the same CPU, because every source of
+randomness is a pure function of (seed, rank, iteration)).
+
+Run directory (written by rank 0 only, every file atomically):
+
+- ``config.json``        the resolved TrainConfig
+- ``model.safetensors``  latest weights (pruned kernels exactly zero), masks, plan, labels
+- ``training_state.pt``  optimizer, DSFF updater, iteration, history (``weights_only`` loadable)
+- ``metrics.csv``        one row per epoch: loss, LR, validation Dice per class, time
+- ``connectivity.json``  DSFF connectivity at every topology update and epoch end (docs/connectivity.md)
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import TrainConfig, load_config, save_config
+from ..data import Dataset, PatchSampler, Plan, fingerprint, load_dataset, preprocess, preprocess_labels
+from ..device import resolve_device
+from ..errors import InputError
+from ..inference.sliding_window import sliding_window_argmax
+from ..labels import LabelTable
+from ..metrics import dice
+from ..models import E2ENet, create_model
+from ..sparse import ConnectivityRecord, DSFFUpdater, TopologyUpdate
+from .checkpoint import atomic_path, load_model, load_state, save_model, save_state
+from .losses import DeepSupervisionLoss
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+METRICS_FILE = "metrics.csv"
+CONNECTIVITY_FILE = "connectivity.json"
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """One thing that happened. ``kind``: start, iteration, topology, validation, checkpoint,
+    stopped, done. ``iteration`` counts completed iterations (1-based)."""
+
+    kind: str
+    iteration: int
+    total: int
+    epoch: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    dice: dict[str, float] | None = None
+    update: TopologyUpdate | None = None
+    seconds: float = 0.0
+    message: str = ""
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path | None
+    iterations: int
+    seconds: float
+    final_loss: float | None
+    dice: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False
+
+    @property
+    def mean_dice(self) -> float | None:
+        return float(np.mean(list(self.dice.values()))) if self.dice else None
+
+
+def poly_lr(base: float, iteration: int, total: int, exponent: float = 0.9) -> float:
+    """nnU-Net's poly schedule (1 - t/T)^0.9."""
+    return base * (1.0 - iteration / total) ** exponent
+
+
+@dataclass
+class _Prepared:
+    """Dataset preprocessed once: arrays on the network grid, split into train and validation."""
+
+    plan: Plan
+    labels: LabelTable
+    in_channels: int
+    train: list[tuple[np.ndarray, np.ndarray]]
+    val: list[tuple[np.ndarray, np.ndarray]]
+    val_names: list[str]
+
+
+class Trainer:
+    """Train an E2ENet with DSFF.
+
+    ``dataset``: an in-memory :class:`Dataset` (napari layers); otherwise ``config.data.source``
+    is loaded (nnU-Net/MSD folder or ``phantom:N``). ``init_from``: a model file to fine-tune (its
+    architecture, masks and preprocessing plan are kept). ``rank``/``world_size``: DDP (the process
+    group must already be initialised); only rank 0 writes files.
+    """
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path | None = None, *, dataset: Dataset | None = None,
+                 resume: bool = False, init_from: str | Path | None = None, rank: int = 0, world_size: int = 1,
+                 stop: threading.Event | None = None) -> None:
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if resume:
+            if self.run_dir is None or not (self.run_dir / STATE_FILE).is_file():
+                raise InputError("no training state to resume from", self.run_dir / STATE_FILE if self.run_dir else None)
+            config = load_config(self.run_dir / CONFIG_FILE, TrainConfig)
+        self.config = config
+        self.dataset = dataset
+        self.resume = resume
+        self.init_from = Path(init_from) if init_from is not None else None
+        self.rank = rank
+        self.world_size = world_size
+        self.stop = stop or threading.Event()
+        self.model: E2ENet | None = None
+        self.summary: TrainSummary | None = None
+
+    @property
+    def writes(self) -> bool:
+        return self.rank == 0 and self.run_dir is not None
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _prepare_data(self, plan: Plan | None) -> _Prepared:
+        cfg = self.config
+        dataset = self.dataset if self.dataset is not None else load_dataset(cfg.data.source)
+        if len(dataset.cases) == 0:
+            raise InputError("the dataset has no cases", cfg.data.source)
+        if plan is None:
+            plan = fingerprint(dataset)
+            if cfg.data.target_spacing is not None:
+                plan = plan.replace(target_spacing=tuple(cfg.data.target_spacing))
+        arrays = []
+        for case in dataset.cases:
+            image, label = case.load()
+            arrays.append((preprocess(image, plan)[0], preprocess_labels(label, plan)))
+        n_val = cfg.data.num_validation
+        if n_val is None:
+            n_val = int(round(len(arrays) * cfg.data.validation_fraction))
+        n_val = min(max(n_val, 0), len(arrays) - 1)
+        order = np.random.default_rng(cfg.seed).permutation(len(arrays))
+        val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+        val_idx = val_idx or train_idx[:1]  # one case: validate on the training case (reported)
+        labels = dataset.labels if isinstance(dataset.labels, LabelTable) else LabelTable(dict(dataset.labels))
+        return _Prepared(plan, labels, arrays[0][0].shape[0], [arrays[i] for i in train_idx],
+                         [arrays[i] for i in val_idx], [dataset.cases[i].name for i in val_idx])
+
+    def _build_model(self, data: _Prepared) -> E2ENet:
+        cfg = self.config
+        num_classes = max(data.labels.names) + 1
+        if self.init_from is not None:
+            model, _ = load_model(self.init_from)
+            if model.config.num_classes != num_classes or model.config.in_channels != data.in_channels:
+                raise InputError(
+                    f"model has {model.config.in_channels} channel(s) / {model.config.num_classes} classes but the "
+                    f"data has {data.in_channels} / {num_classes}", self.init_from)
+            return model
+        return create_model(cfg.model, in_channels=data.in_channels, num_classes=num_classes,
+                            sparsity=cfg.sparsity.sparsity, seed=cfg.seed, **cfg.model_overrides)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def iter_fit(self) -> Iterator[TrainEvent]:
+        cfg = self.config
+        t_start = time.perf_counter()
+        device = resolve_device(cfg.device)
+        state = load_state(self.run_dir / STATE_FILE) if self.resume else None
+        plan = Plan.from_dict(json.loads(state["plan"])) if state is not None else None
+        if plan is None and self.init_from is not None:
+            from .checkpoint import read_metadata
+
+            meta = read_metadata(self.init_from)
+            plan = Plan.from_dict(meta["plan"]) if "plan" in meta else None
+        data = self._prepare_data(plan)
+        model = self._build_model(data).to(device)
+        self.model = model
+        total = cfg.iterations
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, nesterov=True)
+        updater = DSFFUpdater(model, optimizer, cfg.sparsity, total, seed=cfg.seed) if model.masks() else None
+        record = ConnectivityRecord.for_model(model, sparsity=cfg.sparsity.sparsity, model_name=cfg.model)
+        history: list[dict[str, Any]] = []
+        start = 0
+        if state is not None:
+            model.set_masks({k: v for k, v in state["masks"].items()})
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if updater is not None:
+                updater.load_state_dict(state["updater"])
+            record = ConnectivityRecord.from_dict(json.loads(state["connectivity"]))
+            history = json.loads(state["history"])
+            start = int(state["iteration"])
+        ddp_model: nn.Module = model
+        if self.world_size > 1:
+            ddp_model = nn.parallel.DistributedDataParallel(model)
+        sampler = PatchSampler(data.train, patch=cfg.data.patch, batch=cfg.data.batch,
+                               foreground_oversample=cfg.data.foreground_oversample, augment=cfg.data.augment,
+                               seed=cfg.seed, rank=self.rank)
+        loss_fn = DeepSupervisionLoss()
+        autocast = _autocast(device, cfg.precision)
+        scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" and device.type == "cuda" else None
+
+        if self.writes:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / CONFIG_FILE)
+            if start == 0:
+                record.record(model, "epoch", 0, epoch=0)  # the initial random topology
+        yield TrainEvent("start", start, total, start // cfg.iterations_per_epoch,
+                         message=f"{len(data.train)} training / {len(data.val)} validation case(s) on {device}")
+
+        def snapshot_state(iteration: int) -> dict[str, Any]:
+            return {"iteration": iteration, "model": model.state_dict(), "masks": model.masks(),
+                    "optimizer": optimizer.state_dict(),
+                    "updater": updater.state_dict() if updater is not None else {},
+                    "connectivity": json.dumps(record.to_dict()), "history": json.dumps(history),
+                    "plan": json.dumps(data.plan.to_dict()), "epoch_losses": list(epoch_losses)}
+
+        def checkpoint(iteration: int) -> None:
+            if not self.writes:
+                return
+            save_model(model, self.run_dir / MODEL_FILE, metadata={
+                "plan": data.plan.to_dict(), "labels": data.labels.to_dict(), "iterations": iteration,
+                "train_config": cfg.to_dict()})
+            record.to_json(self.run_dir / CONNECTIVITY_FILE)
+            _write_metrics(self.run_dir / METRICS_FILE, history)
+            save_state(snapshot_state(iteration), self.run_dir / STATE_FILE)
+
+        completed = start
+        epoch_losses: list[float] = [float(v) for v in state.get("epoch_losses", [])] if state else []
+        last_dice: dict[str, float] = history[-1]["dice"] if history else {}
+        loss_value: float | None = None
+        stopped = False
+        try:
+            for it in range(start, total):
+                if self.stop.is_set():
+                    stopped = True
+                    break
+                ddp_model.train()
+                lr = poly_lr(cfg.lr, it, total)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                images, target = sampler.batch(it)
+                images, target = images.to(device), target.to(device)
+                with autocast:
+                    loss = loss_fn(ddp_model(images), target)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                update = updater.after_step(it + 1) if updater is not None else None
+                completed = it + 1
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss became {loss_value} at iteration {completed}")
+                epoch_losses.append(loss_value)
+                epoch = math.ceil(completed / cfg.iterations_per_epoch)
+                yield TrainEvent("iteration", completed, total, epoch, loss=loss_value, lr=lr,
+                                 seconds=time.perf_counter() - t_start)
+                if update is not None:
+                    if self.world_size > 1:
+                        _check_masks_agree(model)
+                    if self.rank == 0:
+                        record.record(model, "update", completed, epoch=epoch, update=update, loss=loss_value)
+                    yield TrainEvent("topology", completed, total, epoch, loss=loss_value, update=update)
+                if completed % cfg.iterations_per_epoch == 0 or completed == total:
+                    if self.rank == 0 and (epoch % cfg.validation_every_epochs == 0 or completed == total):
+                        last_dice = self.validate(model, data, device)
+                        yield TrainEvent("validation", completed, total, epoch, dice=last_dice)
+                    history.append({"epoch": epoch, "iteration": completed, "loss": float(np.mean(epoch_losses)),
+                                    "lr": lr, "dice": last_dice, "seconds": time.perf_counter() - t_start,
+                                    "sparsity": model.sparsity})
+                    epoch_losses = []
+                    if self.rank == 0:
+                        record.record(model, "epoch", completed, epoch=epoch, loss=history[-1]["loss"])
+                    if epoch % cfg.checkpoint_every_epochs == 0 or completed == total:
+                        checkpoint(completed)
+                        yield TrainEvent("checkpoint", completed, total, epoch)
+                    if self.world_size > 1:
+                        torch.distributed.barrier()
+        except GeneratorExit:
+            stopped = True
+            raise
+        finally:
+            # Save at the last *completed* iteration, so resume continues exactly from there.
+            saved = history[-1]["iteration"] if history else -1
+            if (stopped or self.stop.is_set()) and completed != saved and completed > 0:
+                checkpoint(completed)
+        elapsed = time.perf_counter() - t_start
+        self.summary = TrainSummary(self.run_dir, completed, elapsed, loss_value, last_dice, stopped)
+        yield TrainEvent("stopped" if stopped else "done", completed, total,
+                         math.ceil(completed / cfg.iterations_per_epoch), loss=loss_value, dice=last_dice,
+                         seconds=elapsed)
+
+    def fit(self) -> TrainSummary:
+        for _ in self.iter_fit():
+            pass
+        assert self.summary is not None
+        return self.summary
+
+    @torch.no_grad()
+    def validate(self, model: E2ENet, data: _Prepared, device: torch.device) -> dict[str, float]:
+        """Mean Dice per foreground class over the validation cases (sliding window, 50 % overlap)."""
+        model.eval()
+        per_class: dict[str, list[float]] = {}
+        names = {k: v for k, v in data.labels.names.items() if k != 0}
+        for image, label in data.val:
+            tensor = torch.from_numpy(image)
+            pred = sliding_window_argmax(tensor, lambda x: model(x.to(device)).float().cpu(),
+                                         patch=self.config.data.patch, num_classes=model.config.num_classes,
+                                         overlap=0.5)
+            for k, name in names.items():
+                if (label == k).any() or (pred == k).any():
+                    per_class.setdefault(name, []).append(dice(pred, label, k))
+        model.train()
+        return {name: float(np.mean(v)) for name, v in per_class.items()}
+
+
+def mask_fingerprint(model: E2ENet) -> torch.Tensor:
+    """Two numbers that change whenever any kernel mask changes (position-weighted active counts)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for i, mask in enumerate(model.masks().values()):
+        flat = mask.flatten().to(torch.float64).cpu()
+        total[0] += flat.sum() * (i + 1)
+        total[1] += (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()
+    return total
+
+
+def _check_masks_agree(model: E2ENet) -> None:
+    """DDP: every rank must hold the same topology after an update (same seed, same weights)."""
+    import torch.distributed as dist
+
+    mine = mask_fingerprint(model)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    if any(not torch.equal(g, mine) for g in gathered):
+        raise RuntimeError("DSFF masks diverged between DDP ranks")
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "amp" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    if precision not in ("fp32", "amp"):
+        raise InputError(f"unknown precision {precision!r} (fp32, bf16 or amp)")
+    return nullcontext()
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    classes = sorted({name for row in history for name in row["dice"]})
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["epoch", "iteration", "loss", "lr", "val_dice_mean", *[f"dice_{c}" for c in classes],
+                     "seconds", "sparsity"])
+    for row in history:
+        d = row["dice"]
+        mean = float(np.mean(list(d.values()))) if d else float("nan")
+        writer.writerow([row["epoch"], row["iteration"], f"{row['loss']:.6f}", f"{row['lr']:.6g}", f"{mean:.4f}",
+                         *[f"{d[c]:.4f}" if c in d else "" for c in classes], f"{row['seconds']:.1f}",
+                         f"{row['sparsity']:.4f}"])
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(buf.getvalue())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
