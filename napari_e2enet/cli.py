@@ -193,6 +193,218 @@ def _train(args: argparse.Namespace) -> int:
 _COMMANDS["train"] = (_train_args, _train, "train E2ENet with DSFF on a dataset (torchrun for DDP)")
 
 
+# -- predict ------------------------------------------------------------------------------------
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def _is_nifti(path) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def collect_cases(path) -> list[tuple[str, list]]:
+    """(case name, image files) for a file or a folder; ``CASE_0000``, ``CASE_0001`` … group into one case."""
+    import re
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return [(_strip_suffix(path.name), [path])]
+    if not path.is_dir():
+        raise InputError("no such file or folder", path)
+    groups: dict[str, list] = {}
+    for f in sorted(path.iterdir()):
+        if f.is_file() and _is_nifti(f.name):
+            stem = _strip_suffix(f.name)
+            match = re.fullmatch(r"(.+)_(\d{4})", stem)
+            groups.setdefault(match.group(1) if match else stem, []).append(f)
+    if not groups:
+        raise InputError("folder contains no .nii or .nii.gz files", path)
+    return sorted(groups.items())
+
+
+def shard(items: list, num_parts: int, part_id: int) -> list:
+    """Every ``num_parts``-th item starting at ``part_id`` (nnU-Net's --num_parts/--part_id)."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(f"--part-id must be in 0..{num_parts - 1} and --num-parts >= 1")
+    return items[part_id::num_parts]
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-i", "--input", required=True, help="NIfTI file or folder (CASE_0000.nii.gz channels group)")
+    p.add_argument("-o", "--output", required=True, help="output NIfTI file (for one input file) or folder")
+    p.add_argument("--model", help="bundled model name, model.safetensors file or run folder (default: bundled)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 flips, 8x slower)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--no-accelerate", action="store_true", help="run the model as trained (no fast sparse path)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+    p.add_argument("--num-parts", type=int, default=None, help="split a folder into this many parts")
+    p.add_argument("--part-id", type=int, default=None, help="which part this process predicts (0-based)")
+    p.add_argument("--json", action="store_true", help="print a summary as one JSON object")
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .config import InferenceConfig
+    from .data import read_image, write_volume
+    from .inference import Prediction, Predictor
+
+    if not 0 <= args.overlap < 1:
+        raise InputError("--overlap must be in [0, 1)")
+    cases = collect_cases(args.input)
+    out = Path(args.output)
+    single_file = Path(args.input).is_file() and _is_nifti(out.name)
+    if not single_file:
+        if out.exists() and not out.is_dir():
+            raise InputError("output must be a folder when the input is a folder", out)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create output folder ({exc.strerror})", out) from None
+    if not os.access(out if out.is_dir() else (out.parent if str(out.parent) else Path(".")), os.W_OK):
+        raise InputError("output location is not writable", out)
+    num_parts, part_id = args.num_parts, args.part_id
+    if num_parts is None and "WORLD_SIZE" in os.environ:  # torchrun: shard by rank, no process group needed
+        num_parts, part_id = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", 0))
+    if num_parts is not None:
+        cases = shard(cases, num_parts, part_id or 0)
+
+    config = InferenceConfig(overlap=args.overlap, tta=args.tta, precision=args.precision, device=args.device,
+                             accelerate=not args.no_accelerate)
+    predictor = Predictor.from_any(args.model, config)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    results, t0 = [], time.perf_counter()
+    try:
+        for name, files in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=len(cases) < 2):
+            target = out if single_file else out / f"{name}.nii.gz"
+            if target.exists() and not args.overwrite:
+                results.append({"case": name, "output": str(target), "status": "skipped (exists)"})
+                continue
+            volume = read_image(files, name=name)
+            bar = tqdm(desc=name, unit="tile", file=sys.stderr, leave=False)
+            prediction = None
+            for item in predictor.iter_predict(volume, stop=stop):
+                if isinstance(item, Prediction):
+                    prediction = item
+                else:
+                    bar.total = item.total
+                    bar.update(item.done - bar.n)
+            bar.close()
+            if prediction is None:
+                raise KeyboardInterrupt
+            write_volume(prediction.labels, target, like=volume)
+            results.append({"case": name, "output": str(target), "status": "ok",
+                            "seconds": round(prediction.seconds, 2), "tiles": prediction.tiles})
+    except KeyboardInterrupt:
+        sys.stderr.write(f"napari-e2enet predict: interrupted; {sum(r['status'] == 'ok' for r in results)} "
+                         "case(s) written, no partial output\n")
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    summary = {"model": predictor.describe(), "cases": results, "seconds": round(time.perf_counter() - t0, 2)}
+    if args.json:
+        emit_json(summary)
+    else:
+        done = sum(r["status"] == "ok" for r in results)
+        sys.stderr.write(f"predict: {done} case(s) segmented, {len(results) - done} skipped, "
+                         f"{summary['seconds']:.1f} s -> {out}\n")
+    return 0
+
+
+_COMMANDS["predict"] = (_predict_args, _predict, "segment NIfTI volumes (file or folder) with a trained model")
+
+
+# -- evaluate -----------------------------------------------------------------------------------
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pred", required=True, help="predicted labels: NIfTI file or folder")
+    p.add_argument("--ref", required=True, help="reference labels: NIfTI file or folder (matched by name)")
+    p.add_argument("--labels", help="label table: dataset.json or labels.json (default: the ids found)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def json_safe(obj):
+    """NaN and ±inf become null: JSON has no such numbers."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from .data import read_labels
+    from .labels import LabelTable
+    from .metrics import MetricAccumulator
+
+    pred, ref = Path(args.pred), Path(args.ref)
+    if pred.is_file() != ref.is_file():
+        raise InputError("--pred and --ref must both be files or both be folders")
+    pairs = [(pred, ref)] if pred.is_file() else []
+    if not pairs:
+        preds = dict(collect_cases(pred))
+        for name, files in collect_cases(ref):
+            if name not in preds:
+                raise InputError(f"no prediction for reference case {name!r}", pred)
+            pairs.append((preds[name][0], files[0]))
+    volumes = [(read_labels(p), read_labels(r)) for p, r in pairs]
+    for (p, _), (pv, rv) in zip(pairs, volumes):
+        if pv.spatial_shape != rv.spatial_shape:
+            raise InputError(f"shape {pv.spatial_shape} differs from the reference {rv.spatial_shape}", p)
+        if not np.allclose(pv.affine, rv.affine, atol=1e-3):
+            raise InputError("affine differs from the reference's (not on the same grid)", p)
+    if args.labels:
+        table = LabelTable.from_dataset_json(Path(args.labels)) if Path(args.labels).name == "dataset.json" \
+            else LabelTable.from_json(args.labels)
+        names = {k: v for k, v in table.names.items() if k != 0}
+    else:
+        ids = sorted({int(v) for pv, rv in volumes for v in np.union1d(np.unique(pv.array), np.unique(rv.array))} - {0})
+        names = {k: str(k) for k in ids}
+    acc = MetricAccumulator(names, tolerance=args.tolerance)
+    for (p, _), (pv, rv) in zip(pairs, volumes):
+        acc.update(pv.array, rv.array, rv.spacing, case=p.name)
+    result = json_safe(acc.aggregate())
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"{'class':<24}{'Dice':>8}{'NSD@' + format(args.tolerance, 'g') + 'mm':>12}{'HD95 mm':>10}")
+        for name in names.values():
+            row = [result[m]["per_class"].get(name) for m in ("dice", "nsd", "hd95")]
+            print(f"{name:<24}" + "".join(f"{'-' if v is None else format(v, '.4f'):>{w}}"
+                                           for v, w in zip(row, (8, 12, 10))))
+        means = [result[m]["mean"] for m in ("dice", "nsd", "hd95")]
+        print(f"{'mean':<24}" + "".join(f"{'-' if v is None else format(v, '.4f'):>{w}}"
+                                         for v, w in zip(means, (8, 12, 10))))
+    return 0
+
+
+_COMMANDS["evaluate"] = (_evaluate_args, _evaluate, "Dice, NSD and HD95 of predicted against reference labels")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

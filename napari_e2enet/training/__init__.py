@@ -1,7 +1,7 @@
 """Training: losses, the event-yielding loop, checkpoints, DDP set-up."""
 
 from .checkpoint import load_model, load_state, read_metadata, save_model, save_state, sha256_of
-from .loop import TrainEvent, Trainer, TrainSummary, poly_lr
+from .loop import Trainer, TrainEvent, TrainSummary, poly_lr
 from .losses import DeepSupervisionLoss, deep_supervision_weights
 
 __all__ = [

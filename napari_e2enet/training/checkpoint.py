@@ -141,6 +141,6 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise InputError("training state not found", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors come in many types
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"refused to load training state ({first[:200]})", path) from None

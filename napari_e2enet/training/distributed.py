@@ -33,7 +33,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if not launched_by_torchrun():
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    use_cuda = (torch.cuda.is_available() and device in ("auto", "cuda")) or device.startswith("cuda")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:

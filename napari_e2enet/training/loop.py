@@ -147,7 +147,7 @@ class Trainer:
             arrays.append((preprocess(image, plan)[0], preprocess_labels(label, plan)))
         n_val = cfg.data.num_validation
         if n_val is None:
-            n_val = int(round(len(arrays) * cfg.data.validation_fraction))
+            n_val = round(len(arrays) * cfg.data.validation_fraction)
         n_val = min(max(n_val, 0), len(arrays) - 1)
         order = np.random.default_rng(cfg.seed).permutation(len(arrays))
         val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])

@@ -6,7 +6,7 @@ from napari_e2enet.models.blocks import ConvUnit, depth_shift
 
 def reference_shift(x: torch.Tensor) -> torch.Tensor:
     """Slice by slice, straight from the spec: group 0 <- d+1, group 1 <- d, group 2 <- d-1."""
-    n, c, d, h, w = x.shape
+    _, c, d, _, _ = x.shape
     if c < 3:
         return x.clone()
     groups = torch.tensor_split(torch.arange(c), 3)

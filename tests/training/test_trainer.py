@@ -17,7 +17,7 @@ def run(config, run_dir, dataset, **kwargs):
 
 
 def test_a_run_writes_everything_a_user_and_napari_read(tmp_path, tiny_train_config, tiny_phantoms):
-    trainer, events = run(tiny_train_config, tmp_path, tiny_phantoms)
+    _, events = run(tiny_train_config, tmp_path, tiny_phantoms)
     kinds = [e.kind for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done"
     assert kinds.count("iteration") == 8

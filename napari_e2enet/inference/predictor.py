@@ -1,0 +1,178 @@
+"""Whole-volume prediction: preprocessing → sliding window → argmax → labels on the source grid.
+
+``Predictor.iter_predict(volume)`` is a generator: it yields :class:`PredictProgress` per forward
+batch of tiles (a cancel point: stop iterating, or set ``stop``) and finally a :class:`Prediction`
+whose ``labels`` Volume has the source shape and exactly the source affine and header.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..bundled import DEFAULT_MODEL, bundled_model
+from ..config import InferenceConfig
+from ..data import Plan, Volume, preprocess
+from ..device import resolve_device
+from ..errors import InputError
+from ..labels import LabelTable
+from ..models import E2ENet
+from ..training.checkpoint import load_model
+from .sliding_window import SlidingWindowResult, TileProgress, iter_sliding_window
+
+MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+
+
+class PredictionCancelled(RuntimeError):
+    """``predict`` was asked to stop before it finished."""
+
+
+@dataclass(frozen=True)
+class PredictProgress:
+    done: int
+    total: int
+    stage: str = "tiles"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    labels: Volume  # (X, Y, Z) integer labels on the source grid, source affine and header
+    seconds: float
+    device: str
+    tiles: int
+    label_table: LabelTable
+
+
+class Predictor:
+    """A trained model with its preprocessing plan and label table, ready to segment volumes."""
+
+    def __init__(self, model: E2ENet, plan: Plan, labels: LabelTable, *, patch: tuple[int, int, int],
+                 config: InferenceConfig | None = None, source: str = "") -> None:
+        self.config = config or InferenceConfig()
+        self.device = resolve_device(self.config.device)
+        self.model = model.to(self.device).eval()
+        self.plan = plan
+        self.labels = labels
+        self.patch = tuple(int(p) for p in patch)
+        self.source = source
+        self._network: nn.Module | None = None
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, config: InferenceConfig | None = None, *,
+                        expected_sha256: str | None = None) -> Predictor:
+        """A ``model.safetensors`` file, or a run folder / bundled-model folder containing one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.safetensors"
+        model, meta = load_model(path, expected_sha256=expected_sha256)
+        if "plan" not in meta or "labels" not in meta:
+            raise InputError("model file lacks its preprocessing plan or label table", path)
+        train = meta.get("train_config") or {}
+        patch = tuple((train.get("data") or {}).get("patch") or meta.get("patch") or (64, 64, 64))
+        return cls(model, Plan.from_dict(meta["plan"]), LabelTable.from_dict(meta["labels"]), patch=patch,
+                   config=config, source=str(path))
+
+    @classmethod
+    def from_bundled(cls, name: str = DEFAULT_MODEL, config: InferenceConfig | None = None) -> Predictor:
+        """A model shipped in ``resources/models/<name>``; its checksum is verified before loading."""
+        bundled = bundled_model(name)
+        return cls.from_checkpoint(bundled.weights, config, expected_sha256=bundled.sha256)
+
+    @classmethod
+    def from_any(cls, spec: str | Path | None, config: InferenceConfig | None = None) -> Predictor:
+        """``None`` → the default bundled model; a bundled name; or a path to a file/run folder."""
+        if spec is None:
+            return cls.from_bundled(config=config)
+        from ..bundled import list_bundled_models
+
+        if str(spec) in list_bundled_models():
+            return cls.from_bundled(str(spec), config)
+        if not Path(spec).exists():
+            raise InputError("no such model file, run folder or bundled model name", spec)
+        return cls.from_checkpoint(spec, config)
+
+    # -- prediction ----------------------------------------------------------------------------
+    @property
+    def network(self) -> nn.Module:
+        """The module that runs the tiles: the accelerated sparse path where enabled."""
+        if self._network is None:
+            net: nn.Module = self.model
+            if self.config.accelerate:
+                from .accelerate import accelerate
+
+                net = accelerate(self.model, precision=self.config.precision)
+            self._network = net
+        return self._network
+
+    def _tile_predictor(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        net, device, tta = self.network, self.device, self.config.tta
+        use_autocast = self.config.precision == "bf16" and not self.config.accelerate
+
+        @torch.inference_mode()
+        def run(x: torch.Tensor) -> torch.Tensor:
+            x = x.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
+                if not tta:
+                    return net(x).float().cpu()
+                acc = None
+                for axes in MIRROR_AXES:
+                    xi = torch.flip(x, axes) if axes else x
+                    out = net(xi).float()
+                    out = torch.flip(out, axes) if axes else out
+                    acc = out if acc is None else acc + out
+                return (acc / len(MIRROR_AXES)).cpu()
+
+        return run
+
+    def check_input(self, volume: Volume) -> None:
+        expected = self.model.config.in_channels
+        if volume.num_channels != expected:
+            raise InputError(f"image has {volume.num_channels} channel(s) but the model expects {expected}",
+                             volume.name or None)
+
+    def iter_predict(self, volume: Volume, stop: threading.Event | None = None
+                     ) -> Iterator[PredictProgress | Prediction]:
+        t0 = time.perf_counter()
+        self.check_input(volume)
+        image, inverse = preprocess(volume, self.plan)
+        result: SlidingWindowResult | None = None
+        tiles = 0
+        for item in iter_sliding_window(torch.from_numpy(image), self._tile_predictor(), patch=self.patch,
+                                        num_classes=self.model.config.num_classes, overlap=self.config.overlap,
+                                        tiles_per_batch=self.config.tiles_per_batch, stop=stop):
+            if isinstance(item, TileProgress):
+                tiles = item.total
+                yield PredictProgress(item.done, item.total)
+            else:
+                result = item
+        if result is None:  # stopped
+            return
+        labels = inverse.labels_to_source(result.labels)
+        out = Volume(labels.astype(_label_dtype(self.model.config.num_classes)), volume.affine.copy(),
+                     header=volume.header, name=f"{volume.name}_labels" if volume.name else "labels")
+        yield Prediction(out, time.perf_counter() - t0, str(self.device), tiles, self.labels)
+
+    def predict(self, volume: Volume, stop: threading.Event | None = None) -> Volume:
+        """Labels on the source grid; raises :class:`PredictionCancelled` if ``stop`` was set."""
+        for item in self.iter_predict(volume, stop):
+            if isinstance(item, Prediction):
+                return item.labels
+        raise PredictionCancelled("prediction was cancelled")
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "device": str(self.device), "patch": list(self.patch),
+                "classes": self.labels.names, "sparsity": round(self.model.sparsity, 4),
+                "precision": self.config.precision, "tta": self.config.tta, "overlap": self.config.overlap}
+
+
+def _label_dtype(num_classes: int) -> type:
+    return np.uint8 if num_classes <= 255 else np.int16
