@@ -1,0 +1,39 @@
+"""Data: volumes, NIfTI I/O, datasets, preprocessing, the CT phantom, patch sampling, augmentation.
+
+Axes: ``Volume.array`` is in NIfTI voxel order (X, Y, Z) (optional leading channel axis); the network
+sees (C, D, H, W) after ``preprocess`` (D = coarsest axis), and ``Inverse`` brings results back.
+"""
+
+from .augment import AugmentConfig
+from .dataset import Case, Dataset, load_dataset, modality_from_channels
+from .io import read_geometry, read_image, read_labels, read_volume, write_volume
+from .phantom import AMOS_LABELS, make_phantom, phantom_dataset
+from .preprocess import Inverse, Plan, axis_order, fingerprint, preprocess, preprocess_case, preprocess_labels
+from .sampling import PatchSampler, SampleSpec
+from .volume import Volume
+
+__all__ = [
+    "AMOS_LABELS",
+    "AugmentConfig",
+    "Case",
+    "Dataset",
+    "Inverse",
+    "PatchSampler",
+    "Plan",
+    "SampleSpec",
+    "Volume",
+    "axis_order",
+    "fingerprint",
+    "load_dataset",
+    "make_phantom",
+    "modality_from_channels",
+    "phantom_dataset",
+    "preprocess",
+    "preprocess_case",
+    "preprocess_labels",
+    "read_geometry",
+    "read_image",
+    "read_labels",
+    "read_volume",
+    "write_volume",
+]

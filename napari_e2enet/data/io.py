@@ -1,0 +1,372 @@
+"""NIfTI reading and writing (nibabel) with one-line ``InputError`` for every bad file.
+
+Reading never lets a nibabel/numpy/zlib exception escape: a missing path, an empty or truncated file,
+bytes that are not NIfTI, a 2D image, a 4D series where one volume was expected, a header whose
+dimensions do not fit the bytes on disk, or NaN/Inf voxels all end in ``InputError("<path>: ...")``.
+
+Writing keeps the source geometry exactly: the reference header is copied, its sform/qform codes are
+restored and the affine is written into both, so ``nibabel.load(out).affine`` equals the source
+affine bit for bit. Files are written to a temporary name in the destination folder, then renamed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import InputError
+from .volume import Volume
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "case_name",
+    "read_geometry",
+    "read_image",
+    "read_labels",
+    "read_volume",
+    "write_volume",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+# DEFLATE cannot compress better than ~1032:1, so a .nii.gz whose header promises more decompressed
+# bytes than this is lying about its size (and reading it would only allocate memory to fail later).
+_MAX_DEFLATE_RATIO = 1032
+_AFFINE_ATOL_MM = 1e-3
+
+
+class _QuietNibabel(logging.Filter):
+    """Drops nibabel's header-repair log lines ("sizeof_hdr should be 348; ...") while we read.
+
+    A bad file becomes one InputError line; nibabel's own messages would otherwise reach stderr.
+    Only records from the thread currently inside ``_quiet()`` are dropped.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "depth", 0)
+
+
+_QUIET = _QuietNibabel()
+logging.getLogger("nibabel.global").addFilter(_QUIET)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    _QUIET.local.depth = getattr(_QUIET.local, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _QUIET.local.depth -= 1
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    name = type(exc).__name__
+    msg = f"{name}: {first}" if first else name
+    return msg if len(msg) <= 160 else msg[:157] + "..."
+
+
+def _nifti_suffix(path: Path) -> str | None:
+    lower = path.name.lower()
+    for suffix in NIFTI_SUFFIXES:
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return suffix
+    return None
+
+
+def case_name(path: str | Path) -> str:
+    """The file name without its NIfTI suffix (``liver_003.nii.gz`` → ``liver_003``)."""
+    path = Path(path)
+    suffix = _nifti_suffix(path)
+    return path.name[: -len(suffix)] if suffix else path.stem
+
+
+def _load_header(path: str | Path, allow_channels: bool) -> tuple[Path, nib.Nifti1Image, int]:
+    """Open ``path`` lazily and validate everything that the header alone can tell.
+
+    Returns (path, image, channel_axis_count) where the last is 0 for a 3D volume or C for a
+    4D series (only when ``allow_channels``).
+    """
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise InputError("file not found", path)
+        if path.is_dir():
+            raise InputError("is a folder, not a NIfTI file", path)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"cannot access ({exc.strerror or _why(exc)})", path) from None
+    suffix = _nifti_suffix(path)
+    if suffix is None:
+        raise InputError("not a NIfTI file name (expected .nii or .nii.gz)", path)
+    if size == 0:
+        raise InputError("empty file", path)
+    try:
+        with _quiet():
+            img = nib.load(str(path), mmap=False)
+    except Exception as exc:  # any parse error is a bad file
+        raise InputError(f"not a readable NIfTI file ({_why(exc)})", path) from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(f"not a NIfTI-1/NIfTI-2 image (nibabel read it as {type(img).__name__})", path)
+    try:
+        hdr = img.header
+        shape = tuple(int(s) for s in img.shape)
+        dtype = np.dtype(hdr.get_data_dtype())
+        offset = int(getattr(img.dataobj, "offset", None) or hdr.get_data_offset())
+    except Exception as exc:
+        raise InputError(f"corrupt NIfTI header ({_why(exc)})", path) from None
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise InputError(f"unsupported voxel type {dtype} (expected integers or floats)", path)
+    if len(shape) < 3:
+        raise InputError(f"2D image of shape {shape}; a 3D volume is needed", path)
+    if any(s < 1 for s in shape):
+        raise InputError(f"header declares an empty shape {shape}", path)
+    if min(shape[:3]) == 1:
+        raise InputError(f"2D image (a single slice, shape {shape}); a 3D volume is needed", path)
+    extra = [s for s in shape[3:] if s != 1]
+    if len(extra) > 1:
+        raise InputError(f"{len(shape)}D data of shape {shape} is not supported", path)
+    channels = extra[0] if extra else 0
+    if channels and not allow_channels:
+        raise InputError(f"4D image with {channels} volumes (shape {shape}); expected one 3D volume", path)
+    expected = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if suffix == ".nii" and offset + expected > size:
+        raise InputError(
+            f"header declares {shape} {dtype} voxels ({expected} bytes) but the file holds only "
+            f"{max(size - offset, 0)} bytes of data",
+            path,
+        )
+    if suffix == ".nii.gz" and offset + expected > size * _MAX_DEFLATE_RATIO + 65536:
+        raise InputError(
+            f"header declares {shape} {dtype} voxels ({expected} bytes), far more than a "
+            f"{size}-byte compressed file can hold",
+            path,
+        )
+    try:
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:
+        raise InputError(f"corrupt NIfTI geometry ({_why(exc)})", path) from None
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise InputError("invalid affine (NaN or Inf in sform/qform)", path)
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError("invalid affine (zero or degenerate voxel size)", path)
+    return path, img, channels
+
+
+def read_geometry(
+    path: str | Path, *, allow_channels: bool = False
+) -> tuple[tuple[int, int, int], np.ndarray, int]:
+    """Header-only check of a NIfTI file: ((X, Y, Z), affine (4, 4), channels) without reading voxels."""
+    path, img, channels = _load_header(path, allow_channels)
+    shape = img.shape
+    return (int(shape[0]), int(shape[1]), int(shape[2])), np.asarray(img.affine, np.float64), max(channels, 1)
+
+
+def read_volume(path: str | Path, *, allow_channels: bool = False) -> Volume:
+    """Read one NIfTI file (.nii / .nii.gz) into a ``Volume``.
+
+    Returns (X, Y, Z) voxels in the file's own dtype (scaled by scl_slope/inter when the header sets
+    them), or (C, X, Y, Z) when ``allow_channels`` and the file is a 4D series of C volumes.
+    Raises ``InputError("<path>: <problem>")`` for every kind of bad file, never anything else.
+    """
+    path, img, channels = _load_header(path, allow_channels)
+    try:
+        with _quiet():
+            data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise InputError(f"not enough memory to read {img.shape} voxels", path) from None
+    except Exception as exc:  # truncated gzip, short data, zlib errors...
+        raise InputError(f"truncated or corrupt voxel data ({_why(exc)})", path) from None
+    data = np.asarray(data)
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"unsupported voxel type {data.dtype}", path)
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} voxels are NaN or Inf", path)
+    spatial = data.shape[:3]
+    data = data.reshape(*spatial, channels) if channels else data.reshape(spatial)
+    if channels:
+        data = np.ascontiguousarray(np.moveaxis(data, -1, 0))
+    header = img.header.copy()
+    return Volume(data, np.asarray(img.affine, np.float64), header, case_name(path))
+
+
+def _same_geometry(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.allclose(a, b, rtol=1e-5, atol=_AFFINE_ATOL_MM))
+
+
+def read_image(paths: str | Path | Sequence[str | Path], *, name: str | None = None) -> Volume:
+    """Read an image as (C, X, Y, Z) float32.
+
+    ``paths`` is one file (a 3D volume, or a 4D series whose volumes are the channels, as in MSD) or
+    a list of 3D channel files (nnU-Net ``CASE_0000``, ``CASE_0001``, ...) that must share their
+    shape and affine. The result carries the first file's affine and header.
+    """
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise InputError("read_image: no image files given")
+    if len(paths) == 1:
+        vol = read_volume(paths[0], allow_channels=True)
+        array = vol.channels().astype(np.float32, copy=False)
+        return Volume(array, vol.affine, vol.header, name or _strip_channel(vol.name))
+    volumes = []
+    for path in paths:
+        vol = read_volume(path)
+        if volumes:
+            first = volumes[0]
+            if vol.spatial_shape != first.spatial_shape:
+                raise InputError(
+                    f"channel shape {vol.spatial_shape} differs from {first.spatial_shape} of {paths[0].name}",
+                    path,
+                )
+            if not _same_geometry(vol.affine, first.affine):
+                raise InputError(f"channel affine differs from that of {paths[0].name}", path)
+        volumes.append(vol)
+    array = np.stack([v.array.astype(np.float32, copy=False) for v in volumes])
+    first = volumes[0]
+    return Volume(array, first.affine, first.header, name or _strip_channel(first.name))
+
+
+def _strip_channel(name: str) -> str:
+    stem, _, tail = name.rpartition("_")
+    return stem if stem and len(tail) == 4 and tail.isdigit() else name
+
+
+def labels_dtype(lo: int, hi: int) -> np.dtype:
+    """The smallest of uint8 / int16 / int32 that holds [lo, hi]."""
+    if lo >= 0 and hi <= 255:
+        return np.dtype(np.uint8)
+    if lo >= -32768 and hi <= 32767:
+        return np.dtype(np.int16)
+    return np.dtype(np.int32)
+
+
+def as_label_array(array: np.ndarray, where: str | Path | None = None) -> np.ndarray:
+    """Validate and convert a label map: integer-valued, non-negative → uint8/int16/int32."""
+    array = np.asarray(array)
+    if array.dtype.kind == "b":
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise InputError("label map contains NaN or Inf", where)
+        fractional = array != np.round(array)
+        if fractional.any():
+            example = float(array[fractional].flat[0])
+            raise InputError(
+                f"label values must be integers; found {example:g} ({int(fractional.sum())} voxels)", where
+            )
+    elif array.dtype.kind not in "iu":
+        raise InputError(f"label map has unsupported type {array.dtype}", where)
+    if array.size == 0:
+        return array.astype(np.uint8)
+    lo, hi = float(array.min()), float(array.max())
+    if lo < 0:
+        raise InputError(f"negative label value {lo:g}; labels are 0 (background) or positive ids", where)
+    if hi > np.iinfo(np.int32).max:
+        raise InputError(f"label value {hi:g} is too large", where)
+    return array.astype(labels_dtype(int(lo), int(hi)), copy=False)
+
+
+def read_labels(path: str | Path) -> Volume:
+    """Read a label map: a 3D integer ``Volume`` (uint8/int16/int32, 0 = background).
+
+    Raises InputError for non-integer (e.g. 1.5) or negative values, and for 4D files.
+    """
+    vol = read_volume(path)
+    vol.array = as_label_array(vol.array, path)
+    return vol
+
+
+def _is_label_dtype(dtype: np.dtype) -> bool:
+    return dtype.kind in "biu"
+
+
+def write_volume(volume: Volume, path: str | Path, *, like: Volume | None = None) -> Path:
+    """Write ``volume`` as NIfTI, atomically, keeping the source geometry exactly.
+
+    - integer / bool arrays are label maps, stored as uint8, int16 or int32 (the smallest that fits);
+      float arrays are images, stored as float32. (C, X, Y, Z) arrays are stored as 4D (X, Y, Z, C).
+    - geometry and metadata come from ``like`` when given (its spatial shape must match), else from
+      ``volume`` itself: the header is copied, its sform and qform codes are kept and the affine is
+      written into both, so nibabel re-reads exactly that affine.
+    - the file is written under a temporary name in the destination folder, then renamed; a missing or
+      unwritable folder raises InputError.
+    Returns the written path.
+    """
+    path = Path(path)
+    suffix = _nifti_suffix(path)
+    if suffix is None:
+        raise InputError("output must end in .nii or .nii.gz", path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder {folder} does not exist", path)
+    ref = like if like is not None else volume
+    if ref.spatial_shape != volume.spatial_shape:
+        raise InputError(
+            f"volume shape {volume.spatial_shape} does not match the reference grid {ref.spatial_shape}", path
+        )
+    array = np.asarray(volume.array)
+    if _is_label_dtype(array.dtype):
+        data = as_label_array(array, path)
+        is_labels = True
+    elif array.dtype.kind == "f":
+        data = array.astype(np.float32, copy=False)
+        is_labels = False
+    else:
+        raise InputError(f"cannot write voxels of type {array.dtype}", path)
+    if data.ndim == 4:
+        data = np.moveaxis(data, 0, -1)
+    affine = np.asarray(ref.affine, dtype=np.float64)
+    source_header = ref.header if ref.header is not None else volume.header
+    if source_header is not None:
+        header = source_header.copy()
+        sform_code = int(source_header["sform_code"])
+        qform_code = int(source_header["qform_code"])
+    else:
+        header, sform_code, qform_code = None, 1, 1  # 1 = scanner coordinates
+    cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    try:
+        img = cls(np.ascontiguousarray(data), affine, header=header)
+        img.set_data_dtype(data.dtype)
+        img.header.set_sform(affine, code=sform_code)
+        img.header.set_qform(affine, code=qform_code)
+        img.header.set_slope_inter(1.0, 0.0)
+        if is_labels:
+            img.header["cal_min"] = 0
+            img.header["cal_max"] = 0
+    except Exception as exc:
+        raise InputError(f"cannot build a NIfTI image ({_why(exc)})", path) from None
+    tmp: str | None = None
+    try:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp" + suffix)
+        os.close(fd)
+        nib.save(img, tmp)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise InputError(f"cannot write ({exc.strerror or _why(exc)})", path) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return path
