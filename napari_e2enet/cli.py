@@ -95,7 +95,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", choices=("fp32", "bf16", "amp"))
-    p.add_argument("--num-validation", type=int, help="held-out cases for validation")
+    p.add_argument("--num-validation", type=int, help="number of randomly held-out validation cases")
+    p.add_argument("--validation-cases", nargs="+", metavar="CASE", help="explicit held-out case names")
     p.add_argument("--no-augment", action="store_true", help="switch training augmentation off")
     p.add_argument("--init-from", help="model file or run folder to fine-tune from")
     p.add_argument("--config", help="TrainConfig as JSON/YAML; command-line options override it")
@@ -113,7 +114,9 @@ def train_config_from_args(args: argparse.Namespace):
     sparsity = {k: v for k, v in {"sparsity": args.sparsity, "update_every": args.update_every,
                                   "regrow": args.regrow}.items() if v is not None}
     data = {k: v for k, v in {"source": args.data, "patch": _triple(args.patch) if args.patch else None,
-                              "batch": args.batch, "num_validation": args.num_validation}.items() if v is not None}
+                              "batch": args.batch, "num_validation": args.num_validation,
+                              "validation_cases": tuple(args.validation_cases) if args.validation_cases else None,
+                              }.items() if v is not None}
     if args.no_augment:
         data["augment"] = False
     try:

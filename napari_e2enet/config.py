@@ -101,8 +101,7 @@ class ModelConfig(_DictMixin):
 class SparsityConfig(_DictMixin):
     """Dynamic sparse feature fusion (spec E2ENET.md §2).
 
-    ``update_every`` is ΔT in iterations; 0 means "scale to the run": the paper's 1200 of
-    250 000 iterations, i.e. 0.48 % of the run, with at least 10 updates where the run allows.
+    ``update_every`` is ΔT in iterations; 0 means "scale to the run" (see ``resolved_update_every``).
     """
 
     sparsity: float = 0.8
@@ -121,10 +120,21 @@ class SparsityConfig(_DictMixin):
             raise ValueError("SparsityConfig: need 0 <= prune_fraction_min <= prune_fraction <= 1")
 
     def resolved_update_every(self, total_iterations: int) -> int:
+        """ΔT: the paper's share of the run (1200 of 250 000 iterations), but never below
+        ``MIN_UPDATE_EVERY`` iterations, and at most a tenth of the run (>= 10 updates).
+
+        Why the floor: a regrown kernel starts at zero weight and needs iterations to earn an L1
+        norm; scaled proportionally, a 500-iteration run would update every 2 iterations and
+        prune every regrown kernel again before it ever learned (measured in the updater's
+        survival statistics).
+        """
         if self.update_every > 0:
             return self.update_every
         paper = round(total_iterations * 1200 / 250_000)
-        return max(1, min(max(paper, 1), max(total_iterations // 10, 1)))
+        return max(1, min(max(paper, MIN_UPDATE_EVERY), total_iterations // 10))
+
+
+MIN_UPDATE_EVERY = 40
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,7 @@ class DataConfig(_DictMixin):
     augment: bool = True
     validation_fraction: float = 0.2
     num_validation: int | None = None
+    validation_cases: tuple[str, ...] = ()  # explicit held-out case names (overrides the random split)
 
 
 @dataclass(frozen=True)
@@ -194,7 +205,7 @@ def load_config(path: str | Path, cls: type[T]) -> T:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 - any parse error becomes one clear line
+    except Exception as exc:
         raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")

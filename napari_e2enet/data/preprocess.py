@@ -75,6 +75,9 @@ class Plan:
         transpose: axis-order rule, ``"coarsest_first"`` (default) or ``"zyx"``.
         anisotropy_threshold: spacing ratio above which the coarse axis is resampled separately.
         label_resampling: ``"linear"`` (per-label linear + arg-max) or ``"nearest"``.
+        norm_nonzero: non-CT only: z-score over the non-zero voxels and keep zeros zero (nnU-Net's
+            ``use_mask_for_norm`` for skull-stripped MRI such as BraTS or the MNI152 sample: the
+            statistics then describe tissue, not how much empty background a field of view holds).
     """
 
     target_spacing: tuple[float, float, float]
@@ -85,6 +88,7 @@ class Plan:
     transpose: str = "coarsest_first"
     anisotropy_threshold: float = 3.0
     label_resampling: str = "linear"
+    norm_nonzero: bool = False
 
     def __post_init__(self) -> None:
         ts = tuple(float(s) for s in self.target_spacing)
@@ -341,10 +345,14 @@ def normalise(array: np.ndarray, plan: Plan) -> np.ndarray:
         out -= np.float32(plan.ct_mean)
         out /= np.float32(std)
         return out
+    mask = (array != 0).any(axis=0) if plan.norm_nonzero else None
     for c in range(array.shape[0]):
         ch = array[c].astype(np.float64, copy=False)
-        mean, std = float(ch.mean()), float(ch.std())
+        values = ch[mask] if mask is not None and mask.any() else ch
+        mean, std = float(values.mean()), float(values.std())
         out[c] = (array[c] - mean) / max(std, 1e-8)
+        if mask is not None:
+            out[c][~mask] = 0.0
     return out
 
 
@@ -400,6 +408,16 @@ def preprocess_case(
     return img, lab, inverse
 
 
+def _nonzero_box_fraction(array: np.ndarray) -> float:
+    """Size of the bounding box of the non-zero voxels (any channel) as a fraction of the image."""
+    mask = (array != 0).any(axis=0)
+    if not mask.any():
+        return 1.0
+    extent = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != k))) for k in range(mask.ndim)]
+    box = np.prod([e[-1] - e[0] + 1 for e in extent])
+    return float(box / mask.size)
+
+
 def fingerprint(
     dataset: Any,
     *,
@@ -419,8 +437,10 @@ def fingerprint(
     is_ct = modality.upper() == "CT"
     spacings: list[tuple[float, float, float]] = []
     samples: list[np.ndarray] = []
+    nonzero_fractions: list[float] = []
     for i in range(len(dataset)):
         image, label = dataset.load(i)
+        nonzero_fractions.append(_nonzero_box_fraction(image.channels()))
         order = axis_order(image.spacing, transpose)
         spacings.append((image.spacing[order[0]], image.spacing[order[1]], image.spacing[order[2]]))
         if not is_ct:
@@ -439,7 +459,10 @@ def fingerprint(
     median = np.median(np.asarray(spacings), axis=0)
     spacing_out = tuple(float(s) for s in (target_spacing if target_spacing is not None else median))
     if not is_ct:
-        return Plan(spacing_out, modality, transpose=transpose)  # type: ignore[arg-type]
+        # nnU-Net's rule: normalise inside the non-zero region when cropping to it would shrink the
+        # images to at most 3/4 of their size (skull-stripped MRI).
+        norm_nonzero = bool(np.median(nonzero_fractions) <= 0.75)
+        return Plan(spacing_out, modality, transpose=transpose, norm_nonzero=norm_nonzero)  # type: ignore[arg-type]
     allv = np.concatenate(samples)
     lo, hi = np.percentile(allv, [0.5, 99.5])
     return Plan(

@@ -145,12 +145,22 @@ class Trainer:
         for case in dataset.cases:
             image, label = case.load()
             arrays.append((preprocess(image, plan)[0], preprocess_labels(label, plan)))
-        n_val = cfg.data.num_validation
-        if n_val is None:
-            n_val = round(len(arrays) * cfg.data.validation_fraction)
-        n_val = min(max(n_val, 0), len(arrays) - 1)
-        order = np.random.default_rng(cfg.seed).permutation(len(arrays))
-        val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+        names = [case.name for case in dataset.cases]
+        if cfg.data.validation_cases:
+            unknown = sorted(set(cfg.data.validation_cases) - set(names))
+            if unknown:
+                raise InputError(f"validation case(s) {unknown} not in the dataset", cfg.data.source)
+            val_idx = [i for i, n in enumerate(names) if n in cfg.data.validation_cases]
+            train_idx = [i for i, n in enumerate(names) if n not in cfg.data.validation_cases]
+            if not train_idx:
+                raise InputError("every case is a validation case; nothing left to train on", cfg.data.source)
+        else:
+            n_val = cfg.data.num_validation
+            if n_val is None:
+                n_val = round(len(arrays) * cfg.data.validation_fraction)
+            n_val = min(max(n_val, 0), len(arrays) - 1)
+            order = np.random.default_rng(cfg.seed).permutation(len(arrays))
+            val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
         val_idx = val_idx or train_idx[:1]  # one case: validate on the training case (reported)
         labels = dataset.labels if isinstance(dataset.labels, LabelTable) else LabelTable(dict(dataset.labels))
         return _Prepared(plan, labels, arrays[0][0].shape[0], [arrays[i] for i in train_idx],
