@@ -24,7 +24,7 @@ HELDOUT_FROM = 0.70  # fraction of the Y (posterior -> anterior) axis where the 
 
 
 def heldout_start(shape_y: int) -> int:
-    return int(round(shape_y * HELDOUT_FROM))
+    return round(shape_y * HELDOUT_FROM)
 
 
 def crop(volume: Volume, y0: int, y1: int) -> Volume:

@@ -261,20 +261,8 @@ class Trainer:
                     group["lr"] = lr
                 images, target = sampler.batch(it)
                 images, target = images.to(device), target.to(device)
-                with autocast:
-                    loss = loss_fn(ddp_model(images), target)
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                loss = train_step(ddp_model, optimizer, loss_fn, images, target, autocast=autocast,
+                                  scaler=scaler, grad_clip=cfg.grad_clip)
                 update = updater.after_step(it + 1) if updater is not None else None
                 completed = it + 1
                 loss_value = float(loss.detach())
@@ -341,6 +329,31 @@ class Trainer:
                     per_class.setdefault(name, []).append(dice(pred, label, k))
         model.train()
         return {name: float(np.mean(v)) for name, v in per_class.items()}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, images: torch.Tensor,
+               target: torch.Tensor, *, autocast: Any = None, scaler: Any = None,
+               grad_clip: float = 12.0) -> torch.Tensor:
+    """One optimisation step (forward, loss, backward, clip, exactly one ``optimizer.step()``).
+
+    images (B, C, D, H, W) float, target (B, 1, D, H, W) int64; returns the detached loss.
+    Masks are not touched here: the DSFF updater re-applies them after the step.
+    """
+    with autocast if autocast is not None else nullcontext():
+        loss = loss_fn(model(images), target)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss.detach()
 
 
 def mask_fingerprint(model: E2ENet) -> torch.Tensor:
