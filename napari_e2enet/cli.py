@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from ._json import json_safe
 from .errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -342,19 +343,6 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def json_safe(obj):
-    """NaN and ±inf become null: JSON has no such numbers."""
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
 def _evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -406,6 +394,48 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 _COMMANDS["evaluate"] = (_evaluate_args, _evaluate, "Dice, NSD and HD95 of predicted against reference labels")
+
+
+# -- demo ---------------------------------------------------------------------------------------
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-output", help="output folder (created)")
+    p.add_argument("--model", default=None, help="bundled model name (default: the MRI tissue model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--gui", action="store_true", help="also open napari with the image and the labels")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .bundled import DEFAULT_MODEL
+    from .demo import run_demo
+
+    bar = tqdm(desc="segment", unit="tile", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        report = run_demo(args.out, model=args.model or DEFAULT_MODEL, device=args.device, progress=progress)
+    finally:
+        bar.close()
+    if args.json:
+        emit_json(json_safe(report))
+    else:
+        held = report.get("dice_heldout_region", {}).get("mean")
+        sys.stderr.write(f"demo: mean Dice {report['dice']['mean']:.4f} (held-out region "
+                         f"{'n/a' if held is None else format(held, '.4f')}) in {report['seconds']:.1f} s on "
+                         f"{report['device']} -> {args.out}/ (labels, overlay.png, connectivity.png, report.json)\n")
+    if args.gui:
+        from ._napari.demo_viewer import show_demo
+
+        show_demo(args.out)
+    return 0
+
+
+_COMMANDS["demo"] = (_demo_args, _demo, "segment the bundled MRI sample with the bundled model (README demo)")
 
 
 def build_parser() -> argparse.ArgumentParser:

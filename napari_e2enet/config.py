@@ -217,7 +217,6 @@ def load_config(path: str | Path, cls: type[T]) -> T:
 
 def save_config(config: _DictMixin, path: str | Path) -> None:
     path = Path(path)
-    text = json.dumps(config.to_dict(), indent=2) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from .fileio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")

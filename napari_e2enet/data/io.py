@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import InputError
+from ..fileio import atomic_output
 from .volume import Volume
 
 __all__ = [
@@ -352,21 +351,6 @@ def write_volume(volume: Volume, path: str | Path, *, like: Volume | None = None
             img.header["cal_max"] = 0
     except Exception as exc:
         raise InputError(f"cannot build a NIfTI image ({_why(exc)})", path) from None
-    tmp: str | None = None
-    try:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp" + suffix)
-        os.close(fd)
-        nib.save(img, tmp)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-        tmp = None
-    except OSError as exc:
-        raise InputError(f"cannot write ({exc.strerror or _why(exc)})", path) from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    with atomic_output(path, suffix) as tmp:
+        nib.save(img, str(tmp))
     return path

@@ -67,8 +67,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -77,6 +75,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..fileio import atomic_write_text
 from ..models.fusion import DIRECTIONS
 from .masks import kernel_l1, unwrap_model
 from .updater import TopologyUpdate
@@ -250,16 +249,7 @@ class ConnectivityRecord:
         """Write the record to ``path`` atomically (temporary file in the same folder, then rename)."""
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; the record is meant to be shared
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, text)
 
     @classmethod
     def from_json(cls, path: str | Path) -> ConnectivityRecord:

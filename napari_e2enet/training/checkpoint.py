@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ModelConfig
 from ..errors import InputError
+from ..fileio import atomic_output
 from ..models import E2ENet, create_model
 
 FORMAT = "napari-e2enet/model"
 FORMAT_VERSION = "1"
 MASK_KEY = "kernel_mask"
-
-
-def atomic_path(path: Path) -> Path:
-    """A temporary sibling of ``path`` (same folder, so the final rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    os.replace(tmp, path)
 
 
 def save_model(model: E2ENet, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
@@ -49,12 +37,8 @@ def save_model(model: E2ENet, path: str | Path, *, metadata: dict[str, Any] | No
             "model_config": json.dumps(model.config.to_dict())}
     for key, value in (metadata or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
-    tmp = atomic_path(path)
-    try:
+    with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -125,12 +109,8 @@ def load_model(path: str | Path, *, expected_sha256: str | None = None,
 def save_state(state: dict[str, Any], path: str | Path) -> Path:
     """Atomically write a training state made of tensors, numbers, strings and containers."""
     path = Path(path)
-    tmp = atomic_path(path)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(state, tmp)
-        _replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

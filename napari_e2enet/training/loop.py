@@ -37,12 +37,13 @@ from ..config import TrainConfig, load_config, save_config
 from ..data import Dataset, PatchSampler, Plan, fingerprint, load_dataset, preprocess, preprocess_labels
 from ..device import resolve_device
 from ..errors import InputError
+from ..fileio import atomic_write_text
 from ..inference.sliding_window import sliding_window_argmax
 from ..labels import LabelTable
 from ..metrics import dice
 from ..models import E2ENet, create_model
 from ..sparse import ConnectivityRecord, DSFFUpdater, TopologyUpdate
-from .checkpoint import atomic_path, load_model, load_state, save_model, save_state
+from .checkpoint import load_model, load_state, save_model, save_state
 from .losses import DeepSupervisionLoss
 
 CONFIG_FILE = "config.json"
@@ -399,9 +400,4 @@ def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
         writer.writerow([row["epoch"], row["iteration"], f"{row['loss']:.6f}", f"{row['lr']:.6g}", f"{mean:.4f}",
                          *[f"{d[c]:.4f}" if c in d else "" for c in classes], f"{row['seconds']:.1f}",
                          f"{row['sparsity']:.4f}"])
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(buf.getvalue())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, buf.getvalue())
