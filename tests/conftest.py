@@ -14,3 +14,8 @@ def tiny_config():
     from napari_e2enet.models import model_config
 
     return model_config("e2enet_small", in_channels=1, num_classes=3, widths=(4, 8, 8), pools=((2, 2, 2),) * 2)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-screenshots", action="store_true", default=False,
+                     help="copy screenshots made by the napari GUI tests to resources/screenshots/")

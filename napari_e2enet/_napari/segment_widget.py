@@ -1,0 +1,678 @@
+"""Segment widget: whole-volume segmentation, organ volumes, and the correction loop.
+
+Everything numeric happens in the core (``Predictor.iter_predict``, ``Trainer.iter_fit``,
+``volumes_ml``, ``write_volume``); this widget only gathers options, runs the core generators in a
+napari worker (:mod:`.workers`) and turns results into layers (:mod:`.layers` convention).
+
+Never losing corrections: each result layer remembers a digest of the prediction it was given. When
+Segment runs again for the same image, "if a result exists" decides: *auto* replaces an untouched
+result but adds a new layer if the old one was edited; *replace* asks before overwriting an edited
+layer (and makes a new layer if the answer is no); *fill unlabelled* keeps every labelled voxel and
+fills only label-0 voxels from the new prediction; *new layer* always adds one.
+
+Tests replace ``confirm``, ``ask_save_path`` and ``ask_open_path`` with plain functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import InputError
+from ..labels import LabelTable, volumes_ml
+from ._qt_util import LayerCombo, confirm_dialog, open_path_dialog, save_path_dialog
+from .layers import META_KEY, check_same_grid, geometry_of, labels_layer_kwargs, layer_to_volume
+from .runs import RunRegistry, registry_for
+from .workers import Job, JobSlot, error_message
+
+EXISTING_MODES = {
+    "auto": "auto (new layer if edited)",
+    "new": "new layer",
+    "replace": "replace (asks if edited)",
+    "fill": "fill unlabelled voxels only",
+}
+
+
+def available_devices() -> list[str]:
+    import torch
+
+    devices = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def labels_digest(data: Any) -> str:
+    """A digest of a label array's voxels (detects edits without keeping a copy)."""
+    array = np.ascontiguousarray(np.asarray(data))
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((array.shape, array.dtype.str)).encode())
+    h.update(memoryview(array).cast("B"))
+    return h.hexdigest()
+
+
+def model_file_for(spec: str | None) -> Path:
+    """The ``model.safetensors`` behind a model spec (bundled name, file, or run folder)."""
+    from ..bundled import bundled_model, list_bundled_models
+
+    if spec is None or str(spec) in list_bundled_models():
+        return bundled_model(spec).weights if spec is not None else bundled_model().weights
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise InputError("no model file here", path)
+    return path
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: image → model → Segment; organ volumes; save / fine-tune corrections."""
+
+    @property
+    def job(self) -> Job | None:
+        """The running (or last) job: segmentation/fine-tuning or training."""
+        return self._slot.job
+
+    @job.setter
+    def job(self, value: Job | None) -> None:
+        self._slot.job = value
+
+    def __init__(self, napari_viewer: Any, registry: RunRegistry | None = None, parent: QWidget | None = None
+                 ) -> None:
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.registry = registry if registry is not None else registry_for(napari_viewer)
+        self._slot = JobSlot(self)
+        self._job_kind = ""
+        self._pending: Any = None
+        self._predictors: dict[tuple, Any] = {}
+        self._predictor_lock = threading.Lock()
+        self._custom_models: list[str] = []
+        self._finetune_run: Path | None = None
+        self._volume_timer = QTimer(self)
+        self._volume_timer.setSingleShot(True)
+        self._volume_timer.setInterval(300)
+        self._volume_timer.timeout.connect(self.update_volumes)
+        self._watched: Any = None
+        # injectable interactions (tests replace these)
+        self.confirm = confirm_dialog(self)
+        self.ask_save_path = save_path_dialog(self, "Save labels", "NIfTI (*.nii.gz *.nii)")
+        self.ask_open_path = open_path_dialog(self)
+
+        layout = QVBoxLayout(self)
+        # -- segmentation --------------------------------------------------------------------------
+        box = QGroupBox("Segment")
+        form = QFormLayout(box)
+        self.image_combo = LayerCombo(self.viewer, Image)
+        form.addRow("Image", self.image_combo)
+        self.model_combo = QComboBox()
+        self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.model_combo.setMinimumContentsLength(14)
+        pick = QHBoxLayout()
+        pick.addWidget(self.model_combo, 1)
+        self.model_file_btn = QPushButton("File…")
+        self.model_dir_btn = QPushButton("Folder…")
+        self.model_file_btn.setToolTip("Use a model.safetensors file from disk")
+        self.model_dir_btn.setToolTip("Use a training run folder (or a bundled-model folder)")
+        pick.addWidget(self.model_file_btn)
+        pick.addWidget(self.model_dir_btn)
+        form.addRow("Model", pick)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(available_devices())
+        form.addRow("Device", self.device_combo)
+        self.overlap_spin = QDoubleSpinBox()
+        self.overlap_spin.setRange(0.0, 0.9)
+        self.overlap_spin.setSingleStep(0.125)
+        self.overlap_spin.setValue(0.5)
+        form.addRow("Tile overlap", self.overlap_spin)
+        self.tta_check = QCheckBox("mirror test-time augmentation (8× slower)")
+        form.addRow("TTA", self.tta_check)
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(["fp32", "bf16"])
+        form.addRow("Precision", self.precision_combo)
+        self.accelerate_check = QCheckBox("sparse fast path (compacted model)")
+        self.accelerate_check.setChecked(True)
+        self.accelerate_check.setToolTip("Run the compacted sparse model (core inference.accelerate); "
+                                         "off: the plain masked network")
+        form.addRow("Accelerate", self.accelerate_check)
+        self.existing_combo = QComboBox()
+        for key, text in EXISTING_MODES.items():
+            self.existing_combo.addItem(text, key)
+        form.addRow("If a result exists", self.existing_combo)
+        layout.addWidget(box)
+
+        buttons = QHBoxLayout()
+        self.segment_btn = QPushButton("Segment")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        buttons.addWidget(self.segment_btn)
+        buttons.addWidget(self.cancel_btn)
+        layout.addLayout(buttons)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setFormat("%v / %m")
+        self.progress_bar.setValue(0)
+        layout.addWidget(self.progress_bar)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+
+        # -- organ volumes ------------------------------------------------------------------------
+        self.volumes_table = QTableWidget(0, 2)
+        self.volumes_table.setHorizontalHeaderLabels(["structure", "volume (mL)"])
+        self.volumes_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        self.volumes_table.verticalHeader().setVisible(False)
+        self.volumes_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.volumes_table.setMaximumHeight(180)
+        layout.addWidget(self.volumes_table)
+
+        # -- correction loop ----------------------------------------------------------------------
+        fix = QGroupBox("Correct")
+        fix_form = QFormLayout(fix)
+        self.labels_combo = LayerCombo(self.viewer, Labels)
+        fix_form.addRow("Labels", self.labels_combo)
+        self.save_btn = QPushButton("Save labels…")
+        fix_form.addRow(self.save_btn)
+        self.finetune_iters = QSpinBox()
+        self.finetune_iters.setRange(1, 100_000)
+        self.finetune_iters.setValue(50)
+        fix_form.addRow("Fine-tune iterations", self.finetune_iters)
+        self.finetune_lr = QDoubleSpinBox()
+        self.finetune_lr.setDecimals(4)
+        self.finetune_lr.setRange(0.0001, 0.1)
+        self.finetune_lr.setSingleStep(0.001)
+        self.finetune_lr.setValue(0.002)
+        fix_form.addRow("Fine-tune learning rate", self.finetune_lr)
+        runs = QHBoxLayout()
+        self.runs_edit = QLineEdit(str(self.registry.runs_root))
+        self.runs_edit.setToolTip("Fine-tuned runs are saved in a new folder under this one")
+        self.runs_btn = QPushButton("…")
+        runs.addWidget(self.runs_edit, 1)
+        runs.addWidget(self.runs_btn)
+        fix_form.addRow("Runs folder", runs)
+        self.finetune_btn = QPushButton("Fine-tune on this volume")
+        self.finetune_btn.setToolTip("Train the current model briefly on this image + the corrected labels, "
+                                     "then segment again with the result")
+        fix_form.addRow(self.finetune_btn)
+        layout.addWidget(fix)
+        layout.addStretch(1)
+
+        # -- wiring ---------------------------------------------------------------------------------
+        self.segment_btn.clicked.connect(self.segment)
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.model_file_btn.clicked.connect(lambda: self._browse_model("file"))
+        self.model_dir_btn.clicked.connect(lambda: self._browse_model("folder"))
+        self.save_btn.clicked.connect(self.save_labels)
+        self.finetune_btn.clicked.connect(self.fine_tune)
+        self.runs_btn.clicked.connect(self._browse_runs)
+        self.runs_edit.editingFinished.connect(self._runs_edited)
+        self.labels_combo.currentIndexChanged.connect(self._watch_labels)
+        self.registry.changed.connect(self.refresh_models)
+        self.refresh_models()
+        self._watch_labels()
+
+    # ------------------------------------------------------------------------------------------
+    # model list
+    def refresh_models(self) -> None:
+        """Bundled models, then runs from the registry, then files/folders picked from disk."""
+        from ..bundled import list_bundled_models
+
+        current = self.model_combo.currentData()
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for name in list_bundled_models():
+            self.model_combo.addItem(f"bundled: {name}", name)
+        for run in self.registry.runs():
+            self.model_combo.addItem(f"run: {run.label}", str(run.path))
+            self.model_combo.setItemData(self.model_combo.count() - 1, str(run.path), Qt.ItemDataRole.ToolTipRole)
+        known = {self.model_combo.itemData(i) for i in range(self.model_combo.count())}
+        for path in self._custom_models:
+            if path not in known:
+                self.model_combo.addItem(f"file: {Path(path).name}", path)
+                self.model_combo.setItemData(self.model_combo.count() - 1, path, Qt.ItemDataRole.ToolTipRole)
+        if current is not None:
+            index = self.model_combo.findData(current)
+            if index >= 0:
+                self.model_combo.setCurrentIndex(index)
+        self.model_combo.blockSignals(False)
+
+    def add_model(self, spec: str | Path, select: bool = True) -> None:
+        """Add a model file or run folder to the list (and select it)."""
+        spec = str(Path(spec).resolve())
+        if spec not in self._custom_models:
+            self._custom_models.insert(0, spec)
+        self.refresh_models()
+        if select:
+            self.select_model(spec)
+
+    def select_model(self, spec: str | Path) -> bool:
+        for candidate in (str(spec), str(Path(spec).resolve())):
+            index = self.model_combo.findData(candidate)
+            if index >= 0:
+                self.model_combo.setCurrentIndex(index)
+                return True
+        return False
+
+    def model_spec(self) -> str | None:
+        return self.model_combo.currentData()
+
+    def _browse_model(self, kind: str) -> None:
+        path = self.ask_open_path(kind, str(self.registry.runs_root))
+        if path:
+            self.add_model(path)
+
+    def _browse_runs(self) -> None:
+        path = self.ask_open_path("folder", self.runs_edit.text())
+        if path:
+            self.runs_edit.setText(path)
+            self._runs_edited()
+
+    def _runs_edited(self) -> None:
+        text = self.runs_edit.text().strip()
+        if text and Path(text).expanduser() != self.registry.runs_root:
+            self.registry.runs_root = text
+
+    def inference_config(self):
+        from ..config import InferenceConfig
+
+        return InferenceConfig(overlap=float(self.overlap_spin.value()), tta=self.tta_check.isChecked(),
+                               precision=self.precision_combo.currentText(), device=self.device_combo.currentText(),
+                               accelerate=self.accelerate_check.isChecked())
+
+    def _predictor(self, spec: str | None, config: Any):
+        """Load (or reuse) the Predictor for ``spec`` — called in the worker thread."""
+        from ..inference.predictor import Predictor
+
+        stamp = None
+        if spec is not None and Path(spec).exists():
+            try:
+                stamp = model_file_for(spec).stat().st_mtime_ns
+            except (InputError, OSError):
+                stamp = None
+        key = (spec, json.dumps(config.to_dict(), sort_keys=True), stamp)
+        with self._predictor_lock:
+            predictor = self._predictors.get(key)
+            if predictor is None:
+                predictor = Predictor.from_any(spec, config=config)
+                self._predictors = {key: predictor}  # keep one model in memory
+            return predictor
+
+    # ------------------------------------------------------------------------------------------
+    # segmentation
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def segment(self, *, mode: str | None = None) -> Job | None:
+        """Start segmenting the chosen image; the result layer appears when the worker is done."""
+        if self.busy:
+            show_warning("napari-e2enet: a job is already running")
+            return None
+        image_layer = self.image_combo.layer()
+        if image_layer is None:
+            show_error("napari-e2enet: choose an image layer to segment")
+            return None
+        try:
+            volume = layer_to_volume(image_layer)
+        except InputError as err:
+            show_error(str(err))
+            return None
+        spec = self.model_spec()
+        config = self.inference_config()
+        mode = mode or self.existing_combo.currentData()
+        image_name = image_layer.name
+
+        def run(stop: threading.Event) -> Iterator[Any]:
+            predictor = self._predictor(spec, config)
+            yield ("model", predictor.describe())
+            yield from predictor.iter_predict(volume, stop=stop)
+
+        self._pending = None
+        self._job_kind = "segment"
+        self.status_label.setText(f"Segmenting {image_name}…")
+        self.progress_bar.setRange(0, 0)
+        self.job = Job(run, on_event=self._on_predict_event,
+                       on_done=lambda job: self._on_segment_done(job, image_name, mode),
+                       description=f"Segmenting {image_name} (tiles)")
+        self._set_busy(True)
+        return self.job
+
+    def _on_predict_event(self, event: Any) -> None:
+        from ..inference.predictor import Prediction, PredictProgress
+
+        if isinstance(event, PredictProgress):
+            self.progress_bar.setRange(0, int(event.total))
+            self.progress_bar.setValue(int(event.done))
+            if self.job is not None:
+                self.job.set_progress(event.done, event.total)
+        elif isinstance(event, Prediction):
+            self._pending = event
+        elif isinstance(event, tuple) and event and event[0] == "model":
+            info = event[1]
+            self.status_label.setText(f"Model {Path(info.get('source', '')).parent.name or info.get('source')} on "
+                                      f"{info.get('device')}; {len(info.get('classes', {}))} classes")
+
+    def _on_segment_done(self, job: Job, image_name: str, mode: str) -> None:
+        prediction, self._pending = self._pending, None
+        self._set_busy(False)
+        if job.error is not None:
+            self.status_label.setText("Segmentation failed.")
+            show_error(error_message(job.error))
+            return
+        if job.cancelled or prediction is None:
+            self.status_label.setText("Segmentation cancelled; nothing was added.")
+            show_info("napari-e2enet: segmentation cancelled")
+            return
+        if image_name not in self.viewer.layers:
+            self.status_label.setText(f"Image {image_name!r} was closed; result discarded.")
+            return
+        layer = self._put_result(self.viewer.layers[image_name], prediction, mode)
+        self.status_label.setText(f"{layer.name}: {prediction.tiles} tiles in {prediction.seconds:.1f} s on "
+                                  f"{prediction.device}")
+
+    # ------------------------------------------------------------------------------------------
+    # result layers
+    def result_layers(self, image_layer: Any) -> list[Labels]:
+        """Labels layers made by this plugin from ``image_layer`` (oldest first)."""
+        out = []
+        for layer in self.viewer.layers:
+            meta = layer.metadata.get(META_KEY, {}) if isinstance(layer, Labels) else {}
+            if meta.get("result_of") == str(image_layer.unique_id):
+                out.append(layer)
+        return out
+
+    @staticmethod
+    def is_edited(layer: Any) -> bool:
+        """True if the layer's voxels differ from the prediction it was last given."""
+        digest = layer.metadata.get(META_KEY, {}).get("prediction_digest")
+        return digest is None or labels_digest(layer.data) != digest
+
+    def _put_result(self, image_layer: Any, prediction: Any, mode: str) -> Labels:
+        table: LabelTable = prediction.label_table
+        display = geometry_of(image_layer).to_display(np.asarray(prediction.labels.array))
+        existing = self.result_layers(image_layer)
+        target = existing[-1] if existing else None
+        edited = target is not None and self.is_edited(target)
+        if target is None or mode == "new":
+            action = "new"
+        elif mode == "auto":
+            action = "new" if edited else "replace"
+            if edited:
+                show_info(f"napari-e2enet: {target.name!r} has edits; the new result goes to a new layer")
+        elif mode == "replace":
+            action = "replace"
+            if edited and not self.confirm(f"Labels layer {target.name!r} has been edited. Replace it with the "
+                                           "new segmentation (your corrections will be lost)?"):
+                action = "new"
+        else:  # fill
+            action = "fill"
+        if action == "new":
+            name = f"{image_layer.name} labels"
+            kwargs = labels_layer_kwargs(image_layer, table, name=name)
+            kwargs["metadata"][META_KEY].update({"result_of": str(image_layer.unique_id),
+                                                 "model": prediction.labels.name,
+                                                 "prediction_digest": labels_digest(display)})
+            layer = self.viewer.add_labels(display, **kwargs)
+        else:
+            layer = target
+            if action == "fill":
+                current = np.asarray(layer.data)
+                merged = np.where(current == 0, display, current).astype(current.dtype, copy=False)
+                layer.data = merged
+            else:
+                layer.data = display
+            meta = dict(layer.metadata)
+            meta[META_KEY] = {**meta.get(META_KEY, {}), "prediction_digest": labels_digest(layer.data),
+                              "label_table": table.to_dict()}
+            layer.metadata = meta
+        self.labels_combo.refresh()
+        self.labels_combo.set_layer(layer)
+        self.viewer.layers.selection.active = layer
+        self.update_volumes()
+        return layer
+
+    # ------------------------------------------------------------------------------------------
+    # organ volumes
+    def _watch_labels(self, *_: Any) -> None:
+        layer = self.labels_combo.layer()
+        if self._watched is not None and self._watched is not layer:
+            try:
+                self._watched.events.paint.disconnect(self._schedule_volumes)
+                self._watched.events.data.disconnect(self._schedule_volumes)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+            self._watched = None
+        if layer is not None and self._watched is None:
+            layer.events.paint.connect(self._schedule_volumes)
+            layer.events.data.connect(self._schedule_volumes)
+            self._watched = layer
+        self.update_volumes()
+
+    def _schedule_volumes(self, *_: Any) -> None:
+        self._volume_timer.start()
+
+    def update_volumes(self) -> dict[str, float]:
+        """Recompute the organ volume table (mL) for the chosen labels layer (core ``volumes_ml``)."""
+        layer = self.labels_combo.layer()
+        self.volumes_table.setRowCount(0)
+        if layer is None:
+            return {}
+        try:
+            volume = layer_to_volume(layer, check=False)
+        except InputError:
+            return {}
+        table_dict = layer.metadata.get(META_KEY, {}).get("label_table")
+        table = LabelTable.from_dict(table_dict) if table_dict else None
+        array = np.asarray(volume.array)
+        if array.dtype.kind not in "iu":
+            return {}
+        volumes = volumes_ml(array, volume.spacing, table)
+        self.volumes_table.setRowCount(len(volumes))
+        for row, (name, ml) in enumerate(volumes.items()):
+            self.volumes_table.setItem(row, 0, QTableWidgetItem(name))
+            item = QTableWidgetItem(f"{ml:.2f}")
+            item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+            self.volumes_table.setItem(row, 1, item)
+        return volumes
+
+    # ------------------------------------------------------------------------------------------
+    # saving
+    def _labels_and_image(self) -> tuple[Any, Any]:
+        labels = self.labels_combo.layer()
+        if labels is None:
+            raise InputError("choose a labels layer first")
+        image = self.image_combo.layer()
+        if image is not None:
+            check_same_grid(image, labels)
+        return labels, image
+
+    def save_labels(self) -> Path | None:
+        """Write the chosen labels layer as NIfTI on the image's source geometry (asks before overwriting)."""
+        from ..data.io import write_volume
+
+        try:
+            labels, image = self._labels_and_image()
+            labels_volume = layer_to_volume(labels)
+            like = layer_to_volume(image) if image is not None else None
+        except InputError as err:
+            show_error(str(err))
+            return None
+        source = (labels.metadata.get(META_KEY, {}) or {}).get("source")
+        folder = Path(source).parent if source else Path.cwd()
+        stem = image.name if image is not None else labels.name
+        default = folder / f"{stem.replace(' ', '_')}_labels.nii.gz"
+        answer = self.ask_save_path(str(default))
+        if not answer:
+            return None
+        path = Path(answer)
+        if not path.name.lower().endswith((".nii", ".nii.gz")):
+            path = path.with_name(path.name + ".nii.gz")
+        if path.exists() and not self.confirm(f"{path} already exists. Overwrite it?"):
+            return None
+        try:
+            write_volume(labels_volume, path, like=like)
+        except InputError as err:
+            show_error(str(err))
+            return None
+        meta = dict(labels.metadata)
+        meta[META_KEY] = {**meta.get(META_KEY, {}), "saved_to": str(path)}
+        labels.metadata = meta
+        show_info(f"napari-e2enet: saved {path}")
+        self.status_label.setText(f"Saved {path.name}")
+        return path
+
+    # ------------------------------------------------------------------------------------------
+    # fine-tuning
+    def fine_tune(self) -> Job | None:
+        """Train the current model briefly on this image + corrected labels, then segment again."""
+        from ..config import DataConfig, SparsityConfig, TrainConfig
+        from ..data import Dataset
+        from ..training.checkpoint import read_metadata
+
+        if self.busy:
+            show_warning("napari-e2enet: a job is already running")
+            return None
+        try:
+            labels, image = self._labels_and_image()
+            if image is None:
+                raise InputError("choose the image the labels belong to")
+            spec = self.model_spec()
+            model_file = model_file_for(spec)
+            meta = read_metadata(model_file)
+            table = LabelTable.from_dict(meta["labels"]) if "labels" in meta else None
+            if table is None:
+                raise InputError("model file has no label table", model_file)
+            train_meta = meta.get("train_config") or {}
+            patch = tuple((train_meta.get("data") or {}).get("patch") or meta.get("patch") or (64, 64, 64))
+            sparsity = float(((train_meta.get("sparsity") or {}).get("sparsity")) or 0.8)
+            image_volume = layer_to_volume(image)
+            labels_volume = layer_to_volume(labels)
+            dataset = Dataset.from_arrays([image_volume], [labels_volume], label_names=table.names,
+                                          names=[image.name.replace(" ", "_")], name="napari correction")
+        except (InputError, KeyError, ValueError) as err:
+            show_error(error_message(err))
+            return None
+        iterations = int(self.finetune_iters.value())
+        config = TrainConfig(
+            model=str((meta.get("model_config") or {}).get("name", "e2enet")),
+            sparsity=SparsityConfig(sparsity=min(max(sparsity, 0.0), 0.99)),
+            data=DataConfig(source="napari layers", patch=patch, batch=1, num_validation=0),
+            iterations=iterations, iterations_per_epoch=iterations, lr=float(self.finetune_lr.value()),
+            device=self.device_combo.currentText(), seed=0)
+        self._runs_edited()
+        run_dir = self.registry.new_run_dir(f"finetune-{image.name}")
+        try:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            show_error(f"{run_dir.parent}: cannot create the runs folder ({exc.strerror or exc})")
+            return None
+        self._finetune_run = run_dir
+        image_name = image.name
+
+        def run(stop: threading.Event) -> Iterator[Any]:
+            from ..training import Trainer
+
+            trainer = Trainer(config, run_dir, dataset=dataset, init_from=model_file, stop=stop)
+            events = trainer.iter_fit()
+            try:
+                yield from events
+            finally:
+                events.close()
+
+        self._job_kind = "finetune"
+        self.status_label.setText(f"Fine-tuning on {image_name} → {run_dir}")
+        self.progress_bar.setRange(0, iterations)
+        self.progress_bar.setValue(0)
+        self.job = Job(run, on_event=self._on_train_event,
+                       on_done=lambda job: self._on_finetune_done(job, run_dir, image_name),
+                       description=f"Fine-tuning on {image_name} (iterations)", total=iterations)
+        self._set_busy(True)
+        return self.job
+
+    def _on_train_event(self, event: Any) -> None:
+        kind = getattr(event, "kind", "")
+        if kind == "iteration":
+            self.progress_bar.setRange(0, int(event.total))
+            self.progress_bar.setValue(int(event.iteration))
+            if self.job is not None:
+                self.job.set_progress(event.iteration, event.total)
+            self.status_label.setText(f"Fine-tuning: iteration {event.iteration}/{event.total}, "
+                                      f"loss {event.loss:.3f}")
+        elif kind == "validation" and event.dice:
+            mean = float(np.mean(list(event.dice.values())))
+            self.status_label.setText(f"Fine-tuning: Dice on this volume {mean:.3f}")
+        if self._finetune_run is not None:
+            self.registry.training_event.emit(self._finetune_run, event)
+
+    def _on_finetune_done(self, job: Job, run_dir: Path, image_name: str) -> None:
+        self._set_busy(False)
+        self._finetune_run = None
+        if job.error is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            self.status_label.setText("Fine-tuning failed.")
+            show_error(error_message(job.error))
+            return
+        if job.cancelled:
+            # the folder was created by this job a moment ago: a cancelled fine-tune leaves no trace
+            shutil.rmtree(run_dir, ignore_errors=True)
+            self.status_label.setText("Fine-tuning cancelled; nothing was kept.")
+            show_info("napari-e2enet: fine-tuning cancelled")
+            return
+        if not (run_dir / "model.safetensors").is_file():
+            show_error(f"{run_dir}: fine-tuning finished without writing a model")
+            return
+        self.registry.add(run_dir, label=run_dir.name, kind="finetune")
+        self.select_model(run_dir)
+        show_info(f"napari-e2enet: fine-tuned model saved in {run_dir}; segmenting again")
+        if image_name in self.viewer.layers:
+            self.image_combo.set_layer(self.viewer.layers[image_name])
+            self.segment(mode="auto")
+
+    # ------------------------------------------------------------------------------------------
+    def cancel(self) -> None:
+        if self.job is not None and self.job.running:
+            self.job.cancel()
+            self.status_label.setText("Cancelling…")
+            self.cancel_btn.setEnabled(False)
+
+    def _set_busy(self, busy: bool) -> None:
+        for w in (self.segment_btn, self.finetune_btn, self.save_btn, self.model_file_btn, self.model_dir_btn):
+            w.setEnabled(not busy)
+        self.cancel_btn.setEnabled(busy)
+        if not busy:
+            self.progress_bar.setRange(0, max(self.progress_bar.maximum(), 1))
+
+    def closeEvent(self, event: Any) -> None:
+        self.cancel()
+        super().closeEvent(event)
