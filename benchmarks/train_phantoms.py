@@ -21,6 +21,7 @@ import torch
 from napari_e2enet import create_model
 from napari_e2enet.config import SparsityConfig
 from napari_e2enet.data import PatchSampler, fingerprint, phantom_dataset, preprocess, preprocess_labels
+from napari_e2enet.device import resolve_device
 from napari_e2enet.inference import sliding_window_argmax
 from napari_e2enet.metrics import dice
 from napari_e2enet.sparse import DSFFUpdater
@@ -40,12 +41,12 @@ def plain_conv_unet(in_channels: int, num_classes: int, stages: int) -> torch.nn
         nonlin_kwargs={"inplace": True}, deep_supervision=True)
 
 
-def evaluate(model: torch.nn.Module, cases, patch, num_classes: int) -> dict[int, float]:
+def evaluate(model: torch.nn.Module, cases, patch, num_classes: int, device: torch.device) -> dict[int, float]:
     model.eval()
     scores: dict[int, list[float]] = {}
     with torch.inference_mode():
         for image, label in cases:
-            pred = sliding_window_argmax(torch.from_numpy(image), lambda x: _full_res(model(x)), patch=patch,
+            pred = sliding_window_argmax(torch.from_numpy(image), lambda x: _full_res(model(x.to(device))).float().cpu(), patch=patch,
                                          num_classes=num_classes, overlap=0.5)
             for k in range(1, num_classes):
                 if (label == k).any():
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu (the measurement that matters here), cuda, auto")
     parser.add_argument("--json", help="write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,6 +87,8 @@ def main() -> None:
 
     e2e = create_model("e2enet_small", in_channels=1, num_classes=num_classes, sparsity=args.sparsity, seed=args.seed)
     plain = plain_conv_unet(1, num_classes, stages=5)
+    device = resolve_device(args.device)
+    e2e, plain = e2e.to(device), plain.to(device)
     runs = {}
     for name, model in (("e2enet_small", e2e), ("PlainConvUNet", plain)):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, weight_decay=3e-5, nesterov=True)
@@ -96,6 +100,7 @@ def main() -> None:
     t_all = time.perf_counter()
     for it in range(args.iterations):
         images, target = sampler.batch(it)
+        images, target = images.to(device), target.to(device)
         for run in runs.values():
             lr = poly_lr(0.01, it, args.iterations)
             for group in run["opt"].param_groups:
@@ -112,11 +117,12 @@ def main() -> None:
             print(f"iteration {it + 1}/{args.iterations}  "
                   + "  ".join(f"{n}: {r['train_s'] / (it + 1):.2f} s/it" for n, r in runs.items()), flush=True)
     results = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                           "device": str(device),
                            "torch": torch.__version__},
                "setup": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                "models": {}}
     for name, run in runs.items():
-        per_class = evaluate(run["model"], val, patch, num_classes)
+        per_class = evaluate(run["model"], val, patch, num_classes, device)
         results["models"][name] = {
             "params": run["params"], "mean_dice": float(np.mean(list(per_class.values()))),
             "dice": {dataset.labels[k]: round(v, 4) for k, v in per_class.items()},
