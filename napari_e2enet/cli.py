@@ -108,7 +108,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def train_config_from_args(args: argparse.Namespace):
     from .config import TrainConfig, load_config
 
-    config = load_config(args.config, TrainConfig) if args.config else TrainConfig()
+    try:
+        config = load_config(args.config, TrainConfig) if args.config else TrainConfig()
+    except ValueError as exc:  # the message names the file
+        raise InputError(str(exc)) from None
     top = {k: v for k, v in {"model": args.model, "iterations": args.iterations, "seed": args.seed,
                              "device": args.device, "precision": args.precision, "lr": args.lr,
                              "iterations_per_epoch": args.iterations_per_epoch}.items() if v is not None}
@@ -224,7 +227,7 @@ def collect_cases(path) -> list[tuple[str, list]]:
         raise InputError("no such file or folder", path)
     groups: dict[str, list] = {}
     for f in sorted(path.iterdir()):
-        if f.is_file() and _is_nifti(f.name):
+        if f.is_file() and _is_nifti(f.name) and not f.name.startswith("."):  # skips .NAME.*.tmp leftovers
             stem = _strip_suffix(f.name)
             match = re.fullmatch(r"(.+)_(\d{4})", stem)
             groups.setdefault(match.group(1) if match else stem, []).append(f)
@@ -273,7 +276,12 @@ def _predict(args: argparse.Namespace) -> int:
     cases = collect_cases(args.input)
     out = Path(args.output)
     single_file = Path(args.input).is_file() and _is_nifti(out.name)
-    if not single_file:
+    if single_file:
+        folder = out.parent if str(out.parent) else Path(".")
+        if not folder.is_dir():
+            problem = "is not a folder" if folder.exists() else "does not exist"
+            raise InputError(f"output folder {folder} {problem}", out)
+    else:
         if out.exists() and not out.is_dir():
             raise InputError("output must be a folder when the input is a folder", out)
         try:
@@ -294,13 +302,19 @@ def _predict(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     results, t0 = [], time.perf_counter()
+    cases_bar = tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=len(cases) < 2)
+    bar = None
     try:
-        for name, files in tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=len(cases) < 2):
+        for name, files in cases_bar:
             target = out if single_file else out / f"{name}.nii.gz"
             if target.exists() and not args.overwrite:
                 results.append({"case": name, "output": str(target), "status": "skipped (exists)"})
                 continue
             volume = read_image(files, name=name)
+            expected = predictor.model.config.in_channels
+            if volume.num_channels != expected:
+                raise InputError(f"image has {volume.num_channels} channel(s) but the model expects {expected}",
+                                 files[0])
             bar = tqdm(desc=name, unit="tile", file=sys.stderr, leave=False)
             prediction = None
             for item in predictor.iter_predict(volume, stop=stop):
@@ -316,10 +330,16 @@ def _predict(args: argparse.Namespace) -> int:
             results.append({"case": name, "output": str(target), "status": "ok",
                             "seconds": round(prediction.seconds, 2), "tiles": prediction.tiles})
     except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        cases_bar.close()
         sys.stderr.write(f"napari-e2enet predict: interrupted; {sum(r['status'] == 'ok' for r in results)} "
                          "case(s) written, no partial output\n")
         return EXIT_INTERRUPTED
     finally:
+        if bar is not None:
+            bar.close()  # an error line must not land on the end of a progress bar
+        cases_bar.close()
         signal.signal(signal.SIGINT, previous)
     summary = {"model": predictor.describe(), "cases": results, "seconds": round(time.perf_counter() - t0, 2)}
     if args.json:
@@ -353,6 +373,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .metrics import MetricAccumulator
 
     pred, ref = Path(args.pred), Path(args.ref)
+    for path in (pred, ref):
+        if not path.exists():
+            raise InputError("no such file or folder", path)
     if pred.is_file() != ref.is_file():
         raise InputError("--pred and --ref must both be files or both be folders")
     pairs = [(pred, ref)] if pred.is_file() else []

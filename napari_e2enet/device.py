@@ -14,7 +14,7 @@ def _mps_conv3d_works() -> bool:
         conv = torch.nn.Conv3d(1, 1, 3).to("mps")
         conv(torch.zeros(1, 1, 4, 4, 4, device="mps"))
         return True
-    except Exception:  # noqa: BLE001 - any failure means "not usable"
+    except Exception:
         return False
 
 

@@ -314,7 +314,8 @@ def write_volume(volume: Volume, path: str | Path, *, like: Volume | None = None
         raise InputError("output must end in .nii or .nii.gz", path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise InputError(f"output folder {folder} does not exist", path)
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise InputError(f"output folder {folder} {problem}", path)
     ref = like if like is not None else volume
     if ref.spatial_shape != volume.spatial_shape:
         raise InputError(

@@ -76,10 +76,16 @@ class Predictor:
         model, meta = load_model(path, expected_sha256=expected_sha256)
         if "plan" not in meta or "labels" not in meta:
             raise InputError("model file lacks its preprocessing plan or label table", path)
-        train = meta.get("train_config") or {}
-        patch = tuple((train.get("data") or {}).get("patch") or meta.get("patch") or (64, 64, 64))
-        return cls(model, Plan.from_dict(meta["plan"]), LabelTable.from_dict(meta["labels"]), patch=patch,
-                   config=config, source=str(path))
+        try:
+            train = meta.get("train_config") or {}
+            patch = tuple(int(p) for p in (train.get("data") or {}).get("patch") or meta.get("patch") or (64, 64, 64))
+            if len(patch) != 3 or min(patch) < 1:
+                raise ValueError(f"patch {list(patch)} is not 3 positive sizes")
+            plan, labels = Plan.from_dict(meta["plan"]), LabelTable.from_dict(meta["labels"])
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise InputError(f"unusable metadata in the model file ({detail})", path) from None
+        return cls(model, plan, labels, patch=patch, config=config, source=str(path))
 
     @classmethod
     def from_bundled(cls, name: str = DEFAULT_MODEL, config: InferenceConfig | None = None) -> Predictor:

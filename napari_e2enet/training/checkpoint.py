@@ -38,8 +38,16 @@ def save_model(model: E2ENet, path: str | Path, *, metadata: dict[str, Any] | No
     for key, value in (metadata or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except SafetensorError as exc:  # e.g. disk full: safetensors reports I/O errors as SafetensorError
+            raise InputError(f"cannot write ({_first_line(exc)})", path) from None
     return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split())[:200] if text else type(exc).__name__
 
 
 def sha256_of(path: str | Path) -> str:
@@ -90,10 +98,14 @@ def load_model(path: str | Path, *, expected_sha256: str | None = None,
         config = ModelConfig.from_dict(meta["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"invalid model config in metadata ({exc})", path) from None
+    _check_shapes(config, path)  # before any allocation: a tampered config cannot ask for terabytes
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise InputError(f"cannot read weights ({exc})", path) from None
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InputError(f"tensor {name} contains NaN or Inf values", path)
     model = create_model(config, sparsity=0.0)
     masks = {k[: -len(MASK_KEY)] + "weight": v for k, v in tensors.items() if k.endswith(MASK_KEY)}
     try:
@@ -106,11 +118,59 @@ def load_model(path: str | Path, *, expected_sha256: str | None = None,
     return model.to(device), meta
 
 
+class _SkipInitOnMeta(torch.overrides.TorchFunctionMode):
+    """In-place ops (weight init) on meta tensors are no-ops: only shapes are wanted, and torch's first
+    ``normal_`` on the meta device costs seconds. Thread-local, like the ``torch.device`` context."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor) \
+                and args[0].is_meta:
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+def _check_shapes(config: ModelConfig, path: Path) -> None:
+    """Compare the file's tensor names and shapes with the architecture its metadata describes.
+
+    The model is built on the ``meta`` device (no memory), so a file whose metadata was altered to
+    describe a huge or different network is refused before anything is allocated.
+    """
+    from safetensors import safe_open
+
+    try:
+        with torch.device("meta"), _SkipInitOnMeta():
+            expected = {k: tuple(v.shape) for k, v in create_model(config, sparsity=0.0).state_dict().items()}
+        with safe_open(str(path), framework="pt") as fh:
+            found = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise InputError(f"cannot read weights ({str(exc).splitlines()[0][:200] if str(exc) else exc!r})",
+                         path) from None
+    for name, shape in found.items():
+        if name.endswith(MASK_KEY):
+            weight = name[: -len(MASK_KEY)] + "weight"
+            if weight not in expected:
+                raise InputError(f"mask {name} has no weight in the described architecture", path)
+            continue
+        if name not in expected:
+            raise InputError(f"unexpected tensor {name} (the file does not fit the described architecture)", path)
+        if shape != expected[name]:
+            raise InputError(f"tensor {name} has shape {list(shape)} but the described architecture needs "
+                             f"{list(expected[name])}", path)
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise InputError(f"tensor {missing[0]} is missing ({len(missing)} missing; the file does not fit the "
+                         "described architecture)", path)
+
+
 def save_state(state: dict[str, Any], path: str | Path) -> Path:
     """Atomically write a training state made of tensors, numbers, strings and containers."""
     path = Path(path)
     with atomic_output(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # e.g. disk full: torch's zip writer reports a short write as RuntimeError
+            raise InputError(f"cannot write ({_first_line(exc)})", path) from None
     return path
 
 
@@ -120,7 +180,26 @@ def load_state(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError("training state not found", path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"refused to load training state ({first[:200]})", path) from None
+        raise InputError(f"refused to load training state ({_why_refused(exc)})", path) from None
+    if not isinstance(state, dict):
+        raise InputError(f"not a training state (holds a {type(state).__name__}, not a mapping)", path)
+    return state
+
+
+def _why_refused(exc: BaseException) -> str:
+    """The useful part of a ``torch.load`` failure, as one short line (no ANSI, no "load it unsafely" advice)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    match = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+    if match:
+        return f"it references {match.group(1)}, which is not a tensor or plain data; refused so that no code runs"
+    match = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if match:
+        detail = match.group(1)
+    else:  # skip torch's paragraph about weights_only defaults: it advises loading the file unsafely
+        lines = [line for line in text.strip().splitlines() if line.strip() and "weights_only" not in line]
+        detail = lines[0] if lines else type(exc).__name__
+    return f"not a valid training-state file: {' '.join(detail.split())[:160]}"

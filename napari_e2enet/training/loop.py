@@ -24,7 +24,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,12 @@ class Trainer:
         if resume:
             if self.run_dir is None or not (self.run_dir / STATE_FILE).is_file():
                 raise InputError("no training state to resume from", self.run_dir / STATE_FILE if self.run_dir else None)
-            config = load_config(self.run_dir / CONFIG_FILE, TrainConfig)
+            try:
+                config = load_config(self.run_dir / CONFIG_FILE, TrainConfig)
+            except InputError:
+                raise
+            except ValueError as exc:  # load_config names the file in its message
+                raise InputError(str(exc)) from None
         self.config = config
         self.dataset = dataset
         self.resume = resume
@@ -143,8 +148,9 @@ class Trainer:
             if cfg.data.target_spacing is not None:
                 plan = plan.replace(target_spacing=tuple(cfg.data.target_spacing))
         arrays = []
+        label_ids = list(dataset.labels.names if isinstance(dataset.labels, LabelTable) else dataset.labels)
         for case in dataset.cases:
-            image, label = case.load()
+            image, label = case.load(label_ids)  # unknown label values are refused even when no fingerprint runs
             arrays.append((preprocess(image, plan)[0], preprocess_labels(label, plan)))
         names = [case.name for case in dataset.cases]
         if cfg.data.validation_cases:
@@ -185,13 +191,18 @@ class Trainer:
         cfg = self.config
         t_start = time.perf_counter()
         device = resolve_device(cfg.device)
-        state = load_state(self.run_dir / STATE_FILE) if self.resume else None
-        plan = Plan.from_dict(json.loads(state["plan"])) if state is not None else None
+        state_path = self.run_dir / STATE_FILE if self.run_dir is not None else None
+        state = load_state(state_path) if self.resume else None
+        plan = None
+        if state is not None:
+            with _bad_content(state_path, "training state"):
+                plan = Plan.from_dict(json.loads(state["plan"]))
         if plan is None and self.init_from is not None:
             from .checkpoint import read_metadata
 
             meta = read_metadata(self.init_from)
-            plan = Plan.from_dict(meta["plan"]) if "plan" in meta else None
+            with _bad_content(self.init_from, "preprocessing plan in the model metadata"):
+                plan = Plan.from_dict(meta["plan"]) if "plan" in meta else None
         data = self._prepare_data(plan)
         model = self._build_model(data).to(device)
         self.model = model
@@ -203,14 +214,17 @@ class Trainer:
         history: list[dict[str, Any]] = []
         start = 0
         if state is not None:
-            model.set_masks({k: v for k, v in state["masks"].items()})
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if updater is not None:
-                updater.load_state_dict(state["updater"])
-            record = ConnectivityRecord.from_dict(json.loads(state["connectivity"]))
-            history = json.loads(state["history"])
-            start = int(state["iteration"])
+            with _bad_content(state_path, "training state (does it belong to this run's config.json?)"):
+                model.set_masks({k: v for k, v in state["masks"].items()})
+                model.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                if updater is not None:
+                    updater.load_state_dict(state["updater"])
+                record = ConnectivityRecord.from_dict(json.loads(state["connectivity"]))
+                history = json.loads(state["history"])
+                start = int(state["iteration"])
+                if not 0 <= start <= total:
+                    raise ValueError(f"iteration {start} is outside 0..{total}")
         ddp_model: nn.Module = model
         if self.world_size > 1:
             ddp_model = nn.parallel.DistributedDataParallel(model)
@@ -222,7 +236,10 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" and device.type == "cuda" else None
 
         if self.writes:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InputError(f"cannot create the run folder ({exc.strerror or exc})", self.run_dir) from None
             save_config(cfg, self.run_dir / CONFIG_FILE)
             if start == 0:
                 record.record(model, "epoch", 0, epoch=0)  # the initial random topology
@@ -247,7 +264,10 @@ class Trainer:
             save_state(snapshot_state(iteration), self.run_dir / STATE_FILE)
 
         completed = start
-        epoch_losses: list[float] = [float(v) for v in state.get("epoch_losses", [])] if state else []
+        epoch_losses: list[float] = []
+        if state:
+            with _bad_content(state_path, "training state"):
+                epoch_losses = [float(v) for v in state.get("epoch_losses", [])]
         last_dice: dict[str, float] = history[-1]["dice"] if history else {}
         loss_value: float | None = None
         stopped = False
@@ -376,6 +396,19 @@ def _check_masks_agree(model: E2ENet) -> None:
     dist.all_gather(gathered, mine)
     if any(not torch.equal(g, mine) for g in gathered):
         raise RuntimeError("DSFF masks diverged between DDP ranks")
+
+
+@contextmanager
+def _bad_content(path: Path | None, what: str) -> Iterator[None]:
+    """Turn a malformed file's KeyError/ValueError/RuntimeError into one InputError line naming it."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        kind = "missing entry" if isinstance(exc, KeyError) else type(exc).__name__
+        raise InputError(f"unusable {what} ({kind}: {detail})", path) from None
 
 
 def _autocast(device: torch.device, precision: str):
