@@ -484,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"napari-e2enet {args.command}: interrupted\n")
         return EXIT_INTERRUPTED
+    except FloatingPointError as exc:  # training diverged: say so in one line, the last checkpoint stays
+        sys.stderr.write(f"napari-e2enet {args.command}: error: {exc}; try a lower --lr "
+                         "(the last checkpoint in the run folder is intact)\n")
+        return 1
 
 
 if __name__ == "__main__":

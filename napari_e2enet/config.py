@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import InputError
+
 T = TypeVar("T")
 
 Triple = tuple[int, int, int]
@@ -192,12 +194,12 @@ _NESTED: dict[tuple[str, str], type[_DictMixin]] = {
 
 
 def load_config(path: str | Path, cls: type[T]) -> T:
-    """Read a JSON or YAML file into ``cls``; raises ValueError naming the file on bad content."""
+    """Read a JSON or YAML file into ``cls``; raises InputError naming the file on bad content."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ValueError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+        raise InputError(f"cannot read config ({exc.strerror or exc})", path) from None
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -206,13 +208,13 @@ def load_config(path: str | Path, cls: type[T]) -> T:
         else:
             data = json.loads(text)
     except Exception as exc:
-        raise ValueError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({exc})") from None
+        raise InputError(f"not valid {path.suffix.lstrip('.') or 'JSON'} ({exc})", path) from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise InputError("expected a mapping at the top level", path)
     try:
         return cls.from_dict(data)  # type: ignore[attr-defined]
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise InputError(str(exc), path) from None
 
 
 def save_config(config: _DictMixin, path: str | Path) -> None:
