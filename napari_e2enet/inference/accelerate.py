@@ -1,0 +1,821 @@
+"""``accelerate(model)``: the fastest equivalent inference module for a (sparse) E2ENet on CPU.
+
+The returned module maps (N, in_channels, D, H, W) → full-resolution logits
+(N, num_classes, D, H, W) float32, like ``model.eval()(x)``; fp32 agrees with it to ≤ 1e-4 max abs
+logit difference. It is built once from the weights and masks (later changes to ``model`` are not
+seen) and runs under ``torch.no_grad``.
+
+How (measured on the project's 2-core AVX-512 CPU, a shared machine: ratios of medians,
+interleaved in one process; the numbers and command are in ``benchmarks/patch_latency.py``):
+
+1. **2-D folding.** Every conv of E2ENet is (1, kh, kw) (the depth shift supplies the depth
+   context), i.e. a 2-D conv over (N·D, C, H, W). Features live as (D, C, H, W) tensors in
+   ``channels_last`` memory — byte-identical to ``channels_last_3d`` (N, C, D, H, W) — and every
+   conv is a oneDNN 2-D conv (the model's own 3-D convs in ``channels_last_3d`` were *slower* than
+   contiguous here, 8.4 s vs 5.1 s at 64³, because InstanceNorm, the shift and ``cat`` fall back to
+   slow strided paths). Conv biases are dropped (InstanceNorm removes them exactly); InstanceNorm
+   is one fused ``batch_norm`` in training mode over the sample's D·H·W voxels; LeakyReLU in place.
+   The depth shift is folded into the single copy that builds each conv input (no separate shift
+   tensor), the up ConvTranspose3d (kernel == stride) is one matmul whose output is scattered
+   straight into its shifted place in the fusion input, the max-pool writes straight into it too,
+   and the fusion ``cat`` is never materialised twice. Input channels no output uses are dropped
+   (compaction; only matters for structured/dead-channel masks: for random masks at S = 0.9 an
+   input of a 96 → 48 layer is unused with probability 0.9^48 ≈ 0.6 %).
+2. **Sparse decoder kernels** (``backend="sparse"``, default when the C kernels build and the
+   masked layers' mean density is < 0.5): the fusion convs and up ConvTransposes run in
+   :mod:`napari_e2enet.sparse.compact`'s kernels on a padded planar layout. Work is proportional to
+   the active kernels; the depth shift and the concat cost nothing (per-channel depth offsets and
+   pointers into the three sources); InstanceNorm statistics come out of the conv pass. The encoder
+   (dense by design) stays on oneDNN (step 1), converted once per level.
+3. **Rejected or optional** (numbers in the docstring of ``compact``): ``torch.sparse`` CSR/BSR
+   (MKL) is slower than dense even at 10 % density; regrouping dense pieces finds no shared input
+   sets in random masks and oneDNN's small/grouped convs run at 10–30 % efficiency; algebraic
+   fusion of the up ConvTranspose with the following (1,3,3) conv densifies the masks (product
+   density ≈ 1 − (1 − d²)^C ≈ 38 % at S = 0.9, C = 48) and loses. ``torch.compile`` is optional
+   (``compile=True``; dense path only; it needs a C++ compiler and compiles for tens of seconds).
+   ``precision="bf16"`` runs the oneDNN convs in bfloat16; it is a win only where the CPU has
+   native bf16 (``bf16_native()``: AVX512-BF16 or AMX); elsewhere oneDNN emulates it.
+   ``precision="auto"`` picks bf16 only where native.
+
+Block masks (kernel masks constant over b × b (out, in) blocks, see ``compact.block_size``)
+run through the same kernels and the same compaction; they are not needed for speed on the
+sparse path. What a trainer would have to do to produce them (a ``block`` option of DSFF) is
+written down in the report with the benchmark; the inference side handles either.
+
+Unsupported configurations (kernel depth ≠ 1, e.g. ``e2enet_k333``; non-InstanceNorm or
+non-LeakyReLU units) fall back to an evaluated copy of the model itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..sparse.compact import (
+    BufferPool,
+    CSCConv,
+    CSRConvT,
+    Kernels,
+    LazyNorm,
+    PaddedPlanar,
+    conv_csc,
+    convt_csr,
+    depth_offsets,
+    effective_mask,
+    load_kernels,
+)
+
+__all__ = ["AcceleratedE2ENet", "accelerate", "bf16_native"]
+
+Triple = tuple[int, int, int]
+_CL = torch.channels_last
+_STREAM_BYTES = 16 << 20  # outputs larger than this are written with streaming stores
+SPARSE_DENSITY_THRESHOLD = 0.5  # mean masked-layer density below which "auto" picks the kernels
+
+
+def bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 on x86, or an Arm CPU
+    with BF16 dot products). Elsewhere oneDNN emulates bf16 and it is usually not faster."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# Copy helpers on folded (D, C, H, W) channels_last tensors
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Buffer channels [b0, b1) take source channels [s0, s0 + b1 - b0) of ``part`` read at depth
+    d + delta (zero outside)."""
+
+    b0: int
+    b1: int
+    part: str
+    s0: int
+    delta: int
+
+
+def _runs(active: list[int], part_of: Callable[[int], tuple[str, int]], deltas: torch.Tensor) -> list[_Run]:
+    """Group the active concat channels into maximal runs of one part, one delta, consecutive
+    source indices."""
+    runs: list[_Run] = []
+    for b, c in enumerate(active):
+        part, s = part_of(c)
+        delta = int(deltas[c])
+        last = runs[-1] if runs else None
+        if last and last.part == part and last.delta == delta and last.b1 == b and last.s0 + (b - last.b0) == s:
+            runs[-1] = _Run(last.b0, b + 1, part, last.s0, delta)
+        else:
+            runs.append(_Run(b, b + 1, part, s, delta))
+    return runs
+
+
+def _depth_range(d_out: int, d_in: int, delta: int, stride: int = 1) -> tuple[int, int]:
+    """Output depths [lo, hi) whose source depth stride·d + delta lies in [0, d_in)."""
+    lo = max(0, -(delta // stride))
+    hi = min(d_out, (d_in - 1 - delta) // stride + 1)
+    return lo, max(lo, hi)
+
+
+def _copy_shifted(dst: torch.Tensor, src: torch.Tensor, run: _Run, stride: int = 1) -> None:
+    """dst[d, b0:b1] = src[stride·d + delta, s0:s0+n] (zero outside); (D, C, H, W) tensors."""
+    n = run.b1 - run.b0
+    d_out, d_in = dst.shape[0], src.shape[0]
+    lo, hi = _depth_range(d_out, d_in, run.delta, stride)
+    target = dst[:, run.b0:run.b1]
+    if hi > lo:
+        first = stride * lo + run.delta
+        last = stride * (hi - 1) + run.delta
+        target[lo:hi].copy_(src[first:last + 1:stride, run.s0:run.s0 + n])
+    if lo > 0:
+        target[:lo].zero_()
+    if hi < d_out:
+        target[hi:].zero_()
+
+
+def _to_folded(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C, D, H, W) → (D, C, H, W) channels_last."""
+    return x.permute(1, 0, 2, 3).to(dtype).contiguous(memory_format=_CL)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense (oneDNN) pieces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _DenseUnit:
+    """Depth shift (runs) → conv2d (no bias) → instance norm → LeakyReLU, on folded tensors."""
+
+    weight: torch.Tensor  # (O, I_active, kh, kw) channels_last, compute dtype
+    stride: Triple
+    padding: tuple[int, int]
+    gamma: torch.Tensor  # (O,) float32
+    beta: torch.Tensor
+    eps: float
+    slope: float
+    runs: list[_Run]  # input gather: part "x"
+    identity_input: bool  # the input can be used as is (no shift, nothing dropped, depth stride 1)
+    in_channels: int  # channels of the unit's input before compaction
+    kernels: Kernels | None = None
+
+    def __post_init__(self) -> None:
+        # the C shift kernel copies channel c to channel c: usable when nothing was compacted away
+        full = sum(r.b1 - r.b0 for r in self.runs) == self.weight.shape[1] == self.in_channels
+        self.same_channels = full and all(r.s0 == r.b0 for r in self.runs)
+        self.run_table = torch.tensor([[r.b0, r.b1, r.delta] for r in self.runs], dtype=torch.int32)
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        return self.kernels is not None and self.same_channels and x.dtype == torch.float32
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv's input: x depth-shifted (and depth-strided, channel-compacted)."""
+        if self.identity_input:
+            return x
+        sd = self.stride[0]
+        d_out = (x.shape[0] - 1) // sd + 1
+        if self._fast(x):
+            return self.kernels.cl_shift(x, self.run_table, d_out, sd)  # type: ignore[union-attr]
+        with torch.profiler.record_function("e2e_shift_copy"):
+            buf = torch.empty((d_out, self.weight.shape[1], x.shape[2], x.shape[3]), dtype=x.dtype,
+                              memory_format=_CL)
+            for run in self.runs:
+                _copy_shifted(buf, x, run, sd)
+            return buf
+
+    def input_from_raw(self, raw: _Raw) -> torch.Tensor:
+        """The conv's input built from a raw predecessor: its norm + activation fused into the
+        shift copy (C kernel; requires :meth:`_fast`)."""
+        sd = self.stride[0]
+        d_out = (raw.y.shape[0] - 1) // sd + 1
+        return self.kernels.cl_shift(raw.y, self.run_table, d_out, sd, raw.scale, raw.shift,  # type: ignore[union-attr]
+                                     raw.slope)
+
+    def conv(self, xin: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(xin, self.weight, None, self.stride[1:], self.padding)
+        return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
+
+    def norm_act(self, y: torch.Tensor) -> torch.Tensor:
+        return _instance_norm_act(y, self.gamma, self.beta, self.eps, self.slope, self.kernels)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_act(self.conv(self.input(x)))
+
+
+@dataclass
+class _Raw:
+    """A conv output whose InstanceNorm + LeakyReLU has not been applied yet (folded, float32)."""
+
+    y: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    slope: float
+
+
+def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = False) -> torch.Tensor | _Raw:
+    """Apply a chain of conv units to the first unit's (already shifted) input ``xin``. Where
+    the C kernels allow, a unit's norm + activation is fused into the copy that builds the next
+    unit's shifted input (one pass instead of two); with ``lazy_last`` the last unit's output is
+    returned raw with its affine (:class:`_Raw`) for the consumer to fuse as well."""
+    y = xin
+    for idx, unit in enumerate(units):
+        y = unit.conv(xin.to(unit.weight.dtype))
+        nxt = units[idx + 1] if idx + 1 < len(units) else None
+        if nxt is None and lazy_last and unit.kernels is not None and y.dtype == torch.float32:
+            scale, shift = _affine(y, unit.gamma, unit.beta, unit.eps, unit.kernels)
+            return _Raw(y, scale, shift, unit.slope)
+        if nxt is not None and nxt._fast(y) and unit.kernels is not None:
+            scale, shift = _affine(y, unit.gamma, unit.beta, unit.eps, unit.kernels)
+            xin = nxt.input_from_raw(_Raw(y, scale, shift, unit.slope))
+            continue
+        y = unit.norm_act(y)
+        if nxt is not None:
+            xin = nxt.input(y)
+    return y
+
+
+def _apply_raw(raw: _Raw) -> torch.Tensor:
+    """The normalised, activated tensor of a :class:`_Raw` (PyTorch ops)."""
+    c = raw.y.shape[1]
+    return F.leaky_relu(raw.y * raw.scale.view(1, c, 1, 1) + raw.shift.view(1, c, 1, 1), raw.slope)
+
+
+def _affine(y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float,
+            kernels: Kernels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Instance-norm (scale, shift) per channel of a float32 folded tensor, statistics in double."""
+    c = y.shape[1]
+    n = y.numel() // c
+    stats = kernels.cl_stats(y)
+    mean = stats[:c] / n
+    var = (stats[c:] / n - mean * mean).clamp_min_(0.0)
+    scale = gamma.double() / torch.sqrt(var + eps)
+    return scale.float(), (beta.double() - mean * scale).float()
+
+
+def _instance_norm_act(y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float, slope: float,
+                       kernels: Kernels | None) -> torch.Tensor:
+    """InstanceNorm (affine) + LeakyReLU of one sample's folded (D, C, H, W) channels_last tensor,
+    statistics over all D·H·W voxels. ``batch_norm(training=True)`` would do it in one fused op
+    but its single-pass float statistics are off by ~1e-3 at 128³; here: per-channel sums in double
+    (C kernel) or cascade-summed float (PyTorch), then one affine + activation pass."""
+    if not y.is_contiguous(memory_format=_CL):
+        y = y.contiguous(memory_format=_CL)
+    c = y.shape[1]
+    n = y.numel() // c
+    if kernels is not None and y.dtype == torch.float32:
+        scale, shift = _affine(y, gamma, beta, eps, kernels)
+        kernels.cl_norm_act(y, scale, shift, slope)
+        return y
+    if y.dtype == torch.float32:
+        rows = y.permute(0, 2, 3, 1).reshape(n, c)
+        mean = rows.sum(0, dtype=torch.float64) / n
+        var = ((rows * rows).sum(0, dtype=torch.float64) / n - mean * mean).clamp_min_(0.0)
+        y = F.batch_norm(y, mean.float(), var.float(), gamma, beta, False, 0.0, eps)
+    else:  # bf16: the fused op (its statistics are accumulated in float)
+        y = F.batch_norm(y, None, None, gamma, beta, True, 0.0, eps)
+    return F.leaky_relu_(y, slope)
+
+
+def _norm_act_params(unit: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float, float] | None:
+    norm, act = getattr(unit, "norm", None), getattr(unit, "act", None)
+    if not isinstance(norm, nn.InstanceNorm3d) or not isinstance(act, nn.LeakyReLU):
+        return None
+    if norm.track_running_stats:
+        return None
+    c = unit.conv.out_channels
+    gamma = norm.weight.detach().float().clone() if norm.affine else torch.ones(c)
+    beta = norm.bias.detach().float().clone() if norm.affine else torch.zeros(c)
+    return gamma, beta, float(norm.eps), float(act.negative_slope)
+
+
+def _shift_enabled(unit: nn.Module) -> bool:
+    return not isinstance(unit.shift, nn.Identity)
+
+
+def _dense_unit(unit: nn.Module, dtype: torch.dtype, *, compact: bool) -> _DenseUnit:
+    conv: nn.Conv3d = unit.conv
+    weight = conv.weight.detach().float()[:, :, 0]  # (O, I, kh, kw)
+    in_ch = weight.shape[1]
+    mask = getattr(conv, "kernel_mask", None)
+    active_in = list(range(in_ch))
+    if compact:
+        used = effective_mask(weight, mask).any(0)
+        if bool(used.any()) and not bool(used.all()):
+            active_in = used.nonzero().flatten().tolist()
+    deltas = depth_offsets(in_ch, _shift_enabled(unit))
+    runs = _runs(active_in, lambda c: ("x", c), deltas)
+    stride = tuple(int(s) for s in conv.stride)
+    identity = (len(active_in) == in_ch and not bool(deltas.any()) and stride[0] == 1)
+    gamma, beta, eps, slope = _norm_act_params(unit)  # type: ignore[misc]
+    return _DenseUnit(
+        weight=weight[:, active_in].to(dtype).contiguous(memory_format=_CL).clone(),  # own copy
+        stride=stride,  # type: ignore[arg-type]
+        padding=(int(conv.padding[1]), int(conv.padding[2])),
+        gamma=gamma, beta=beta, eps=eps, slope=slope, runs=runs, identity_input=identity, in_channels=in_ch,
+    )
+
+
+@dataclass
+class _DenseNode:
+    """A fusion node on oneDNN: input = shifted [forward | ConvT(up) | MaxPool(down)] (active
+    channels only), then its conv units."""
+
+    level: int
+    up_weight: torch.Tensor  # (C_up_in, K · n_up) for the ConvT matmul, compute dtype
+    n_up: int  # active up channels
+    up_kernel: Triple
+    down_pool: Triple | None
+    runs: list[_Run]
+    in_active: int
+    first: _DenseUnit  # its runs are unused (the node builds the input)
+    rest: list[_DenseUnit] = field(default_factory=list)
+
+    def build_input(self, fwd: torch.Tensor, deeper: torch.Tensor, shallower: torch.Tensor | None) -> torch.Tensor:
+        d, _, h, w = fwd.shape
+        buf = torch.empty((d, self.in_active, h, w), dtype=fwd.dtype, memory_format=_CL)
+        up7 = None
+        if self.n_up:
+            kd, kh, kw = self.up_kernel
+            dl, cu, hl, wl = deeper.shape
+            y = deeper.permute(0, 2, 3, 1).reshape(dl * hl * wl, cu) @ self.up_weight
+            up7 = y.view(dl, hl, wl, kd, kh, kw, self.n_up)
+        pooled = None
+        if shallower is not None and self.down_pool is not None and any(r.part == "down" for r in self.runs):
+            _, ph, pw = self.down_pool
+            pooled = F.max_pool2d(shallower, (ph, pw), (ph, pw)) if (ph, pw) != (1, 1) else shallower
+        for run in self.runs:
+            if run.part == "forward":
+                _copy_shifted(buf, fwd, run)
+            elif run.part == "up":
+                self._write_up(buf, up7, run)  # type: ignore[arg-type]
+            else:
+                self._write_down(buf, pooled, run)  # type: ignore[arg-type]
+        return buf
+
+    def _write_up(self, buf: torch.Tensor, up7: torch.Tensor, run: _Run) -> None:
+        kd, kh, kw = self.up_kernel
+        dl, hl, wl = up7.shape[:3]
+        n = run.b1 - run.b0
+        # buf (D, C, H, W) channels_last is (D, H, W, C) in memory; split D, H, W by the kernel
+        target7 = buf.permute(0, 2, 3, 1).view(dl, kd, hl, kh, wl, kw, buf.shape[1])[..., run.b0:run.b1]
+        for t in range(kd):
+            src_phase, q = (t + run.delta) % kd, (t + run.delta) // kd
+            target = target7[:, t]  # (Dl, Hl, kh, Wl, kw, n)
+            source = up7[:, :, :, src_phase, :, :, run.s0:run.s0 + n].permute(0, 1, 3, 2, 4, 5)
+            lo, hi = max(0, -q), min(dl, dl - q)
+            if hi > lo:
+                target[lo:hi].copy_(source[lo + q:hi + q])
+            if lo > 0:
+                target[:lo].zero_()
+            if hi < dl:
+                target[max(hi, lo):].zero_()
+
+    def _write_down(self, buf: torch.Tensor, pooled: torch.Tensor, run: _Run) -> None:
+        kd = self.down_pool[0]  # type: ignore[index]
+        n = run.b1 - run.b0
+        d_out = buf.shape[0]
+        lo, hi = _depth_range(d_out, pooled.shape[0] // kd, run.delta)
+        target = buf[:, run.b0:run.b1]
+        if hi > lo:
+            src = pooled[:, run.s0:run.s0 + n]
+            first = kd * (lo + run.delta)
+            if kd == 1:
+                target[lo:hi].copy_(src[first:first + (hi - lo)])
+            else:
+                stop = first + kd * (hi - lo)
+                torch.maximum(src[first:stop:kd], src[first + 1:stop:kd], out=target[lo:hi])
+                for a in range(2, kd):
+                    torch.maximum(target[lo:hi], src[first + a:stop:kd], out=target[lo:hi])
+        if lo > 0:
+            target[:lo].zero_()
+        if hi < d_out:
+            target[hi:].zero_()
+
+    def __call__(self, fwd: torch.Tensor, deeper: torch.Tensor, shallower: torch.Tensor | None) -> torch.Tensor:
+        return _run_units([self.first, *self.rest], self.build_input(fwd, deeper, shallower))  # type: ignore[return-value]
+
+
+def _concat_parts(c: int, c_down: int | None) -> Callable[[int], tuple[str, int]]:
+    def part_of(ch: int) -> tuple[str, int]:
+        if ch < c:
+            return "forward", ch
+        if ch < 2 * c:
+            return "up", ch - c
+        return "down", ch - 2 * c
+
+    return part_of
+
+
+def _dense_node(node: nn.Module, info: Any, dtype: torch.dtype) -> _DenseNode:
+    c = info.channels
+    first_unit = node.fuse[0]
+    w = first_unit.conv.weight.detach().float()[:, :, 0]
+    in_ch = w.shape[1]
+    used = effective_mask(w, getattr(first_unit.conv, "kernel_mask", None)).any(0)
+    if not bool(used.any()):
+        used[:1] = True  # keep one (all-zero) channel so the conv has an input
+    active = used.nonzero().flatten().tolist()
+    deltas = depth_offsets(in_ch, _shift_enabled(first_unit))
+    up_idx = [ch - c for ch in active if c <= ch < 2 * c]
+    # the up part's compact source index is its position among the active up channels
+    pos = {u: k for k, u in enumerate(up_idx)}
+    base = _concat_parts(c, None)
+
+    def part_of(ch: int) -> tuple[str, int]:
+        part, s = base(ch)
+        return (part, pos[s]) if part == "up" else (part, s)
+
+    runs = _runs(active, part_of, deltas)
+    first = _dense_unit(first_unit, dtype, compact=False)
+    first.weight = w[:, active].to(dtype).contiguous(memory_format=_CL).clone()
+    up: nn.ConvTranspose3d = node.up
+    wt = up.weight.detach().float()  # (Cu, C, kd, kh, kw)
+    up_mask = getattr(up, "kernel_mask", None)
+    if up_mask is not None:
+        wt = wt * up_mask[..., None, None, None].to(wt.dtype)
+    kernel = tuple(int(k) for k in up.kernel_size)
+    if tuple(int(s) for s in up.stride) != kernel:
+        raise NotImplementedError("ConvTranspose3d with stride != kernel")
+    wsel = wt[:, up_idx]  # (Cu, n_up, kd, kh, kw)
+    up_weight = wsel.permute(0, 2, 3, 4, 1).reshape(wt.shape[0], -1).to(dtype).contiguous().clone()
+    rest = [_dense_unit(u, dtype, compact=True) for u in list(node.fuse)[1:]]
+    return _DenseNode(level=info.level, up_weight=up_weight, n_up=len(up_idx), up_kernel=kernel,  # type: ignore[arg-type]
+                      down_pool=tuple(node.down_pool) if node.down_pool is not None else None,
+                      runs=runs, in_active=len(active), first=first, rest=rest)
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse (C kernel) pieces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Act:
+    """A decoder activation in PP layout: raw values plus how to read them (None: as stored)."""
+
+    t: PaddedPlanar
+    norm: LazyNorm | None
+
+    def release(self) -> None:
+        self.t.release()
+
+
+@dataclass
+class _SparseUnit:
+    conv: CSCConv
+    dshift: torch.Tensor  # (I,) int32
+    gamma: torch.Tensor
+    beta: torch.Tensor
+    eps: float
+    slope: float
+
+    def run(self, k: Kernels, channel_ptrs: torch.Tensor, norm: LazyNorm | None, like: PaddedPlanar,
+            pool: BufferPool) -> _Act:
+        """Raw conv output + the lazy InstanceNorm/LeakyReLU its consumers apply on load."""
+        o = self.conv.out_channels
+        out = PaddedPlanar(o, like.D, like.H, like.W, pool=pool)
+        stats = torch.zeros(2 * o, dtype=torch.float64)
+        k.sconv133(self.conv, channel_ptrs, self.dshift, out, stats, norm=norm,
+                   streaming=out.cstride * o * 4 > _STREAM_BYTES)
+        n = like.D * like.H * like.W
+        mean = stats[:o] / n
+        var = (stats[o:] / n - mean * mean).clamp_min_(0.0)
+        scale = self.gamma.double() / torch.sqrt(var + self.eps)
+        shift = self.beta.double() - mean * scale
+        return _Act(out, LazyNorm(scale.float(), shift.float(), torch.full((o,), self.slope)))
+
+
+def _sparse_unit(unit: nn.Module) -> _SparseUnit:
+    gamma, beta, eps, slope = _norm_act_params(unit)  # type: ignore[misc]
+    if not 0.0 <= slope <= 1.0:
+        raise NotImplementedError("LeakyReLU slope outside [0, 1]")
+    conv = unit.conv
+    return _SparseUnit(conv_csc(conv.weight, getattr(conv, "kernel_mask", None)),
+                       depth_offsets(conv.in_channels, _shift_enabled(unit)), gamma, beta, eps, slope)
+
+
+def _read_norm(act: _Act) -> LazyNorm:
+    return act.norm if act.norm is not None else LazyNorm.identity(act.t.C)
+
+
+@dataclass
+class _SparseNode:
+    level: int
+    channels: int
+    up: CSRConvT  # only the up channels the fusion conv reads
+    up_map: torch.Tensor  # (C,) int64: up channel → index in the computed up tensor, -1 unused
+    down_pool: Triple | None
+    units: list[_SparseUnit]
+
+    def __call__(self, k: Kernels, fwd: _Act, deeper: _Act, shallower: _Act | None, pool: BufferPool) -> _Act:
+        kd, kh, kw = self.up.kernel
+        d = deeper.t
+        up = PaddedPlanar(max(1, self.up.out_channels), d.D * kd, d.H * kh, d.W * kw, pool=pool)
+        if self.up.out_channels:
+            k.convt(self.up, d, up, norm=deeper.norm, streaming=up.cstride * up.C * 4 > _STREAM_BYTES)
+        ptrs = [fwd.t.channel_ptrs()]
+        norms = [_read_norm(fwd)]
+        ptrs.append(torch.where(self.up_map >= 0, up.base + self.up_map.clamp_min(0) * (4 * up.cstride),
+                                torch.zeros((), dtype=torch.int64)))
+        norms.append(LazyNorm.identity(self.channels))
+        down = None
+        if shallower is not None and self.down_pool is not None:
+            pd, ph, pw = self.down_pool
+            sh = shallower.t
+            down = PaddedPlanar(sh.C, sh.D // pd, sh.H // ph, sh.W // pw, pool=pool)
+            k.maxpool(sh, self.down_pool, down, norm=shallower.norm)
+            ptrs.append(down.channel_ptrs())
+            norms.append(LazyNorm.identity(sh.C))
+        norm = LazyNorm.cat(norms) if fwd.norm is not None else None
+        y = self.units[0].run(k, torch.cat(ptrs), norm, fwd.t, pool)
+        up.release()
+        if down is not None:
+            down.release()
+        for unit in self.units[1:]:
+            nxt = unit.run(k, y.t.channel_ptrs(), y.norm, y.t, pool)
+            y.release()
+            y = nxt
+        return y
+
+
+def _sparse_node(node: nn.Module, info: Any) -> _SparseNode:
+    c = info.channels
+    units = [_sparse_unit(u) for u in node.fuse]
+    first_conv = units[0].conv
+    # up channels the first fusion conv reads: CSC columns [c, 2c) with entries
+    counts = (first_conv.colptr[1:] - first_conv.colptr[:-1])[c:2 * c]
+    used = (counts > 0).nonzero().flatten()
+    up_map = torch.full((c,), -1, dtype=torch.int64)
+    up_map[used] = torch.arange(used.numel())
+    up: nn.ConvTranspose3d = node.up
+    if tuple(int(s) for s in up.stride) != tuple(int(k) for k in up.kernel_size):
+        raise NotImplementedError("ConvTranspose3d with stride != kernel")
+    w = up.weight.detach().float()[:, used]
+    mask = getattr(up, "kernel_mask", None)
+    csr = convt_csr(w, mask[:, used] if mask is not None else None)
+    return _SparseNode(info.level, c, csr, up_map,
+                       tuple(node.down_pool) if node.down_pool is not None else None, units)
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------
+
+
+class AcceleratedE2ENet(nn.Module):
+    """Inference-only E2ENet; see the module docstring. ``backend`` is "sparse" or "dense",
+    ``precision`` "fp32" or "bf16" (the dense oneDNN convs; the sparse kernels are fp32)."""
+
+    def __init__(self, model: nn.Module, precision: str, backend: str, kernels: Kernels | None) -> None:
+        super().__init__()
+        cfg = model.config
+        self.config = cfg
+        self.precision = precision
+        self.backend = backend
+        self._kernels = kernels
+        self._dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self._divisor = cfg.divisor()
+        self._encoder = [[_dense_unit(u, self._dtype, compact=False) for u in stage]
+                         for stage in model.backbone.stages]
+        # bf16: the first conv (raw intensities in, cheap) and the head (logits out) stay fp32
+        first = _dense_unit(model.backbone.stages[0][0], torch.float32, compact=False)
+        # oneDNN returns a contiguous (not channels_last) output for a 1-channel input, which then
+        # costs a full copy; a zero second input channel keeps everything channels_last
+        self._pad_input = first.weight.shape[1] == 1 and first.identity_input
+        if self._pad_input:
+            first.weight = torch.cat([first.weight, torch.zeros_like(first.weight)], 1).contiguous(memory_format=_CL)
+        self._encoder[0][0] = first
+        self._levels = len(self._encoder)
+        infos = {(info.level, info.stage): info for info in model.decoder.node_info}
+        self._dense_nodes: dict[tuple[int, int], _DenseNode] = {}
+        self._sparse_nodes: dict[tuple[int, int], _SparseNode] = {}
+        for (i, j), info in infos.items():
+            node = model.decoder.nodes[info.key]
+            if backend == "sparse":
+                self._sparse_nodes[(i, j)] = _sparse_node(node, info)
+            else:
+                self._dense_nodes[(i, j)] = _dense_node(node, info, self._dtype)
+        for unit in self._dense_units():
+            unit.kernels = kernels
+        head = model.heads[0].weight.detach().float()  # (K, C0, 1, 1, 1)
+        self._head = head.reshape(head.shape[0], head.shape[1]).clone()
+        self._head_folded = head[:, :, 0].contiguous(memory_format=_CL).clone()
+        self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._compiled_encoder: Callable[[torch.Tensor], Any] | None = None
+        self._pool = BufferPool()
+
+    def _encoder_units(self) -> list[_DenseUnit]:
+        return [u for stage in self._encoder for u in stage]
+
+    def _dense_units(self) -> list[_DenseUnit]:
+        units = self._encoder_units()
+        for node in self._dense_nodes.values():
+            units += [node.first, *node.rest]
+        return units
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, precision={self.precision!r}"
+
+    # -- pieces -------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, *, lazy: bool = False) -> list[torch.Tensor | _Raw]:
+        """One sample (C, D, H, W) → the L backbone features, folded (D_i, C_i, H_i, W_i)
+        channels_last; with ``lazy`` (fp32 with kernels) as :class:`_Raw` (norm not yet applied)."""
+        h: torch.Tensor | _Raw = _to_folded(x, torch.float32)
+        if self._pad_input:
+            d, _, hh, ww = h.shape
+            padded = torch.zeros((d, hh, ww, 2)).permute(0, 3, 1, 2)  # channels_last
+            padded[:, :1] = h
+            h = padded
+        feats: list[torch.Tensor | _Raw] = []
+        for stage in self._encoder:
+            first = stage[0]
+            if isinstance(h, _Raw):
+                if first._fast(h.y):
+                    xin = first.input_from_raw(h)
+                else:
+                    xin = first.input(_apply_raw(h).to(first.weight.dtype))
+            else:
+                xin = first.input(h.to(first.weight.dtype))
+            h = _run_units(stage, xin, lazy_last=lazy)
+            feats.append(h)
+        return feats
+
+    def _encode_eager(self, x: torch.Tensor) -> list[torch.Tensor | _Raw]:
+        return self.encode(x)
+
+    def _decode_dense(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        prev = dict(enumerate(feats))
+        for j in range(1, self._levels):
+            cur = {}
+            for i in range(self._levels - j):
+                cur[i] = self._dense_nodes[(i, j)](prev[i], prev[i + 1], prev[i - 1] if i > 0 else None)
+            prev = cur
+        x0 = prev[0]  # (D, C0, H, W)
+        logits = F.conv2d(x0.float(), self._head_folded)  # (D, K, H, W) channels_last
+        return logits.permute(1, 0, 2, 3).float().contiguous()
+
+    def _decode_sparse(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        k, pool = self._kernels, self._pool
+        assert k is not None
+        prev: dict[int, _Act] = {}
+        for i in range(len(feats)):
+            f = feats[i]
+            if isinstance(f, _Raw):  # raw conv output: the decoder applies its norm on load
+                norm = LazyNorm(f.scale, f.shift, torch.full((f.y.shape[1],), f.slope))
+                prev[i] = _Act(k.cl_to_pp(f.y, pool), norm)
+            else:
+                prev[i] = _Act(k.cl_to_pp(f.float().contiguous(memory_format=_CL), pool), None)
+            feats[i] = None  # type: ignore[call-overload]  # free the folded copy early
+        for j in range(1, self._levels):
+            cur = {}
+            for i in range(self._levels - j):
+                cur[i] = self._sparse_nodes[(i, j)](k, prev[i], prev[i + 1], prev[i - 1] if i > 0 else None, pool)
+            for act in prev.values():
+                act.release()
+            prev = cur
+        x0 = prev[0]
+        out = torch.empty((self._head.shape[0], x0.t.D, x0.t.H, x0.t.W), dtype=torch.float32)
+        k.head(x0.t, self._head, out, norm=x0.norm)
+        x0.release()
+        return out
+
+    def forward_one(self, x: torch.Tensor) -> torch.Tensor:
+        """One sample (C_in, D, H, W) → logits (K, D, H, W) float32."""
+        if self.backend == "sparse":
+            if self._compiled_encoder is not None:
+                return self._decode_sparse(self._compiled_encoder(x))
+            return self._decode_sparse(self.encode(x, lazy=True))
+        return self._decode_dense(self.encode(x))  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected (N, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
+        if any(s % d for s, d in zip(x.shape[2:], self._divisor, strict=True)):
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} is not a multiple of {self._divisor}")
+        fn = self._compiled or self.forward_one
+        with torch.no_grad():
+            x = x.float() if x.dtype != torch.float32 else x
+            outs = [fn(x[n]) for n in range(x.shape[0])]
+        return torch.stack(outs) if len(outs) > 1 else outs[0].unsqueeze(0)
+
+
+class _Fallback(nn.Module):
+    """An evaluated copy of a model this module cannot accelerate."""
+
+    def __init__(self, model: nn.Module, reason: str) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        self.backend = "fallback"
+        self.reason = reason
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+
+def _unsupported(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(model, "backbone") or not hasattr(model, "decoder"):
+        return "not an E2ENet"
+    if cfg.kernel[0] != 1:
+        return f"kernel {cfg.kernel} has depth > 1"
+    units = [u for stage in model.backbone.stages for u in stage]
+    units += [u for node in model.decoder.nodes.values() for u in node.fuse]
+    if any(_norm_act_params(u) is None for u in units):
+        return "units other than InstanceNorm3d (no running stats) + LeakyReLU"
+    return None
+
+
+def _sparse_unsupported(model: nn.Module) -> str | None:
+    """Why the C kernels cannot run this model (None if they can)."""
+    cfg = model.config
+    if tuple(cfg.kernel) != (1, 3, 3):
+        return f"the kernels implement (1,3,3) convolutions, not {tuple(cfg.kernel)}"
+    if any(p not in (1, 2) for pool in cfg.pools for p in pool):
+        return f"the kernels implement pools with factors 1 or 2, not {cfg.pools}"
+    slopes = [float(u.act.negative_slope) for node in model.decoder.nodes.values() for u in node.fuse]
+    if any(not 0.0 <= s <= 1.0 for s in slopes):
+        return "LeakyReLU slopes outside [0, 1]"
+    return None
+
+
+def _masked_density(model: nn.Module) -> float:
+    total = active = 0
+    for mw in model.maskable():
+        m = effective_mask(mw.weight, mw.module.kernel_mask)
+        total += m.numel()
+        active += int(m.sum())
+    return active / total if total else 1.0
+
+
+def accelerate(model: nn.Module, precision: str = "fp32", *, compile: bool = False,
+               backend: str = "auto") -> nn.Module:
+    """The fastest equivalent inference module for an E2ENet (see the module docstring).
+
+    ``model``: an ``E2ENet`` (its weights and ``kernel_mask`` buffers are read once; masked
+    kernels are skipped). ``precision``: "fp32" (≤ 1e-4 max abs logit difference to
+    ``model.eval()``), "bf16" (oneDNN convs in bfloat16) or "auto" (bf16 only where native).
+    ``backend``: "auto" (the sparse kernels when they build and the mean density of the masked
+    layers is below 0.5, else dense oneDNN), "sparse" or "dense". ``compile``: wrap the per-sample
+    forward in ``torch.compile`` (dense backend; optional, needs a C++ compiler).
+
+    Returns an ``nn.Module`` in eval mode: (N, C_in, D, H, W) → (N, K, D, H, W) float32.
+    """
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'auto', got {precision!r}")
+    if backend not in ("auto", "sparse", "dense"):
+        raise ValueError(f"backend must be 'auto', 'sparse' or 'dense', got {backend!r}")
+    if precision == "auto":
+        precision = "bf16" if bf16_native() else "fp32"
+    reason = _unsupported(model)
+    if reason is not None:
+        warnings.warn(f"accelerate: {reason}; using the model as is", RuntimeWarning, stacklevel=2)
+        return _Fallback(model, reason)
+    kernels = load_kernels()
+    if kernels is None and backend == "sparse":
+        raise RuntimeError("accelerate(backend='sparse'): the sparse CPU kernels could not be built")
+    why_not = _sparse_unsupported(model)
+    if backend == "sparse" and why_not:
+        raise NotImplementedError(f"accelerate(backend='sparse'): {why_not}")
+    if backend == "auto":
+        sparse_ok = kernels is not None and not why_not
+        backend = "sparse" if sparse_ok and _masked_density(model) < SPARSE_DENSITY_THRESHOLD else "dense"
+    fast = AcceleratedE2ENet(model, precision, backend, kernels).eval()
+    if compile:
+        # Dynamo cannot trace the ctypes kernels: compile the pure-PyTorch pieces only (the whole
+        # network on the dense backend, the encoder on the sparse one), with inductor freezing.
+        for unit in fast._encoder_units() if backend == "sparse" else fast._dense_units():
+            unit.kernels = None
+        if backend == "sparse":
+            fast._compiled_encoder = _compile(fast._encode_eager)
+        else:
+            fast._compiled = _compile(fast.forward_one)
+    return fast
+
+
+def _compile(fn: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run(x: torch.Tensor) -> Any:
+        import torch._inductor.config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return compiled(x)
+
+    return run

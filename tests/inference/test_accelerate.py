@@ -1,0 +1,325 @@
+"""The fast inference path: ``accelerate(model)`` must be the same function as ``model.eval()``.
+
+fp32: max |Δlogit| ≤ 1e-4 on random input, for both backends ("dense": oneDNN 2-D folding;
+"sparse": the C kernels of ``napari_e2enet.sparse.compact``), across sparsities, random,
+block-structured and dead-channel masks, non-cubic inputs, anisotropic pools, batches and
+the no-shift variant. bf16: argmax agreement with fp32 on ≥ 99 % of voxels for a briefly
+trained (trained-like) model; random-init models are tested with a looser bound because their
+16 logits are nearly tied (documented in the test). Inputs stay ≤ 32³ (2 shared cores).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_e2enet.inference.accelerate import AcceleratedE2ENet, accelerate, bf16_native
+from napari_e2enet.models import create_model
+from napari_e2enet.sparse import compact
+from napari_e2enet.sparse.compact import (
+    LazyNorm,
+    PaddedPlanar,
+    block_size,
+    conv_csc,
+    convt_csr,
+    depth_offsets,
+    effective_mask,
+    load_kernels,
+    uniform_block_masks,
+)
+
+KERNELS = load_kernels()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the sparse C kernels could not be built here")
+BACKENDS = ["dense", pytest.param("sparse", marks=needs_kernels)]
+TOL = 1e-4
+
+# A 6-level paper-shaped network with small widths; mixed pools keep a ≥ 2-voxel bottleneck at 16×32×32.
+REDUCED = dict(widths=(8, 16, 24, 32, 32, 32), pools=((2, 2, 2), (2, 2, 2), (1, 2, 2), (2, 2, 2), (1, 2, 2)))
+
+
+def _reference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def _max_diff(model: torch.nn.Module, x: torch.Tensor, **kwargs) -> float:
+    ref = _reference(model, x)
+    fast = accelerate(model, **kwargs)
+    out = fast(x)
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    return float((out - ref).abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.8, 0.9])
+def test_e2enet_small_matches_model(backend, sparsity):
+    torch.manual_seed(0)
+    model = create_model("e2enet_small", sparsity=sparsity, seed=1)
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert _max_diff(model, x, backend=backend) <= TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.8, 0.9])
+def test_reduced_paper_network_matches_model(backend, sparsity):
+    torch.manual_seed(1)
+    model = create_model("e2enet", sparsity=sparsity, seed=2, **REDUCED)
+    x = torch.randn(1, 1, 16, 32, 32)
+    assert _max_diff(model, x, backend=backend) <= TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block,dead", [(1, 3), (4, 0), (8, 0), (4, 2)])
+def test_block_and_dead_channel_masks(backend, block, dead):
+    """Block-structured masks and masks with whole input/output channels switched off."""
+    torch.manual_seed(2)
+    model = create_model("e2enet_small", sparsity=0.0)
+    masks = uniform_block_masks(model, 0.8, block, seed=3, dead_channels=dead)
+    model.set_masks(masks)
+    if block > 1 and not dead:
+        assert all(block_size(m) >= min(block, 4) for m in masks.values())
+    if dead:
+        assert any(not bool(m.any(1).all()) for m in masks.values())  # some output has no input
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert _max_diff(model, x, backend=backend) <= TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_sparsity_with_empty_paths(backend):
+    """S = 0.99 leaves single kernels per layer: most up ConvT outputs and inputs are unused."""
+    torch.manual_seed(3)
+    model = create_model("e2enet_small", sparsity=0.99, seed=4)
+    x = torch.randn(1, 1, 32, 32, 32)
+    assert _max_diff(model, x, backend=backend) <= TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_cubic_input_anisotropic_pools_and_batch(backend):
+    torch.manual_seed(4)
+    pools = ((1, 2, 2), (2, 2, 2), (1, 2, 2), (2, 2, 2))
+    model = create_model("e2enet_small", sparsity=0.9, seed=5, pools=pools)
+    x = torch.randn(2, 1, 8, 32, 48)
+    assert _max_diff(model, x, backend=backend) <= TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_depth_shift_and_two_input_channels(backend):
+    torch.manual_seed(5)
+    model = create_model("e2enet_small", in_channels=2, num_classes=5, sparsity=0.8, depth_shift=False)
+    x = torch.randn(1, 2, 16, 32, 32)
+    assert _max_diff(model, x, backend=backend) <= TOL
+
+
+def test_dense_backend_without_kernels(monkeypatch):
+    """The pure-PyTorch path (no C compiler): same function, precise instance-norm statistics."""
+    import napari_e2enet.inference.accelerate as acc
+
+    monkeypatch.setattr(acc, "load_kernels", lambda: None)
+    torch.manual_seed(6)
+    model = create_model("e2enet_small", sparsity=0.9, seed=6)
+    x = torch.randn(1, 1, 32, 32, 32)
+    fast = acc.accelerate(model)
+    assert fast.backend == "dense"
+    assert float((fast(x) - _reference(model, x)).abs().max()) <= TOL
+    with pytest.raises(RuntimeError):
+        acc.accelerate(model, backend="sparse")
+
+
+@needs_kernels
+def test_auto_backend_choice_and_buffer_reuse():
+    torch.manual_seed(7)
+    sparse_model = create_model("e2enet_small", sparsity=0.9, seed=7)
+    dense_model = create_model("e2enet_small", sparsity=0.0)
+    assert accelerate(sparse_model).backend == "sparse"
+    assert accelerate(dense_model).backend == "dense"
+    fast = accelerate(sparse_model)
+    a, b = torch.randn(1, 1, 32, 32, 32), torch.randn(1, 1, 16, 48, 32)
+    ra, rb = _reference(sparse_model, a), _reference(sparse_model, b)
+    for _ in range(2):  # pooled buffers are reused across calls and shapes
+        assert float((fast(a) - ra).abs().max()) <= TOL
+        assert float((fast(b) - rb).abs().max()) <= TOL
+
+
+def test_model_is_not_modified_and_later_changes_are_not_seen():
+    torch.manual_seed(8)
+    model = create_model("e2enet_small", sparsity=0.8, seed=8).train()
+    x = torch.randn(1, 1, 32, 32, 32)
+    fast = accelerate(model)
+    assert model.training  # accelerate reads, never changes, the model
+    before = fast(x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    assert torch.equal(fast(x), before)
+
+
+def test_bad_arguments_and_inputs():
+    model = create_model("e2enet_small", sparsity=0.8)
+    with pytest.raises(ValueError):
+        accelerate(model, precision="fp16")
+    with pytest.raises(ValueError):
+        accelerate(model, backend="gpu")
+    fast = accelerate(model)
+    with pytest.raises(ValueError):
+        fast(torch.randn(1, 1, 20, 32, 32))  # not a multiple of 16
+    with pytest.raises(ValueError):
+        fast(torch.randn(1, 2, 32, 32, 32))  # wrong channel count
+
+
+def test_unsupported_kernel_falls_back_to_the_model():
+    torch.manual_seed(9)
+    model = create_model("e2enet_k333", sparsity=0.8, widths=(4, 8, 8), pools=((2, 2, 2),) * 2)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = accelerate(model)
+    assert not isinstance(fast, AcceleratedE2ENet)
+    assert any("depth > 1" in str(w.message) for w in caught)
+    assert torch.equal(fast(x), _reference(model, x))
+
+
+# -- bf16 -------------------------------------------------------------------------------------
+
+
+def _trained_like_model() -> torch.nn.Module:
+    """A tiny E2ENet trained for a few Adam steps to segment intensity bands of smooth random
+    volumes: its logits have the clear margins of trained weights (random-init logits are
+    near-ties). Deterministic; a few seconds on 2 cores."""
+    gen = torch.Generator().manual_seed(10)
+    torch.manual_seed(10)
+    model = create_model("e2enet_small", num_classes=4, sparsity=0.8, seed=10,
+                         widths=(8, 16, 16), pools=((2, 2, 2),) * 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(12):
+        x, y = _bands(gen, 2, 16)
+        loss = F.cross_entropy(model(x)[0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.apply_masks()
+    return model.eval()
+
+
+def _bands(gen: torch.Generator, n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    coarse = torch.randn(n, 1, size // 4, size // 4, size // 4, generator=gen)
+    field = F.interpolate(coarse, size=(size, size, size), mode="trilinear", align_corners=False)
+    field = (field - field.mean()) / field.std()
+    labels = torch.bucketize(field[:, 0], torch.tensor([-0.7, 0.0, 0.7]))
+    return field + 0.1 * torch.randn(field.shape, generator=gen), labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_agrees_in_argmax_on_trained_like_weights(backend):
+    model = _trained_like_model()
+    x, _ = _bands(torch.Generator().manual_seed(11), 1, 32)
+    ref = _reference(model, x).argmax(1)
+    out = accelerate(model, "bf16", backend=backend)(x)
+    assert out.dtype == torch.float32
+    assert float((out.argmax(1) == ref).float().mean()) >= 0.99
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_runs_on_random_weights(backend):
+    """Random-init E2ENets have nearly tied logits (16 classes), so bf16 rounding flips ~1–2 %
+    of the argmaxes; this only checks the path runs and mostly agrees."""
+    torch.manual_seed(12)
+    model = create_model("e2enet_small", sparsity=0.9, seed=12)
+    x = torch.randn(1, 1, 32, 32, 32)
+    ref = _reference(model, x)
+    out = accelerate(model, "bf16", backend=backend)(x)
+    assert torch.isfinite(out).all()
+    assert float((out.argmax(1) == ref.argmax(1)).float().mean()) >= 0.95
+    assert accelerate(model, "auto").precision == ("bf16" if bf16_native() else "fp32")
+
+
+# -- compact forms and kernels ----------------------------------------------------------------
+
+
+def test_csc_and_csr_reconstruct_the_masked_weights():
+    torch.manual_seed(13)
+    w = torch.randn(6, 10, 1, 3, 3)
+    mask = torch.rand(6, 10) < 0.3
+    w[~mask] = 0
+    w[0, 1] = 0  # an active kernel with zero weights is skipped too
+    mask[0, 1] = True
+    csc = conv_csc(w, mask)
+    assert csc.nnz == int(effective_mask(w, mask).sum()) == int(mask.sum()) - 1
+    dense = torch.zeros(6, 10, 9)
+    for i in range(10):
+        for k in range(int(csc.colptr[i]), int(csc.colptr[i + 1])):
+            dense[int(csc.rowidx[k]), i] = csc.weights[k]
+    assert torch.equal(dense.view(6, 10, 1, 3, 3), w)
+    wt = torch.randn(10, 6, 2, 2, 2)
+    tmask = torch.rand(10, 6) < 0.3
+    wt[~tmask] = 0
+    csr = convt_csr(wt, tmask)
+    rebuilt = torch.zeros(6, 10, 8)
+    for o in range(6):
+        for k in range(int(csr.rowptr[o]), int(csr.rowptr[o + 1])):
+            rebuilt[o, int(csr.colidx[k])] = csr.weights[k]
+    assert torch.equal(rebuilt.permute(1, 0, 2).reshape(10, 6, 2, 2, 2), wt)
+    assert csr.kernel == (2, 2, 2)
+
+
+def test_block_size_and_depth_offsets():
+    base = torch.rand(3, 5) < 0.5
+    assert block_size(base.repeat_interleave(8, 0).repeat_interleave(8, 1)) == 8
+    assert block_size(base.repeat_interleave(4, 0).repeat_interleave(4, 1)) in (4, 8, 16)
+    assert block_size(torch.eye(6, dtype=torch.bool)) == 1
+    assert depth_offsets(7).tolist() == [1, 1, 1, 0, 0, -1, -1]
+    assert depth_offsets(2).tolist() == [0, 0]
+    assert depth_offsets(6, enabled=False).abs().sum() == 0
+
+
+@needs_kernels
+def test_kernels_against_pytorch_on_odd_shapes():
+    """Each kernel on shapes that exercise partial tiles, lazy norm and the halo."""
+    k = KERNELS
+    torch.manual_seed(14)
+    for (i, o, d, h, w) in [(7, 5, 3, 5, 9), (12, 4, 2, 17, 33), (5, 3, 1, 1, 1)]:
+        x = torch.randn(i, d, h, w)
+        weight = torch.randn(o, i, 1, 3, 3) * (torch.rand(o, i) < 0.5)[:, :, None, None, None]
+        norm = LazyNorm(torch.rand(i) + 0.5, torch.randn(i), torch.full((i,), 0.01))
+        xin = norm.apply(x)
+        shift = depth_offsets(i)
+        shifted = torch.zeros_like(xin)
+        for c in range(i):
+            lo, hi = max(0, -int(shift[c])), min(d, d - int(shift[c]))
+            shifted[c, lo:hi] = xin[c, lo + int(shift[c]):hi + int(shift[c])]
+        ref = F.conv2d(shifted.transpose(0, 1), weight[:, :, 0], padding=1).transpose(0, 1)
+        src = PaddedPlanar.from_dense(x)
+        out = PaddedPlanar(o, d, h, w)
+        stats = torch.zeros(2 * o, dtype=torch.float64)
+        k.sconv133(conv_csc(weight), src.channel_ptrs(), shift, out, stats, norm=norm)
+        assert float((out.interior - ref).abs().max()) < 1e-4
+        assert float(out.planes[:, :, 0].abs().max()) == 0.0  # halo rows stay zero
+        assert float(out.planes[:, :, :, w:].abs().max()) == 0.0  # padding columns stay zero
+        assert torch.allclose(stats[:o].float(), ref.sum((1, 2, 3)), atol=1e-3)
+    for kernel in [(2, 2, 2), (1, 2, 2)]:
+        u = torch.randn(6, 2, 3, 5)
+        wt = torch.randn(6, 4, *kernel) * (torch.rand(6, 4) < 0.6)[:, :, None, None, None]
+        norm = LazyNorm(torch.rand(6) + 0.5, torch.randn(6), torch.full((6,), 0.01))
+        ref = F.conv_transpose3d(norm.apply(u)[None], wt, stride=kernel)[0]
+        out = PaddedPlanar(4, *ref.shape[1:])
+        k.convt(convt_csr(wt), PaddedPlanar.from_dense(u), out, norm=norm)
+        assert float((out.interior - ref).abs().max()) < 1e-5
+        pooled = PaddedPlanar(4, *u.shape[1:])
+        k.maxpool(PaddedPlanar.from_dense(ref), kernel, pooled)
+        assert torch.equal(pooled.interior, F.max_pool3d(ref[None], kernel, kernel)[0])
+    x = torch.randn(5, 2, 3, 20)
+    head_w = torch.randn(3, 5)
+    norm = LazyNorm(torch.rand(5) + 0.5, torch.randn(5), torch.full((5,), 0.01))
+    out = torch.empty(3, 2, 3, 20)
+    k.head(PaddedPlanar.from_dense(x), head_w, out, norm=norm)
+    ref = torch.einsum("kc,cdhw->kdhw", head_w, norm.apply(x))
+    assert float((out - ref).abs().max()) < 1e-5
+
+
+def test_kernels_can_be_disabled(monkeypatch):
+    monkeypatch.setenv("NAPARI_E2ENET_NO_KERNELS", "1")
+    assert compact.load_kernels() is None
