@@ -26,29 +26,13 @@ import itertools
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..labels import AMOS
 from .dataset import Case, Dataset
 from .volume import Volume
 
 __all__ = ["AMOS_LABELS", "make_phantom", "phantom_affine", "phantom_dataset"]
 
-AMOS_LABELS: dict[int, str] = {
-    0: "background",
-    1: "spleen",
-    2: "right kidney",
-    3: "left kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "postcava",
-    10: "pancreas",
-    11: "right adrenal gland",
-    12: "left adrenal gland",
-    13: "duodenum",
-    14: "bladder",
-    15: "prostate/uterus",
-}
+AMOS_LABELS: dict[int, str] = dict(AMOS.names)  # the AMOS preset, background included
 
 _BONE = -1  # painted with label 0
 
