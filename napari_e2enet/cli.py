@@ -461,6 +461,36 @@ def _demo(args: argparse.Namespace) -> int:
 _COMMANDS["demo"] = (_demo_args, _demo, "segment the bundled MRI sample with the bundled model (README demo)")
 
 
+# -- bench --------------------------------------------------------------------------------------
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="cubic patch sizes")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per candidate")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--models", nargs="+", default=None, help="candidates (default: all; see napari_e2enet.bench)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print the machine line and results as one JSON object")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    unknown = sorted(set(args.models or ()) - set(bench.MODELS))
+    if unknown:
+        raise InputError(f"unknown bench candidate(s) {unknown}; choose from {', '.join(bench.MODELS)}")
+    machine = bench.machine_info()
+    results = bench.run_patch_benchmark(args.sizes, args.repeats, precisions=args.precisions, models=args.models,
+                                        threads=args.threads,
+                                        progress=lambda m: sys.stderr.write(m + "\n"))
+    if args.json:
+        emit_json(json_safe({"machine": machine, "results": results}))
+    else:
+        print(bench.format_table(results, machine))
+    return 0
+
+
+_COMMANDS["bench"] = (_bench_args, _bench, "per-patch latency against nnU-Net's PlainConvUNet and MONAI's SegResNet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

@@ -1,0 +1,270 @@
+"""Per-patch latency of E2ENet (dense-with-zeros and the fast sparse path) against the peers.
+
+One process, every candidate built once, warmed up once, then timed in interleaved rounds
+(round r runs every candidate once, in the same order); the table reports medians and each
+median's ratio to nnU-Net's PlainConvUNet (contiguous) at the same size and precision. Batch 1,
+1 input channel, 16 classes, random weights (PERFORMANCE.md).
+
+Candidates (``MODELS``):
+
+- ``plain`` / ``plain_cl``: nnU-Net's default 3d_fullres PlainConvUNet (dynamic-network-
+  architectures; 6 stages 32..320, kernel 3, 2 convs per stage, InstanceNorm, LeakyReLU),
+  contiguous and ``channels_last_3d``;
+- ``segresnet``: MONAI SegResNet(init_filters=16);
+- ``e2enet_dense``: the paper E2ENet at S = 0.9 run as built (zeros kept, ``model.eval()``);
+- ``e2enet_fast_s08`` / ``e2enet_fast_s09``: ``accelerate(model)`` at S = 0.8 / 0.9;
+- ``e2enet_folded_s09``: ``accelerate(model, backend="dense")`` (2-D folding only, zeros kept);
+- ``e2enet_fast_s08_b8``, ``e2enet_fast_s09_b4`` / ``_b8`` / ``_b16``: the fast path with b × b
+  block masks (``compact.uniform_block_masks``) instead of unstructured ones;
+- ``small_dense``, ``small_fast_s08``, ``small_fast_s09``: the same for ``e2enet_small``.
+
+bf16: peers and ``e2enet_dense`` under ``torch.autocast("cpu", torch.bfloat16)``, the fast path
+with ``accelerate(model, "bf16")``. Whether the CPU has native bf16 is in the machine line.
+
+Usage::
+
+    python benchmarks/patch_latency.py --sizes 64 128 --repeats 5 --precisions fp32 bf16
+    python benchmarks/patch_latency.py --sizes 64 --models plain e2enet_fast_s09 --json out.json
+
+As functions: ``run_patch_benchmark(...) -> list[dict]``, ``machine_info() -> dict``,
+``format_table(results, machine) -> str``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+MODELS = (
+    "plain", "plain_cl", "segresnet", "e2enet_dense", "e2enet_folded_s09", "e2enet_fast_s08",
+    "e2enet_fast_s09", "e2enet_fast_s08_b8", "e2enet_fast_s09_b4", "e2enet_fast_s09_b8", "e2enet_fast_s09_b16",
+    "small_dense", "small_fast_s08", "small_fast_s09",
+)
+DEFAULT_MODELS = (
+    "plain", "plain_cl", "segresnet", "e2enet_dense", "e2enet_fast_s08", "e2enet_fast_s09",
+    "e2enet_fast_s08_b8", "e2enet_fast_s09_b8", "small_dense", "small_fast_s08", "small_fast_s09",
+)
+NUM_CLASSES = 16
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, threads, torch version, native bf16, kernel build, load average."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from .inference.accelerate import bf16_native
+    from .sparse.compact import load_kernels
+
+    kernels = load_kernels()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "bf16_native": bf16_native(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "sparse_kernels": " ".join(kernels.flags) if kernels is not None else None,
+        "loadavg": [round(x, 2) for x in load],
+    }
+
+
+@dataclass
+class _Candidate:
+    name: str
+    description: str
+    fn: Callable[[torch.Tensor], Any]
+    x: torch.Tensor
+
+
+def _plain_unet() -> nn.Module:
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    return PlainConvUNet(
+        input_channels=1, n_stages=6, features_per_stage=(32, 64, 128, 256, 320, 320), conv_op=nn.Conv3d,
+        kernel_sizes=3, strides=(1, 2, 2, 2, 2, 2), n_conv_per_stage=(2, 2, 2, 2, 2, 2),
+        num_classes=NUM_CLASSES, n_conv_per_stage_decoder=(2, 2, 2, 2, 2), conv_bias=False,
+        norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True}, deep_supervision=False,
+    ).eval()
+
+
+def _segresnet() -> nn.Module:
+    from monai.networks.nets import SegResNet
+
+    return SegResNet(spatial_dims=3, init_filters=16, in_channels=1, out_channels=NUM_CLASSES).eval()
+
+
+def _autocast(precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _build(name: str, size: int, precision: str, seed: int) -> _Candidate:
+    from .inference.accelerate import accelerate
+    from .models import create_model
+
+    torch.manual_seed(seed)
+    x = torch.randn(1, 1, size, size, size)
+
+    def plain_fn(model: nn.Module, xx: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+        def run(_: torch.Tensor) -> Any:
+            with _autocast(precision):
+                return model(xx)
+        return run
+
+    if name in ("plain", "plain_cl"):
+        model = _plain_unet()
+        xx = x
+        if name == "plain_cl":
+            model = model.to(memory_format=torch.channels_last_3d)
+            xx = x.contiguous(memory_format=torch.channels_last_3d)
+        desc = "nnU-Net PlainConvUNet" + (" (channels_last_3d)" if name == "plain_cl" else "")
+        return _Candidate(name, desc, plain_fn(model, xx), xx)
+    if name == "segresnet":
+        return _Candidate(name, "MONAI SegResNet(16)", plain_fn(_segresnet(), x), x)
+    arch = "e2enet" if name.startswith("e2enet") else "e2enet_small"
+    label = "E2ENet" if arch == "e2enet" else "E2ENet-small"
+    if name.endswith("_dense"):
+        model = create_model(arch, sparsity=0.9, seed=seed, num_classes=NUM_CLASSES).eval()
+        return _Candidate(name, f"{label} S=0.9 dense with zeros", plain_fn(model, x), x)
+    sparsity = 0.8 if "_s08" in name else 0.9
+    model = create_model(arch, sparsity=sparsity, seed=seed, num_classes=NUM_CLASSES)
+    blocks = ""
+    if "_b" in name:
+        from .sparse.compact import uniform_block_masks
+
+        b = int(name.rsplit("_b", 1)[1])
+        model.set_masks(uniform_block_masks(model, sparsity, b, seed=seed))
+        blocks = f", {b}×{b} blocks"
+    backend = "dense" if "_folded_" in name else "auto"
+    fast = accelerate(model, precision, backend=backend)
+    kind = "folded oneDNN, zeros kept" if backend == "dense" else f"fast ({fast.backend})"
+    return _Candidate(name, f"{label} S={sparsity} {kind}{blocks}", fast, x)
+
+
+def run_patch_benchmark(
+    sizes: Sequence[int] = (64, 128),
+    repeats: int = 5,
+    *,
+    precisions: Sequence[str] = ("fp32", "bf16"),
+    models: Iterable[str] | None = None,
+    threads: int | None = 2,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Time every candidate at every size and precision; interleaved rounds, medians, ratios.
+
+    Returns one dict per (size, precision, model): ``size``, ``precision``, ``model``,
+    ``description``, ``median_s``, ``min_s``, ``times_s``, ``ratio_to_plain`` (None without
+    ``plain``), or ``error`` when the candidate could not be built or run.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    names = list(models) if models is not None else list(DEFAULT_MODELS)
+    unknown = set(names) - set(MODELS)
+    if unknown:
+        raise ValueError(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    say = progress or (lambda _msg: None)
+    results: list[dict[str, Any]] = []
+    for size in sizes:
+        for precision in precisions:
+            cands: list[_Candidate] = []
+            for name in names:
+                try:
+                    cands.append(_build(name, size, precision, seed))
+                except Exception as exc:  # a missing optional package or an unsupported combination
+                    results.append({"size": size, "precision": precision, "model": name, "error": repr(exc)})
+            with torch.inference_mode():
+                ok = []
+                for c in cands:  # warm-up: kernel builds, oneDNN primitives, buffer pools
+                    say(f"{size}^3 {precision}: warm-up {c.name}")
+                    try:
+                        c.fn(c.x)
+                        ok.append(c)
+                    except Exception as exc:  # e.g. a 1-voxel bottleneck at a small size
+                        results.append({"size": size, "precision": precision, "model": c.name, "error": repr(exc)})
+                cands = ok
+                times: dict[str, list[float]] = {c.name: [] for c in cands}
+                for r in range(repeats):
+                    for c in cands:
+                        t0 = time.perf_counter()
+                        c.fn(c.x)
+                        times[c.name].append(time.perf_counter() - t0)
+                    say(f"{size}^3 {precision}: round {r + 1}/{repeats} done")
+            base = statistics.median(times["plain"]) if times.get("plain") else None
+            for c in cands:
+                med = statistics.median(times[c.name])
+                results.append({
+                    "size": size, "precision": precision, "model": c.name, "description": c.description,
+                    "median_s": med, "min_s": min(times[c.name]), "times_s": times[c.name],
+                    "ratio_to_plain": (med / base) if base else None,
+                })
+            del cands
+    return results
+
+
+def format_table(results: list[dict[str, Any]], machine: dict[str, Any] | None = None) -> str:
+    """A plain-text table (one block per size and precision) and the machine line."""
+    lines = []
+    if machine:
+        lines.append(
+            f"machine: {machine['cpu']} | {machine['threads']} threads of {machine['logical_cpus']} | "
+            f"torch {machine['torch']} ({machine['cpu_capability']}) | bf16 native: {machine['bf16_native']} | "
+            f"sparse kernels: {machine['sparse_kernels'] or 'not built'} | load avg {machine['loadavg']}"
+        )
+    keys = sorted({(r["size"], r["precision"]) for r in results}, key=lambda k: (k[0], k[1] != "fp32", k[1]))
+    for size, precision in keys:
+        lines.append("")
+        lines.append(f"{size}^3, {precision}, batch 1, {NUM_CLASSES} classes — median of interleaved rounds")
+        lines.append(f"  {'model':20s} {'description':44s} {'median s':>9s} {'min s':>8s} {'× plain':>8s}")
+        for r in results:
+            if (r["size"], r["precision"]) != (size, precision):
+                continue
+            if "error" in r:
+                lines.append(f"  {r['model']:20s} error: {r['error'][:80]}")
+                continue
+            ratio = f"{r['ratio_to_plain']:.2f}" if r["ratio_to_plain"] is not None else "—"
+            lines.append(f"  {r['model']:20s} {r['description'][:44]:44s} {r['median_s']:9.3f} {r['min_s']:8.3f} {ratio:>8s}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=str, default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info()
+    results = run_patch_benchmark(args.sizes, args.repeats, precisions=args.precisions, models=args.models,
+                                  threads=args.threads, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    print(format_table(results, machine))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"machine": machine, "results": results, "command": " ".join(sys.argv)}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
