@@ -619,6 +619,7 @@ class AcceleratedE2ENet(nn.Module):
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._compiled_encoder: Callable[[torch.Tensor], Any] | None = None
         self._pool = BufferPool()
+        self._last_shape: tuple[int, ...] = ()
 
     def _encoder_units(self) -> list[_DenseUnit]:
         return [u for stage in self._encoder for u in stage]
@@ -628,6 +629,11 @@ class AcceleratedE2ENet(nn.Module):
         for node in self._dense_nodes.values():
             units += [node.first, *node.rest]
         return units
+
+    def release_memory(self) -> None:
+        """Free the buffers kept between calls (they are reused while the patch shape repeats)."""
+        self._pool.clear()
+        self._last_shape = ()
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, precision={self.precision!r}"
@@ -708,6 +714,9 @@ class AcceleratedE2ENet(nn.Module):
             raise ValueError(f"expected (N, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
         if any(s % d for s, d in zip(x.shape[2:], self._divisor, strict=True)):
             raise ValueError(f"spatial size {tuple(x.shape[2:])} is not a multiple of {self._divisor}")
+        if tuple(x.shape[2:]) != self._last_shape:  # keep buffers for one patch shape only
+            self._pool.clear()
+            self._last_shape = tuple(x.shape[2:])
         fn = self._compiled or self.forward_one
         with torch.no_grad():
             x = x.float() if x.dtype != torch.float32 else x

@@ -3,11 +3,13 @@
 DSFF (spec E2ENET.md §2) masks whole kernels: a bool ``kernel_mask`` of shape ``weight.shape[:2]``
 on every fusion conv ((out, in), weight (O, I, 1, 3, 3)) and every up ConvTranspose3d ((in, out),
 weight (I, O, kd, kh, kw)); masked kernels are stored as zeros. This module turns such a layer into
-a form that skips the pruned kernels for real.
+a form that skips the pruned kernels for real (:func:`conv_csc`, :func:`convt_csr`) and holds the
+kernels that run it (:func:`load_kernels` → :class:`Kernels`).
 
-What was measured (this project's 2-core AVX-512 CPU, fp32, one layer of the paper network's
-level-0 fusion: 96 → 48 channels, 16 × 128 × 128 voxels, random masks; CPU-time ratios against
-oneDNN's dense ``conv2d`` in ``channels_last`` on the same data, interleaved, shared machine):
+Measured (the project's shared 2-core Xeon, AVX-512, fp32; one layer shaped like the paper
+network's level-0 fusion conv: 96 → 48 channels over 16 × 128 × 128 voxels, random masks; time
+relative to oneDNN's dense ``conv2d`` in ``channels_last`` on the same data, same process,
+interleaved; single-thread CPU time, which the co-tenants of the machine disturb least):
 
 =========================================================  ============  ============
 method                                                     density 0.1   density 0.2
@@ -18,42 +20,53 @@ oneDNN grouped conv (6 or 12 groups; "regroup" pieces)     1.2–1.6       —
 ``torch.sparse`` CSR (MKL) per tap, im2col-free            ~2.4          —
 ``torch.sparse`` CSR on an im2col matrix                   ~8            —
 compaction (drop unused input / dead output channels)      ~1.00         1.00
-**this module's kernel** (``e2e_sconv133``)                **0.31–0.40** **0.50–0.56**
+**this module's kernel** (``e2e_sconv133``)                **0.26–0.40** **0.50–0.56**
 =========================================================  ============  ============
 
 Compaction gains nothing for random masks: at S = 0.9 an input channel of a 96 → 48 layer is
 unused by all 48 outputs with probability 0.9^48 ≈ 0.6 %. Regrouping dense pieces needs outputs
 that share input sets, which random masks do not have, and oneDNN's small/grouped convolutions run
 at 10–30 % of its dense efficiency. ``torch.sparse`` on CPU (MKL SpMM) is slower than the dense
-convolution even at 10 % density. So the sparse path is a small C kernel, compiled on first use
-with the system C compiler (cached under ``~/.cache/napari-e2enet/kernels``; ``$CC`` and
-``$NAPARI_E2ENET_CACHE`` are honoured, ``NAPARI_E2ENET_NO_KERNELS=1`` disables it). Without a
-compiler ``load_kernels()`` returns ``None`` and callers use the dense PyTorch path.
+convolution even at 10 % density. So the sparse path is a small C kernel library, compiled on first
+use with the system C compiler (cached under ``~/.cache/napari-e2enet/kernels``, keyed by source,
+flags, compiler and CPU; ``$CC`` and ``$NAPARI_E2ENET_CACHE`` are honoured,
+``NAPARI_E2ENET_NO_KERNELS=1`` disables it). It is portable C with GCC/Clang vector extensions
+(AVX-512 → 8-row tiles; AVX2/NEON builds use 4-row tiles) and OpenMP, sharing PyTorch's libgomp.
+Without a compiler :func:`load_kernels` returns ``None`` and callers use the dense PyTorch path.
 
-The kernel (``e2e_sconv133``), for a (1,3,3) conv with stride 1:
+The sparse (1,3,3) conv ``e2e_sconv133`` (stride 1; the only strided convs are in the dense
+encoder):
 
-- layout "PP" (padded planar, one sample): channel-major planes with a zero halo row above and
-  below and zero padding columns on the right (see :class:`PaddedPlanar`), so the 3 × 3 window
-  needs no bounds checks and rows are 64-byte aligned;
+- layout "PP" (padded planar, one sample; :class:`PaddedPlanar`): channel-major planes with a zero
+  halo row above and below and zero padding columns on the right, so the 3 × 3 window needs no
+  bounds checks, and rows are 64-byte aligned;
 - weights in CSC order by input channel (:class:`CSCConv`): for one tile of 8 rows × 16 voxels
-  the input rows are loaded once per input channel and each active (out, in) kernel costs 72
-  vector FMAs into that output's accumulator tile (registers + L1), so work ∝ active kernels;
-- the restricted depth shift costs nothing: each input channel carries a depth offset and is read
-  from slice d ± 1 directly, and the fusion concat [forward | up | down] is never built: the
-  channels are pointers into the three source tensors;
-- the instance-norm statistics (sum, sum of squares per output channel) come out of the same pass;
-- software prefetch of the next tile's rows and streaming stores for large outputs.
+  the 30 input vectors of a channel are loaded once, then each active (out, in) kernel costs 72
+  vector FMAs into that output's accumulator tile (L1), so work ∝ active kernels; per input
+  channel and tile there is a fixed cost of 30 loads, which is why block masks (fewer input
+  channels touched) run ~1.2–1.4× faster than random masks of the same density;
+- the restricted depth shift costs nothing (each input channel carries a depth offset and is read
+  from slice d ± 1), and the fusion concat [forward | up | down] is never built: the channels are
+  pointers into the three source tensors;
+- "lazy" InstanceNorm (:class:`LazyNorm`): a conv writes its raw output plus per-channel sums and
+  sums of squares from the same pass; its consumers (the next convs, the up ConvTranspose, the
+  max-pool, the head) apply ``leaky(a·x + b)`` on load, so normalisation costs no memory pass;
+- software prefetch of the next tile's rows, streaming stores for outputs > 16 MB, dynamic
+  OpenMP scheduling (robust when the other core is busy), one thread for small jobs.
 
-On the shared test machine its dense efficiency (density 1.0) is about 0.75–0.9 × oneDNN's, so the
-break-even density against dense oneDNN is ≈ 0.6–0.7 (callers switch at 0.5).
+At density 1 it reaches ~0.65–0.9 × oneDNN's dense speed on the same layer, so the break-even
+density is ≈ 0.6–0.7; ``accelerate`` switches to the dense path at a mean density ≥ 0.5.
 
-The same file has ``e2e_convt`` (sparse ConvTranspose3d with kernel == stride, CSR by output),
-``e2e_maxpool`` and ``e2e_norm_act`` (instance-norm affine + LeakyReLU in place) on PP tensors.
+Also here: ``e2e_convt`` (sparse ConvTranspose3d, kernel == stride ∈ {1, 2}³, CSR by output,
+:class:`CSRConvT`), ``e2e_maxpool``, ``e2e_head`` (1×1×1 head into the final (K, D, H, W)
+logits) on PP tensors, and channels-last helpers for the dense encoder (``cl_shift``: depth shift
++ depth stride + fused norm in one copy; ``cl_stats``: InstanceNorm statistics in double;
+``cl_norm_act``; ``cl_to_pp``). :class:`BufferPool` reuses buffers across calls: first-touch page
+faults cost ~200 ms per 400 MB here, as much as two passes over the data.
 
-Block masks: :func:`block_size` detects masks that are constant over b × b (out, in) blocks and
-:func:`uniform_block_masks` draws them. The kernel handles unstructured and block masks alike;
-blocks only improve its locality a little. See ``napari_e2enet.inference.accelerate`` for the
-whole-network numbers.
+Block masks: :func:`block_size` detects masks constant over b × b (out, in) blocks and
+:func:`uniform_block_masks` draws them (what a ``block`` option of DSFF would produce); both
+unstructured and block masks run through the same kernels.
 """
 
 from __future__ import annotations
@@ -438,6 +451,14 @@ typedef int i16 __attribute__((vector_size(64)));
 #define RB 4
 #endif
 
+/* Dynamic scheduling: on a shared machine one thread may get less CPU than the other; static
+   partitions would then wait for it at the barrier. Chunks keep neighbouring tiles together. */
+#ifdef E2E_STATIC
+#define SCHED(n) static
+#else
+#define SCHED(n) dynamic, (n)
+#endif
+
 #ifndef E2E_PF
 #define E2E_PF 32 /* floats ahead of the tile: the line the next tile of this row reads first */
 #endif
@@ -506,7 +527,7 @@ void e2e_sconv133(int I, int O, int D, int H, int W, int P,
     {
         float *acc = aligned_alloc(64, sizeof(float) * (size_t)O * RB * 16);
         double *st = tst ? tst + (size_t)TID() * 2 * O : NULL;
-#pragma omp for schedule(static)
+#pragma omp for schedule(SCHED(nwb))
         for (int task = 0; task < ntask; task++) {
             const int wb = task % nwb, hb = (task / nwb) % nhb, d = task / (nwb * nhb);
             const int h0 = hb * RB, w0 = wb * 16;
@@ -613,7 +634,7 @@ void e2e_head(int C, int D, int H, int W, int P, const float *x, int64_t cstride
 #pragma omp parallel num_threads(nthreads)
     {
         v16 *xs = aligned_alloc(64, sizeof(v16) * (size_t)C);
-#pragma omp for schedule(static)
+#pragma omp for schedule(SCHED(4 * nwb))
         for (int task = 0; task < ntask; task++) {
             const int wb = task % nwb, h = (task / nwb) % H, d = task / (nwb * H);
             const int w0 = wb * 16, ncol = W - w0 < 16 ? W - w0 : 16;
@@ -637,20 +658,6 @@ void e2e_head(int C, int D, int H, int W, int P, const float *x, int64_t cstride
             }
         }
         free(xs);
-    }
-}
-
-/* In place on the interior of a PP tensor: x = x * scale[c] + shift[c], then LeakyReLU(slope). */
-void e2e_norm_act(int C, int D, int H, int W, int P, float *x, int64_t cstride,
-                  const float *scale, const float *shift, float slope, int nthreads)
-{
-    const int nrows = C * D * H;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int r = 0; r < nrows; r++) {
-        const int c = r / (D * H), dh = r % (D * H), d = dh / H, h = dh % H;
-        float *row = x + (size_t)c * cstride + ((size_t)d * (H + 2) + h + 1) * P;
-        const float a = scale[c], b = shift[c];
-        for (int w = 0; w < W; w++) { float v = row[w] * a + b; row[w] = v > 0.f ? v : v * slope; }
     }
 }
 
@@ -693,7 +700,7 @@ void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, in
     {
         v16 *acc = aligned_alloc(64, sizeof(v16) * 16);
         v16 *xt = aligned_alloc(64, sizeof(v16) * 2 * (size_t)(Ci > 0 ? Ci : 1));
-#pragma omp for schedule(static)
+#pragma omp for schedule(SCHED(2 * nwb))
         for (int task = 0; task < ntask; task++) {
             const int wb = task % nwb, hl = (task / nwb) % Hl, dl = task / (nwb * Hl);
             const int w0 = wb * 32, ncol = Wl - w0 < 32 ? Wl - w0 : 32, nv = ncol > 16 ? 2 : 1;
@@ -750,7 +757,7 @@ void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, in
 void e2e_cl_to_pp(int D, int H, int W, int C, const float *x, float *out, int P, int64_t ostride, int nthreads)
 {
     const size_t plane = (size_t)(H + 2) * P;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(SCHED(8))
     for (int dh = 0; dh < D * H; dh++) {
         const int d = dh / H, h = dh % H;
         const float *src = x + (size_t)dh * W * C;
@@ -774,7 +781,7 @@ void e2e_cl_shift(int Dout, int Din, int64_t HW, int C, const float *x, float *o
                   float slope, int nthreads)
 {
     const int64_t blk = 64, nb = (HW + blk - 1) / blk;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(SCHED(64))
     for (int64_t t = 0; t < (int64_t)Dout * nb; t++) {
         const int d = (int)(t / nb);
         const int64_t p0 = (t % nb) * blk, p1 = p0 + blk < HW ? p0 + blk : HW;
@@ -802,7 +809,7 @@ void e2e_cl_stats(int64_t P, int C, const float *x, double *stats, int nthreads)
         double *st = tst + (size_t)TID() * 2 * C;
         float *a = aligned_alloc(64, sizeof(float) * (size_t)(2 * C + 32));
         float *b = a + C + 16;
-#pragma omp for schedule(static)
+#pragma omp for schedule(SCHED(16))
         for (int64_t blk = 0; blk < nblk; blk++) {
             const int64_t r0 = blk * 256, r1 = r0 + 256 < P ? r0 + 256 : P;
             for (int c = 0; c < C; c++) { a[c] = 0.f; b[c] = 0.f; }
@@ -824,7 +831,7 @@ void e2e_cl_stats(int64_t P, int C, const float *x, double *stats, int nthreads)
 void e2e_cl_norm_act(int64_t P, int C, float *x, const float *scale, const float *shift, float slope, int nthreads)
 {
     const int64_t nblk = (P + 63) / 64;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(SCHED(64))
     for (int64_t blk = 0; blk < nblk; blk++) {
         const int64_t r0 = blk * 64, r1 = r0 + 64 < P ? r0 + 64 : P;
         for (int64_t r = r0; r < r1; r++) {
@@ -843,7 +850,7 @@ void e2e_maxpool(int C, int D, int H, int W, int Pi, int kd, int kh, int kw,
     const int Do = D / kd, Ho = H / kh, Wo = W / kw;
     const size_t iplane = (size_t)(H + 2) * Pi, oplane = (size_t)(Ho + 2) * P;
     const int nrows = C * Do * (Ho + 2);
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(SCHED(16))
     for (int r = 0; r < nrows; r++) {
         const int c = r / (Do * (Ho + 2)), rem = r % (Do * (Ho + 2)), d = rem / (Ho + 2), hr = rem % (Ho + 2);
         float *row = out + (size_t)c * ostride + (size_t)d * oplane + (size_t)hr * P;
@@ -943,8 +950,6 @@ class Kernels:
         i, i64, p, f = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
         lib.e2e_sconv133.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, p, i64, p, i, i]
         lib.e2e_sconv133.restype = None
-        lib.e2e_norm_act.argtypes = [i, i, i, i, i, p, i64, p, p, f, i]
-        lib.e2e_norm_act.restype = None
         lib.e2e_convt.argtypes = [i, i, i, i, i, i, i, i, i, p, i64, p, p, p, p, p, p, p, i, i64, i, i]
         lib.e2e_convt.restype = None
         lib.e2e_maxpool.argtypes = [i, i, i, i, i, i, i, i, p, i64, p, p, p, p, i, i64, i]
@@ -983,12 +988,6 @@ class Kernels:
                 conv.colptr.data_ptr(), conv.rowidx.data_ptr(), conv.weights.data_ptr(),
                 out.base, out.cstride, stats.data_ptr() if stats is not None else None,
                 int(streaming), self._threads(out.C * out.cstride))
-
-    def norm_act(self, x: PaddedPlanar, scale: torch.Tensor, shift: torch.Tensor, slope: float) -> None:
-        """In place: x = leaky_relu(x · scale[c] + shift[c], slope) on the voxels; scale, shift (C,) float32."""
-        with _record("e2e_norm_act"):
-            self.lib.e2e_norm_act(x.C, x.D, x.H, x.W, x.P, x.base, x.cstride, scale.data_ptr(),
-                                  shift.data_ptr(), float(slope), self._threads(x.C * x.cstride))
 
     def convt(self, conv: CSRConvT, x: PaddedPlanar, out: PaddedPlanar, *, norm: LazyNorm | None = None,
               streaming: bool = False) -> None:

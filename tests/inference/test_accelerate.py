@@ -213,9 +213,14 @@ def _bands(gen: torch.Generator, n: int, size: int) -> tuple[torch.Tensor, torch
     return field + 0.1 * torch.randn(field.shape, generator=gen), labels
 
 
+@pytest.fixture(scope="module")
+def trained_like_model() -> torch.nn.Module:
+    return _trained_like_model()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_agrees_in_argmax_on_trained_like_weights(backend):
-    model = _trained_like_model()
+def test_bf16_agrees_in_argmax_on_trained_like_weights(backend, trained_like_model):
+    model = trained_like_model
     x, _ = _bands(torch.Generator().manual_seed(11), 1, 32)
     ref = _reference(model, x).argmax(1)
     out = accelerate(model, "bf16", backend=backend)(x)
@@ -318,6 +323,36 @@ def test_kernels_against_pytorch_on_odd_shapes():
     k.head(PaddedPlanar.from_dense(x), head_w, out, norm=norm)
     ref = torch.einsum("kc,cdhw->kdhw", head_w, norm.apply(x))
     assert float((out - ref).abs().max()) < 1e-5
+
+
+@needs_kernels
+def test_channels_last_kernels_against_pytorch():
+    """Shift (with depth stride and fused norm), statistics, norm + activation, CL → PP."""
+    k = KERNELS
+    torch.manual_seed(15)
+    x = torch.randn(6, 7, 5, 9).contiguous(memory_format=torch.channels_last)  # (D, C, H, W)
+    runs = torch.tensor([[0, 3, 1], [3, 5, 0], [5, 7, -1]], dtype=torch.int32)
+    scale, shift = torch.rand(7) + 0.5, torch.randn(7)
+    for stride in (1, 2):
+        d_out = (6 - 1) // stride + 1
+        out = k.cl_shift(x, runs, d_out, stride, scale, shift, 0.01)
+        ref = torch.zeros(d_out, 7, 5, 9)
+        act = F.leaky_relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), 0.01)
+        for c0, c1, delta in runs.tolist():
+            for d in range(d_out):
+                src = stride * d + delta
+                if 0 <= src < 6:
+                    ref[d, c0:c1] = act[src, c0:c1]
+        assert torch.allclose(out, ref, atol=1e-6)
+    stats = k.cl_stats(x)
+    assert torch.allclose(stats[:7], x.double().sum((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(stats[7:], (x.double() ** 2).sum((0, 2, 3)), atol=1e-4)
+    y = x.clone()
+    k.cl_norm_act(y, scale, shift, 0.01)
+    assert torch.allclose(y, F.leaky_relu(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), 0.01), atol=1e-6)
+    pp = k.cl_to_pp(x)
+    assert torch.equal(pp.interior, x.permute(1, 0, 2, 3))
+    assert float(pp.planes[:, :, 0].abs().max()) == 0.0 and float(pp.planes[:, :, :, 9:].abs().max()) == 0.0
 
 
 def test_kernels_can_be_disabled(monkeypatch):
