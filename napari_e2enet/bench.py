@@ -116,34 +116,35 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _build(name: str, size: int, precision: str, seed: int) -> _Candidate:
+def _predictor(name: str, precision: str, seed: int) -> tuple[Callable[[torch.Tensor], Any], str]:
+    """Candidate ``name`` as a (B, 1, D, H, W) -> (B, 16, D, H, W) callable, and its description."""
     from .inference.accelerate import accelerate
     from .models import create_model
 
     torch.manual_seed(seed)
-    x = torch.randn(1, 1, size, size, size)
 
-    def plain_fn(model: nn.Module, xx: torch.Tensor) -> Callable[[torch.Tensor], Any]:
-        def run(_: torch.Tensor) -> Any:
+    def eager(model: nn.Module, channels_last: bool = False) -> Callable[[torch.Tensor], Any]:
+        def run(x: torch.Tensor) -> Any:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last_3d)
             with _autocast(precision):
-                return model(xx)
+                return model(x)
+
         return run
 
     if name in ("plain", "plain_cl"):
         model = _plain_unet()
-        xx = x
         if name == "plain_cl":
             model = model.to(memory_format=torch.channels_last_3d)
-            xx = x.contiguous(memory_format=torch.channels_last_3d)
         desc = "nnU-Net PlainConvUNet" + (" (channels_last_3d)" if name == "plain_cl" else "")
-        return _Candidate(name, desc, plain_fn(model, xx), xx)
+        return eager(model, name == "plain_cl"), desc
     if name == "segresnet":
-        return _Candidate(name, "MONAI SegResNet(16)", plain_fn(_segresnet(), x), x)
+        return eager(_segresnet()), "MONAI SegResNet(16)"
     arch = "e2enet" if name.startswith("e2enet") else "e2enet_small"
     label = "E2ENet" if arch == "e2enet" else "E2ENet-small"
     if name.endswith("_dense"):
         model = create_model(arch, sparsity=0.9, seed=seed, num_classes=NUM_CLASSES).eval()
-        return _Candidate(name, f"{label} S=0.9 dense with zeros", plain_fn(model, x), x)
+        return eager(model), f"{label} S=0.9 dense with zeros"
     sparsity = 0.8 if "_s08" in name else 0.9
     model = create_model(arch, sparsity=sparsity, seed=seed, num_classes=NUM_CLASSES)
     blocks = ""
@@ -156,7 +157,14 @@ def _build(name: str, size: int, precision: str, seed: int) -> _Candidate:
     backend = "dense" if "_folded_" in name else "auto"
     fast = accelerate(model, precision, backend=backend)
     kind = "folded oneDNN, zeros kept" if backend == "dense" else f"fast ({fast.backend})"
-    return _Candidate(name, f"{label} S={sparsity} {kind}{blocks}", fast, x)
+    return fast, f"{label} S={sparsity} {kind}{blocks}"
+
+
+def _build(name: str, size: int, precision: str, seed: int) -> _Candidate:
+    torch.manual_seed(seed)
+    x = torch.randn(1, 1, size, size, size)
+    fn, desc = _predictor(name, precision, seed)
+    return _Candidate(name, desc, fn, x)
 
 
 def run_patch_benchmark(
@@ -220,6 +228,181 @@ def run_patch_benchmark(
     return results
 
 
+VOLUME_SHAPES = ((128, 256, 256), (300, 512, 512))
+VOLUME_MODELS = ("plain", "e2enet_fast_s09", "e2enet_fast_s08")
+TRAIN_MODELS = ("plain", "e2enet_s08", "small_s08")
+
+
+def _synthetic_volume(shape: Sequence[int]) -> torch.Tensor:
+    """A smooth (1, D, H, W) float32 test volume (content does not change the cost of a forward)."""
+    d, h, w = (int(v) for v in shape)
+    z = torch.arange(d, dtype=torch.float32).view(d, 1, 1)
+    y = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+    x = torch.arange(w, dtype=torch.float32).view(1, 1, w)
+    return (torch.sin(z / 7.0) + torch.cos(y / 11.0) * torch.sin(x / 13.0))[None].contiguous()
+
+
+def _volume_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Child process body: one whole-volume sliding window; its own peak RSS is the measurement."""
+    import resource
+
+    from .inference.sliding_window import sliding_window_argmax
+
+    torch.set_num_threads(int(spec["threads"]))
+    predictor, desc = _predictor(spec["model"], spec["precision"], int(spec["seed"]))
+    image = _synthetic_volume(spec["shape"])
+    with torch.inference_mode():
+        predictor(torch.zeros(1, 1, *([int(spec["patch"])] * 3)))  # warm-up (kernel builds) outside the clock
+    rss_ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    labels = sliding_window_argmax(image, predictor, patch=int(spec["patch"]), num_classes=NUM_CLASSES,
+                                   overlap=float(spec["overlap"]))
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return {"description": desc, "seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": rss_ready,
+            "labels_shape": list(labels.shape)}
+
+
+def run_volume_benchmark(
+    shapes: Sequence[Sequence[int]] = VOLUME_SHAPES,
+    models: Iterable[str] = VOLUME_MODELS,
+    *,
+    patch: int = 128,
+    overlap: float = 0.5,
+    precision: str = "fp32",
+    threads: int = 2,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Whole-volume inference through the project's sliding window (Gaussian, ``overlap``, float16
+    accumulation), one subprocess per (shape, model) so that each peak RSS is that run's alone.
+
+    Returns one dict per run: ``shape``, ``model``, ``description``, ``seconds``, ``peak_rss_mb``
+    (the process's maximum resident set, MiB, model and input included), ``rss_before_mb`` (after
+    building the model and the input), ``ratio_to_plain`` (time), or ``error``.
+    """
+    import subprocess
+
+    say = progress or (lambda _msg: None)
+    names = list(models)
+    results: list[dict[str, Any]] = []
+    for shape in shapes:
+        rows = []
+        for name in names:
+            spec = {"model": name, "shape": [int(v) for v in shape], "patch": patch, "overlap": overlap,
+                    "precision": precision, "threads": threads, "seed": seed}
+            say(f"volume {'x'.join(map(str, spec['shape']))}: {name}")
+            proc = subprocess.run([sys.executable, "-m", "napari_e2enet.bench", "--volume-worker", json.dumps(spec)],
+                                  capture_output=True, text=True, check=False)
+            row: dict[str, Any] = {"shape": spec["shape"], "model": name, "patch": patch, "overlap": overlap,
+                                   "precision": precision}
+            if proc.returncode == 0 and proc.stdout.strip():
+                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            else:
+                row["error"] = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            say(f"volume {'x'.join(map(str, spec['shape']))}: {name}: " + (
+                f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MiB" if "seconds" in row else row["error"]))
+            rows.append(row)
+        base = next((r["seconds"] for r in rows if r["model"] == "plain" and "seconds" in r), None)
+        for r in rows:
+            r["ratio_to_plain"] = r["seconds"] / base if base and "seconds" in r else None
+        results.extend(rows)
+    return results
+
+
+def _train_model(name: str, seed: int) -> tuple[nn.Module, float]:
+    import re
+
+    from .models import create_model
+
+    if name != "plain" and not re.fullmatch(r"(e2enet|small)_s\d", name):
+        raise ValueError(f"unknown training candidate {name!r}: plain, e2enet_sN or small_sN (S = N/10)")
+
+    torch.manual_seed(seed)
+    if name == "plain":
+        model = _plain_unet()
+        model.decoder.deep_supervision = True
+        return model.train(), 0.0
+    arch = "e2enet" if name.startswith("e2enet") else "e2enet_small"
+    sparsity = float(name.rsplit("_s", 1)[1]) / 10
+    return create_model(arch, sparsity=sparsity, seed=seed, num_classes=NUM_CLASSES).train(), sparsity
+
+
+def run_training_benchmark(
+    models: Iterable[str] = TRAIN_MODELS,
+    *,
+    patch: int = 64,
+    batch: int = 2,
+    iterations: int = 6,
+    run_length: int = 1000,
+    threads: int = 2,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Seconds per training iteration (forward, Dice + CE with deep supervision, backward, clip, SGD
+    step, mask re-application) on random (batch, 1, patch³) data, interleaved, median over
+    ``iterations`` after one warm-up; and the DSFF cost: re-applying the masks after every step plus
+    one topology update (prune + regrow) every ΔT iterations, ΔT being the default for a
+    ``run_length``-iteration run (``SparsityConfig.resolved_update_every``), as a % of training time.
+    """
+    from .config import SparsityConfig
+    from .sparse import DSFFUpdater
+    from .training.loop import train_step
+    from .training.losses import DeepSupervisionLoss
+
+    torch.set_num_threads(threads)
+    say = progress or (lambda _msg: None)
+    loss_fn = DeepSupervisionLoss()
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 1, patch, patch, patch, generator=gen)
+    target = torch.randint(0, NUM_CLASSES, (batch, 1, patch, patch, patch), generator=gen)
+    runs = []
+    for name in models:
+        model, sparsity = _train_model(name, seed)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.99, nesterov=True, weight_decay=3e-5)
+        updater = None
+        if sparsity > 0:
+            # ΔT = 1 here so every timed call of the updater is a full topology update.
+            updater = DSFFUpdater(model, opt, SparsityConfig(sparsity=sparsity, update_every=1), 10 * iterations,
+                                  seed=seed)
+        runs.append({"name": name, "model": model, "opt": opt, "updater": updater, "sparsity": sparsity,
+                     "step": [], "update": [], "apply": []})
+    for it in range(iterations + 1):
+        for run in runs:
+            t0 = time.perf_counter()
+            train_step(run["model"], run["opt"], loss_fn, images, target)
+            t1 = time.perf_counter()
+            if run["updater"] is not None:
+                run["updater"].apply()
+                t2 = time.perf_counter()
+                run["updater"].after_step(it + 1)  # re-applies the masks, then prunes and regrows
+                t3 = time.perf_counter()
+                if it:
+                    run["apply"].append(t2 - t1)
+                    run["update"].append(max(0.0, (t3 - t2) - (t2 - t1)))
+            if it:
+                run["step"].append(t1 - t0)
+        say(f"training {patch}^3 b{batch}: iteration {it}/{iterations} done" + (" (warm-up)" if not it else ""))
+    results = []
+    base = None
+    for run in runs:
+        step = statistics.median(run["step"])
+        row: dict[str, Any] = {"model": run["name"], "patch": patch, "batch": batch, "seconds_per_iteration": step,
+                               "params": sum(p.numel() for p in run["model"].parameters())}
+        if run["updater"] is not None:
+            every = SparsityConfig(sparsity=run["sparsity"]).resolved_update_every(run_length)
+            apply_s, update_s = statistics.median(run["apply"]), statistics.median(run["update"])
+            row.update({"mask_apply_s": apply_s, "topology_update_s": update_s, "update_every": every,
+                        "run_length": run_length,
+                        "dsff_percent": 100 * (apply_s + update_s / every) / (step + apply_s + update_s / every)})
+        if run["name"] == "plain":
+            base = step
+        results.append(row)
+    for row in results:
+        row["ratio_to_plain"] = row["seconds_per_iteration"] / base if base else None
+    return results
+
+
 def format_table(results: list[dict[str, Any]], machine: dict[str, Any] | None = None) -> str:
     """A plain-text table (one block per size and precision) and the machine line."""
     lines = []
@@ -245,6 +428,31 @@ def format_table(results: list[dict[str, Any]], machine: dict[str, Any] | None =
     return "\n".join(lines)
 
 
+def format_volume_table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        shape = "x".join(map(str, r["shape"]))
+        if "error" in r:
+            lines.append(f"  {shape:12s} {r['model']:18s} error: {r['error'][:80]}")
+            continue
+        ratio = f"{r['ratio_to_plain']:.2f}" if r.get("ratio_to_plain") is not None else "—"
+        lines.append(f"  {shape:12s} {r['model']:18s} {r['seconds']:9.1f} s {r['peak_rss_mb']:9.0f} MiB {ratio:>8s}")
+    head = (f"whole volume, sliding window {results[0]['patch']}^3, overlap {results[0]['overlap']}, "
+            f"{NUM_CLASSES} classes, {results[0]['precision']}" if results else "whole volume")
+    return "\n".join(["", head, f"  {'shape':12s} {'model':18s} {'time':>11s} {'peak RSS':>13s} {'× plain':>8s}", *lines])
+
+
+def format_training_table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        dsff = (f"{r['dsff_percent']:.2f} % (apply {r['mask_apply_s'] * 1e3:.1f} ms/it, update "
+                f"{r['topology_update_s'] * 1e3:.0f} ms every {r['update_every']} it)") if "dsff_percent" in r else "—"
+        ratio = f"{r['ratio_to_plain']:.2f}" if r.get("ratio_to_plain") is not None else "—"
+        lines.append(f"  {r['model']:12s} {r['params'] / 1e6:7.2f} M {r['seconds_per_iteration']:9.2f} {ratio:>8s}   {dsff}")
+    head = (f"training step, {results[0]['patch']}^3 batch {results[0]['batch']}, fp32 (median)" if results else "training")
+    return "\n".join(["", head, f"  {'model':12s} {'params':>9s} {'s/it':>9s} {'× plain':>8s}   DSFF cost", *lines])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
@@ -253,7 +461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=None, choices=list(MODELS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=str, default=None, help="also write the results to this file")
+    parser.add_argument("--volume-worker", help=argparse.SUPPRESS)  # internal: one whole-volume run (JSON spec)
     args = parser.parse_args(argv)
+    if args.volume_worker:
+        print(json.dumps(_volume_worker(json.loads(args.volume_worker))))
+        return 0
     torch.set_num_threads(args.threads)
     machine = machine_info()
     results = run_patch_benchmark(args.sizes, args.repeats, precisions=args.precisions, models=args.models,

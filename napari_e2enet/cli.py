@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._json import json_safe
 from .errors import InputError
@@ -463,32 +464,71 @@ _COMMANDS["demo"] = (_demo_args, _demo, "segment the bundled MRI sample with the
 
 # -- bench --------------------------------------------------------------------------------------
 def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parts", nargs="+", default=["patch", "volume", "train"], choices=["patch", "volume", "train"],
+                   help="what to measure: per-patch latency, whole volumes (time, peak RSS), training steps")
     p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="cubic patch sizes")
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per candidate")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--models", nargs="+", default=None, help="candidates (default: all; see napari_e2enet.bench)")
+    p.add_argument("--volume-shapes", nargs="+", default=["128x256x256", "300x512x512"], metavar="DxHxW")
+    p.add_argument("--volume-models", nargs="+", default=None, help="whole-volume candidates")
+    p.add_argument("--volume-patch", type=int, default=128, help="sliding-window tile (cube) for the volumes")
+    p.add_argument("--volume-overlap", type=float, default=0.5)
+    p.add_argument("--train-models", nargs="+", default=None, help="plain, e2enet_sNN, small_sNN (S = NN/10)")
+    p.add_argument("--train-patch", type=int, default=64)
+    p.add_argument("--train-batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print the machine line and results as one JSON object")
+
+
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"--volume-shapes: {text!r} is not DxHxW (e.g. 300x512x512)")
+    return shape  # type: ignore[return-value]
 
 
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
-    unknown = sorted(set(args.models or ()) - set(bench.MODELS))
+    unknown = sorted((set(args.models or ()) | set(args.volume_models or ())) - set(bench.MODELS))
     if unknown:
         raise InputError(f"unknown bench candidate(s) {unknown}; choose from {', '.join(bench.MODELS)}")
+    shapes = [_parse_shape(t) for t in args.volume_shapes]
+    say = lambda m: sys.stderr.write(m + "\n")  # noqa: E731
     machine = bench.machine_info()
-    results = bench.run_patch_benchmark(args.sizes, args.repeats, precisions=args.precisions, models=args.models,
-                                        threads=args.threads,
-                                        progress=lambda m: sys.stderr.write(m + "\n"))
-    if args.json:
-        emit_json(json_safe({"machine": machine, "results": results}))
+    out: dict[str, Any] = {"machine": machine}
+    text = []
+    if "patch" in args.parts:
+        out["results"] = bench.run_patch_benchmark(args.sizes, args.repeats, precisions=args.precisions,
+                                                   models=args.models, threads=args.threads, progress=say)
+        text.append(bench.format_table(out["results"], machine))
     else:
-        print(bench.format_table(results, machine))
+        text.append(bench.format_table([], machine))
+    if "volume" in args.parts:
+        out["volume"] = bench.run_volume_benchmark(shapes, args.volume_models or bench.VOLUME_MODELS,
+                                                   patch=args.volume_patch, overlap=args.volume_overlap,
+                                                   threads=args.threads, progress=say)
+        text.append(bench.format_volume_table(out["volume"]))
+    if "train" in args.parts:
+        try:
+            out["training"] = bench.run_training_benchmark(args.train_models or bench.TRAIN_MODELS,
+                                                           patch=args.train_patch, batch=args.train_batch,
+                                                           threads=args.threads, progress=say)
+        except ValueError as exc:
+            raise InputError(f"--train-models: {exc}") from None
+        text.append(bench.format_training_table(out["training"]))
+    if args.json:
+        emit_json(json_safe(out))
+    else:
+        print("\n".join(text))
     return 0
 
 
-_COMMANDS["bench"] = (_bench_args, _bench, "per-patch latency against nnU-Net's PlainConvUNet and MONAI's SegResNet")
+_COMMANDS["bench"] = (_bench_args, _bench, "latency, whole-volume memory and training speed against nnU-Net's PlainConvUNet")
 
 
 def build_parser() -> argparse.ArgumentParser:
