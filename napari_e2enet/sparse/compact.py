@@ -281,30 +281,21 @@ class BufferPool:
     every allocation above 32 MB to the OS on free. The fast path allocates the same sizes in the
     same order on every call for a given patch size, so keeping its buffers removes that cost
     after the first call. Not thread-safe: one pool per module, one forward at a time.
-
-    Best fit: a request takes the smallest free buffer that holds it, up to ``max_waste`` times
-    its size (a view of its first ``n`` floats), so the pool holds about as much as the forward's
-    peak of *simultaneously live* buffers. Keeping one buffer per exact size instead held 2.36 GB
-    at a 128³ patch of the paper E2ENet (S = 0.9) against a live peak near 2 GB: process peak
-    4.1 GB vs 2.6 GB without a pool (measured on the project's 2-core CPU).
     """
 
-    def __init__(self, max_waste: float = 4.0) -> None:
+    def __init__(self) -> None:
         self._free: dict[int, list[torch.Tensor]] = {}
         self.enabled = True
-        self.max_waste = float(max_waste)
 
     def take(self, n: int) -> torch.Tensor:
-        fits = [size for size, bufs in self._free.items() if bufs and n <= size <= n * self.max_waste]
-        if not fits:
-            return torch.empty(n, dtype=torch.float32)
-        buf = self._free[min(fits)].pop()
-        return buf if buf.numel() == n else buf[:n]
+        free = self._free.get(n)
+        if free:
+            return free.pop()
+        return torch.empty(n, dtype=torch.float32)
 
     def give(self, t: torch.Tensor) -> None:
         if self.enabled:
-            base = t if t._base is None else t._base  # a view handed out by take(): keep the whole buffer
-            self._free.setdefault(base.numel(), []).append(base)
+            self._free.setdefault(t.numel(), []).append(t)
 
     def clear(self) -> None:
         self._free.clear()
