@@ -1,6 +1,16 @@
-"""Per-patch latency of E2ENet (dense-with-zeros and the fast sparse path) against the peers.
+"""``napari-e2enet bench``: E2ENet against nnU-Net's PlainConvUNet on this machine (PERFORMANCE.md).
 
-One process, every candidate built once, warmed up once, then timed in interleaved rounds
+Three parts (``--parts patch volume train``):
+
+- **patch**: per-patch latency (below);
+- **volume**: whole-volume inference (``run_volume_benchmark``) through the project's sliding window
+  (Gaussian, overlap 0.5, float16 accumulation, 128³ tiles by default) on synthetic 128×256×256 and
+  300×512×512 volumes, 16 classes; one subprocess per run, so each peak RSS is that run's alone;
+- **train**: seconds per training iteration (``run_training_benchmark``: forward, Dice + CE with deep
+  supervision, backward, clip, SGD step) and DSFF's cost (mask re-application every step plus one
+  topology update every ΔT) as a share of training time.
+
+Per-patch latency: one process, every candidate built once, warmed up once, then timed in interleaved rounds
 (round r runs every candidate once, in the same order); the table reports medians and each
 median's ratio to nnU-Net's PlainConvUNet (contiguous) at the same size and precision. Batch 1,
 1 input channel, 16 classes, random weights (PERFORMANCE.md).
@@ -26,8 +36,8 @@ Usage::
     python benchmarks/patch_latency.py --sizes 64 128 --repeats 5 --precisions fp32 bf16
     python benchmarks/patch_latency.py --sizes 64 --models plain e2enet_fast_s09 --json out.json
 
-As functions: ``run_patch_benchmark(...) -> list[dict]``, ``machine_info() -> dict``,
-``format_table(results, machine) -> str``.
+As functions: ``run_patch_benchmark(...) -> list[dict]``, ``run_volume_benchmark(...)``,
+``run_training_benchmark(...)``, ``machine_info() -> dict``, ``format_table(results, machine) -> str``.
 """
 
 from __future__ import annotations
