@@ -233,7 +233,7 @@ def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = 
     the C kernels allow, a unit's norm + activation is fused into the copy that builds the next
     unit's shifted input (one pass instead of two); with ``lazy_last`` the last unit's output is
     returned raw with its affine (:class:`_Raw`) for the consumer to fuse as well."""
-    y = xin
+    y: torch.Tensor | None = None
     for idx, unit in enumerate(units):
         y = unit.conv(xin.to(unit.weight.dtype))
         nxt = units[idx + 1] if idx + 1 < len(units) else None
@@ -243,11 +243,24 @@ def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = 
         if nxt is not None and nxt._fast(y) and unit.kernels is not None:
             scale, shift = _affine(y, unit.gamma, unit.beta, unit.eps, unit.kernels)
             xin = nxt.input_from_raw(_Raw(y, scale, shift, unit.slope))
+            # drop this unit's output before the next conv allocates its own: at 48 × 128³ that
+            # is 384 MiB less at the encoder's peak
+            del y
             continue
         y = unit.norm_act(y)
         if nxt is not None:
             xin = nxt.input(y)
+            del y
     return y
+
+
+def _stage_input(first: _DenseUnit, h: torch.Tensor | _Raw) -> torch.Tensor:
+    """The shifted input of a stage's first unit from the previous stage's output."""
+    if isinstance(h, _Raw):
+        if first._fast(h.y):
+            return first.input_from_raw(h)
+        return first.input(_apply_raw(h).to(first.weight.dtype))
+    return first.input(h.to(first.weight.dtype))
 
 
 def _apply_raw(raw: _Raw) -> torch.Tensor:
@@ -650,15 +663,9 @@ class AcceleratedE2ENet(nn.Module):
             h = padded
         feats: list[torch.Tensor | _Raw] = []
         for stage in self._encoder:
-            first = stage[0]
-            if isinstance(h, _Raw):
-                if first._fast(h.y):
-                    xin = first.input_from_raw(h)
-                else:
-                    xin = first.input(_apply_raw(h).to(first.weight.dtype))
-            else:
-                xin = first.input(h.to(first.weight.dtype))
-            h = _run_units(stage, xin, lazy_last=lazy)
+            # the stage input is passed without a reference here, so _run_units frees it after
+            # its first conv (at level 1 it is a full-resolution tensor: 384 MiB at 48 × 128³)
+            h = _run_units(stage, _stage_input(stage[0], h), lazy_last=lazy)
             feats.append(h)
         return feats
 

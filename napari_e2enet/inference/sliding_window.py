@@ -187,7 +187,8 @@ def iter_sliding_window(
         image: (C, D, H, W) tensor (already normalised; a numpy array is wrapped), any device;
             not modified.
         predictor: maps (B, C, pd, ph, pw) to (B, K, pd, ph, pw) logits, e.g. a model in eval mode.
-            Called under ``torch.inference_mode()``.
+            Called under ``torch.inference_mode()``. Its output is consumed: a contiguous CPU
+            float32 result is weighted in place (so it must not be a tensor the predictor reuses).
         patch: tile size (pd, ph, pw) in voxels, or one int for a cube.
         num_classes: K, the number of output channels of ``predictor``.
         overlap: fraction of the patch shared by neighbouring tiles, in [0, 1), per axis or one.
@@ -266,9 +267,11 @@ def iter_sliding_window(
     peak_abs = 0.0
 
     labels_t = torch.from_numpy(labels)
-    # scratch for one batch of weighted logits, reused: fresh 100 MB allocations page-fault on CPU
-    scratch32 = torch.empty((tiles_per_batch, num_classes, *patch_size), dtype=torch.float32)
-    scratch_acc = scratch32 if accumulate_dtype == torch.float32 else scratch32.to(accumulate_dtype)
+    # Scratch for one batch of weighted logits, reused: fresh 100 MB allocations page-fault on CPU.
+    # A CPU float32 output is weighted in place instead (it is the predictor's fresh result), so
+    # the float32 scratch is only allocated for other outputs (128 MiB at 16 × 128³).
+    scratch32: torch.Tensor | None = None
+    scratch_acc: torch.Tensor | None = None
 
     def argmax_into(view: torch.Tensor, dst: torch.Tensor) -> None:
         # running max over classes: ~5x faster than ``view.argmax(0)`` (a strided reduction on
@@ -319,7 +322,11 @@ def iter_sliding_window(
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"predictor returned {got}, expected {expected}")
             nb = len(batch)
-            if out.device.type == "cpu":
+            if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
+                weighted = out.mul_(weights)
+            elif out.device.type == "cpu":
+                if scratch32 is None:
+                    scratch32 = torch.empty((tiles_per_batch, num_classes, *patch_size), dtype=torch.float32)
                 weighted = torch.mul(out, weights, out=scratch32[:nb])
             else:
                 weighted = (out.float() * weights).cpu()
@@ -329,6 +336,8 @@ def iter_sliding_window(
                 if peak_abs * max_overlap > _FP16_SAFE:
                     buf = buf.float()  # rare: logits too large for float16 sums, stay correct
             if buf.dtype != torch.float32:
+                if scratch_acc is None or scratch_acc.dtype != buf.dtype:
+                    scratch_acc = torch.empty((tiles_per_batch, num_classes, *patch_size), dtype=buf.dtype)
                 weighted = scratch_acc[:nb].copy_(weighted)
             for i, (d, h, w) in enumerate(batch):
                 (d0, d1), (h0, h1), (w0, w1) = image_range(0, d), image_range(1, h), image_range(2, w)
