@@ -144,6 +144,89 @@ def test_auto_backend_choice_and_buffer_reuse():
         assert float((fast(b) - rb).abs().max()) <= TOL
 
 
+@needs_kernels
+def test_planned_buffers_hold_less_and_leftover_values_do_not_leak():
+    """After the first call the pool lays its buffers out in one arena; a later call must give the
+    same logits even when the arena holds garbage (every kernel writes its whole output, halo
+    included), and the arena must be smaller than one buffer per size would be."""
+    model = create_model("e2enet_small", sparsity=0.9, seed=3)
+    x = torch.randn(1, 1, 32, 64, 64)
+    ref = _reference(model, x)
+    fast = accelerate(model, backend="sparse")
+    first = fast(x)
+    pool = fast._pool
+    assert pool.nbytes > 0
+    recorded = []  # what one buffer per size would keep: the most live at once, per size
+    pool.clear()
+    orig_take, orig_give = pool.take, pool.give
+    live: dict[int, int] = {}
+    peak: dict[int, int] = {}
+
+    def take(n):
+        t = orig_take(n)
+        live[n] = live.get(n, 0) + 1
+        peak[n] = max(peak.get(n, 0), live[n])
+        recorded.append(n)
+        return t
+
+    def give(t):
+        live[t.numel()] -= 1
+        orig_give(t)
+
+    pool.take, pool.give = take, give
+    fast(x)
+    pool.take, pool.give = orig_take, orig_give
+    per_size = 4 * sum(n * k for n, k in peak.items())
+    assert len(set(recorded)) > 1
+    assert 0 < pool.nbytes < per_size
+    pool._arena.fill_(float("nan"))
+    again = fast(x)
+    assert torch.equal(again, first)
+    assert float((again - ref).abs().max()) <= TOL
+
+
+def test_buffer_plan_never_overlaps_live_buffers():
+    gen = torch.Generator().manual_seed(0)
+    record = []
+    for step in range(60):  # random sizes and lifetimes
+        size = int(torch.randint(1, 500, (1,), generator=gen))
+        first = step * 2
+        last = first + 1 + int(torch.randint(0, 40, (1,), generator=gen))
+        record.append([size, first, last])
+    plan, total = compact._plan_offsets(record, 16)
+    assert [p[0] for p in plan] == [r[0] for r in record]
+    for (size_a, off_a), (_, fa, la) in zip(plan, record, strict=True):
+        assert off_a % 16 == 0 and off_a + size_a <= total
+        for (size_b, off_b), (_, fb, lb) in zip(plan, record, strict=True):
+            if (off_a, fa) != (off_b, fb) and fa < lb and fb < la:  # alive together
+                assert off_a + size_a <= off_b or off_b + size_b <= off_a
+    peak_live = max(sum(-(-r[0] // 16) * 16 for r in record if r[1] <= t < r[2]) for t in range(200))
+    assert peak_live <= total <= sum(-(-r[0] // 16) * 16 for r in record)
+    assert compact._plan_offsets(record, 16) == (plan, total)
+
+
+def test_buffer_pool_records_again_when_a_call_departs_from_the_plan():
+    pool = compact.BufferPool()
+    pool.begin()
+    a, b = pool.take(64), pool.take(32)
+    pool.give(a)
+    c = pool.take(48)  # may share a's memory in the plan
+    pool.give(b)
+    pool.give(c)
+    pool.end()
+    assert pool.nbytes >= 4 * (64 + 32)
+    pool.begin()
+    a2, b2 = pool.take(64), pool.take(32)
+    arena = pool._arena
+    assert a2.data_ptr() >= arena.data_ptr() and b2.data_ptr() >= arena.data_ptr()
+    odd = pool.take(1000)  # not in the plan: fresh memory, and the plan is dropped at the end
+    assert not (arena.data_ptr() <= odd.data_ptr() < arena.data_ptr() + 4 * arena.numel())
+    pool.end()
+    assert pool.nbytes == 0
+    outside = pool.take(16)  # outside begin/end: always fresh memory
+    assert outside.numel() == 16 and pool.nbytes == 0
+
+
 def test_model_is_not_modified_and_later_changes_are_not_seen():
     torch.manual_seed(8)
     model = create_model("e2enet_small", sparsity=0.8, seed=8).train()
