@@ -3,9 +3,10 @@
 Why not MONAI's ``sliding_window_inference``: it allocates the blended output for the whole
 volume, (K, D, H, W) float32 plus a count map — 5 GB for a 300×512×512 CT with 16 classes — before
 the argmax. Here memory is bounded by the patch and one slab of the volume: tiles are visited slab
-by slab along D, weighted logits are accumulated only for the D-slices that a future tile can still
-touch (a ring buffer of ``K × R × H × W`` with R ≈ patch depth), and slices are arg-maxed into the
-label volume and recycled as soon as no remaining tile covers them.
+by slab along D (then along H), weighted logits are accumulated only in cells (a block of D slices
+× a band of H rows × all of W, cut at the tile borders) that a future tile can still touch, and a
+cell is arg-maxed into the label volume and freed as soon as no remaining tile covers it — about
+(pd − stride) × (H + ph) × W voxels × K open at a time, less than one patch-deep slab.
 
 Blending: logits are weighted by a Gaussian importance map (σ = patch · ``sigma_scale``, centred,
 floor ``max(min, 1e-3)`` — MONAI's ``compute_importance_map``) and summed. The division by the
@@ -33,6 +34,7 @@ or simply ``labels = sliding_window_argmax(image, model, patch=..., num_classes=
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -85,14 +87,17 @@ class SlidingWindowResult:
     Attributes:
         labels: (D, H, W) argmax labels, uint8 (int16 when num_classes > 256).
         num_tiles: tiles blended.
-        buffer_shape: (K, R, H, W) of the open-slab accumulation buffer (R: slices kept open).
-        accumulate_dtype: the dtype the buffer ended in (float16 may be promoted to float32).
+        buffer_shape: (K, R, H, W): the accumulation never covered more than a slab of R slices
+            at one time (it holds less: only the open cells of that slab).
+        accumulate_dtype: the dtype the accumulation ended in (float16 may be promoted to float32).
+        peak_open_bytes: the most bytes of accumulation held at one time.
     """
 
     labels: np.ndarray
     num_tiles: int
     buffer_shape: tuple[int, ...]
     accumulate_dtype: torch.dtype
+    peak_open_bytes: int = 0
 
 
 class SlidingWindowCancelled(RuntimeError):
@@ -155,18 +160,6 @@ def gaussian_importance_map(
     return weights.clamp_(min=floor)
 
 
-def _ring_segments(start: int, stop: int, size: int) -> list[tuple[int, int, int]]:
-    """Split volume rows [start, stop) into contiguous ring pieces: (ring_start, offset, length)."""
-    out = []
-    pos = start
-    while pos < stop:
-        r0 = pos % size
-        n = min(stop - pos, size - r0)
-        out.append((r0, pos - start, n))
-        pos += n
-    return out
-
-
 def iter_sliding_window(
     image: torch.Tensor,
     predictor: Predictor,
@@ -208,9 +201,9 @@ def iter_sliding_window(
         one ``SlidingWindowResult`` as the last item. When ``stop`` is set the generator simply
         ends (the project's convention for long work): no result means cancelled.
 
-    Peak memory: the input, the uint8 labels (D·H·W bytes), the buffer ``K × R × H × W`` in
-    ``accumulate_dtype`` with R ≤ pd + (span of tile starts inside one batch), and one batch of
-    logits — independent of the volume depth D.
+    Peak memory: the input, the uint8 labels (D·H·W bytes), the open cells in ``accumulate_dtype``
+    (within a slab ``K × R × H × W``, R ≤ pd + the span of tile starts inside one batch; see
+    ``SlidingWindowResult.peak_open_bytes``), and one batch of logits — independent of D.
     """
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(image)
@@ -227,7 +220,7 @@ def iter_sliding_window(
         raise ValueError(f"patch must be positive, got {patch!r}")
     overlaps = _triple(overlap, "overlap", float)
     shape = tuple(int(s) for s in image.shape[1:])
-    D, H, W = shape
+    _, H, W = shape
     if min(shape) < 1:
         raise ValueError(f"image has an empty spatial axis: {tuple(image.shape)}")
     device = torch.device(device) if device is not None else image.device
@@ -244,25 +237,48 @@ def iter_sliding_window(
         a = start - pad_before[axis]
         return max(a, 0), min(a + patch_size[axis], shape[axis])
 
-    # rows kept open: from the first row a batch may touch (all earlier rows are final) to its end
-    ring = 1
-    for batch in batches:
-        lo = image_range(0, batch[0][0])[0]
-        ring = max(ring, max(image_range(0, t[0])[1] for t in batch) - lo)
-    ring = min(ring, D)
+    # Open cells. D and H are cut at every tile border (image coordinates); a cell is one D block ×
+    # one H band × all of W. It is allocated (zeros) when a batch first touches it and arg-maxed
+    # into the labels once the last batch touching it is blended. Tiles go D-major, then H, so the
+    # open cells are the part of the current tile row that the next row overlaps (all of H) plus
+    # the bands of the current row not yet passed: about (pd - stride) × (H + ph) × W voxels,
+    # where one D-ring of the patch depth held pd × H × W (measured at 300×512×512, 16 classes,
+    # 128³, float16: 640 instead of 1024 MiB). Cells are not recycled: ~140 allocations of
+    # ≤ 64 MiB per such volume cost ~0.5 % of the run, a pool of shapes would hold more memory.
+    cuts = []
+    for axis in (0, 1):
+        edges = {0, shape[axis]}
+        for st in starts[axis]:
+            edges.update(image_range(axis, st))
+        cuts.append(sorted(edges))
+
+    def cell_span(axis: int, lo: int, hi: int) -> range:
+        return range(bisect.bisect_left(cuts[axis], lo), bisect.bisect_left(cuts[axis], hi))
+
+    last_batch: dict[tuple[int, int], int] = {}
+    for bi, batch in enumerate(batches):
+        for d, h, _ in batch:
+            for i in cell_span(0, *image_range(0, d)):
+                for j in cell_span(1, *image_range(1, h)):
+                    last_batch[(i, j)] = bi
+    closing: dict[int, list[tuple[int, int]]] = {}
+    for key, bi in last_batch.items():
+        closing.setdefault(bi, []).append(key)
     max_overlap = 1
     for axis, st in enumerate(starts):
         cover = np.zeros(shape[axis], dtype=np.int64)
-        for s in st:
-            a, b = image_range(axis, s)
+        for s0 in st:
+            a, b = image_range(axis, s0)
             cover[a:b] += 1
         max_overlap *= int(cover.max())
 
     label_dtype = np.uint8 if num_classes <= 256 else np.int16
     labels = np.zeros(shape, dtype=label_dtype)
-    buf = torch.zeros((num_classes, ring, H, W), dtype=accumulate_dtype)
+    cells: dict[tuple[int, int], torch.Tensor] = {}
+    acc_dtype = accumulate_dtype
+    open_bytes = peak_open_bytes = 0
+    open_span = 0  # most D slices spanned by the open cells at one time (for buffer_shape)
     weights = gaussian_importance_map(patch_size, sigma_scale).to(device)
-    finalized = 0  # rows [0, finalized) of ``labels`` are final and out of the buffer
     done = 0
     peak_abs = 0.0
 
@@ -283,17 +299,28 @@ def iter_sliding_window(
             torch.maximum(best, view[k], out=best)
             dst.masked_fill_(better, k)
 
-    def finalize(upto: int) -> None:
-        nonlocal finalized
-        rows_per_chunk = max(1, _FINALIZE_CHUNK_VOXELS // (H * W))
-        for r0, offset, n in _ring_segments(finalized, upto, ring):
-            for c in range(0, n, rows_per_chunk):
-                m = min(rows_per_chunk, n - c)
-                view = buf[:, r0 + c : r0 + c + m]
-                v0 = finalized + offset + c
-                argmax_into(view, labels_t[v0 : v0 + m])
-                view.zero_()
-        finalized = upto
+    def cell(i: int, j: int) -> torch.Tensor:
+        nonlocal open_bytes, peak_open_bytes, open_span
+        found = cells.get((i, j))
+        if found is None:
+            rows, band = cuts[0][i + 1] - cuts[0][i], cuts[1][j + 1] - cuts[1][j]
+            found = cells[(i, j)] = torch.zeros((num_classes, rows, band, W), dtype=acc_dtype)
+            open_bytes += found.numel() * found.element_size()
+            peak_open_bytes = max(peak_open_bytes, open_bytes)
+            blocks = [k[0] for k in cells]
+            open_span = max(open_span, cuts[0][max(blocks) + 1] - cuts[0][min(blocks)])
+        return found
+
+    def finalize(key: tuple[int, int]) -> None:
+        nonlocal open_bytes
+        i, j = key
+        acc = cells.pop(key)
+        open_bytes -= acc.numel() * acc.element_size()
+        d0, h0, h1 = cuts[0][i], cuts[1][j], cuts[1][j + 1]
+        rows_per_chunk = max(1, _FINALIZE_CHUNK_VOXELS // (acc.shape[2] * W))
+        for c in range(0, acc.shape[1], rows_per_chunk):
+            m = min(rows_per_chunk, acc.shape[1] - c)
+            argmax_into(acc[:, c : c + m], labels_t[d0 + c : d0 + c + m, h0:h1])
 
     for bi, batch in enumerate(batches):
         if stop is not None and stop.is_set():
@@ -330,28 +357,37 @@ def iter_sliding_window(
                 weighted = torch.mul(out, weights, out=scratch32[:nb])
             else:
                 weighted = (out.float() * weights).cpu()
-            if buf.dtype == torch.float16:
+            if acc_dtype == torch.float16:
                 lo_v, hi_v = torch.aminmax(weighted)
                 peak_abs = max(peak_abs, -float(lo_v), float(hi_v))
-                if peak_abs * max_overlap > _FP16_SAFE:
-                    buf = buf.float()  # rare: logits too large for float16 sums, stay correct
-            if buf.dtype != torch.float32:
-                if scratch_acc is None or scratch_acc.dtype != buf.dtype:
-                    scratch_acc = torch.empty((tiles_per_batch, num_classes, *patch_size), dtype=buf.dtype)
+                if peak_abs * max_overlap > _FP16_SAFE:  # rare: logits too large for float16 sums
+                    acc_dtype = torch.float32
+                    for key in list(cells):
+                        open_bytes += cells[key].numel() * 2
+                        cells[key] = cells[key].float()
+                    peak_open_bytes = max(peak_open_bytes, open_bytes)
+            if acc_dtype != torch.float32:
+                if scratch_acc is None or scratch_acc.dtype != acc_dtype:
+                    scratch_acc = torch.empty((tiles_per_batch, num_classes, *patch_size), dtype=acc_dtype)
                 weighted = scratch_acc[:nb].copy_(weighted)
-            for i, (d, h, w) in enumerate(batch):
+            for t, (d, h, w) in enumerate(batch):
                 (d0, d1), (h0, h1), (w0, w1) = image_range(0, d), image_range(1, h), image_range(2, w)
                 od, oh, ow = d0 - (d - pad_before[0]), h0 - (h - pad_before[1]), w0 - (w - pad_before[2])
-                src = weighted[i, :, :, oh : oh + h1 - h0, ow : ow + w1 - w0]
-                for r0, offset, n in _ring_segments(d0, d1, ring):
-                    buf[:, r0 : r0 + n, h0:h1, w0:w1] += src[:, od + offset : od + offset + n]
+                for i in cell_span(0, d0, d1):
+                    c0, c1 = cuts[0][i], cuts[0][i + 1]
+                    for j in cell_span(1, h0, h1):
+                        b0, b1 = cuts[1][j], cuts[1][j + 1]
+                        cell(i, j)[:, :, :, w0:w1] += weighted[
+                            t, :, od + c0 - d0 : od + c1 - d0, oh + b0 - h0 : oh + b1 - h0, ow : ow + w1 - w0
+                        ]
             del out, x, tensors, weighted
-            nxt = image_range(0, batches[bi + 1][0][0])[0] if bi + 1 < len(batches) else D
-            finalize(nxt)
+            for key in closing.get(bi, ()):
+                finalize(key)
         done += len(batch)
         yield TileProgress(done, total)
 
-    yield SlidingWindowResult(labels, done, tuple(buf.shape), buf.dtype)
+    yield SlidingWindowResult(labels, done, (num_classes, open_span, H, W), acc_dtype,
+                              peak_open_bytes)
 
 
 def sliding_window_argmax(

@@ -175,6 +175,19 @@ def test_streaming_equals_dense_blending_and_memory_is_a_slab(tiles_per_batch):
     assert rows <= patch[0] + (6 if tiles_per_batch > 1 else 0) < 46
 
 
+def test_open_cells_hold_less_than_a_patch_deep_slab():
+    """Cells are finalised band by band along H: with many tiles across H the accumulation holds
+    about (pd - stride) × (H + ph) × W voxels, not pd × H × W, and the labels do not change."""
+    image = smooth_image((40, 72, 20))
+    net = random_conv(1, 3, layers=2)
+    patch = (12, 12, 12)
+    _, result = run(image, net, patch=patch, num_classes=3, accumulate_dtype=torch.float32)
+    assert (result.labels == dense_reference(image, net, patch, 3, "nnunet")).mean() > 0.9999
+    slab = 3 * patch[0] * 72 * 20 * 4  # K × pd × H × W float32: a ring one patch deep
+    assert 0 < result.peak_open_bytes < 0.75 * slab
+    assert result.buffer_shape[1] <= patch[0]
+
+
 def test_agrees_with_monai_sliding_window_inference():
     from monai.inferers import sliding_window_inference
 
