@@ -16,22 +16,12 @@ import time
 
 import numpy as np
 import torch
-from train_phantoms import evaluate  # same folder
+from train_phantoms import evaluate, plain_conv_unet  # same folder
 
 from napari_e2enet import create_model
 from napari_e2enet.data import PatchSampler, fingerprint, phantom_dataset, preprocess, preprocess_labels
 from napari_e2enet.training.loop import poly_lr, train_step
 from napari_e2enet.training.losses import DeepSupervisionLoss
-
-
-def plain_conv_unet(widths: tuple[int, ...], num_classes: int) -> torch.nn.Module:
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    n = len(widths)
-    return PlainConvUNet(
-        1, n, list(widths), torch.nn.Conv3d, 3, [1] + [2] * (n - 1), [2] * n, num_classes, [2] * (n - 1),
-        conv_bias=True, norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)  # fmt: skip
 
 
 def build(name: str, num_classes: int) -> torch.nn.Module:
@@ -43,9 +33,9 @@ def build(name: str, num_classes: int) -> torch.nn.Module:
     if name == "small_k333":
         return create_model("e2enet_small", num_classes=num_classes, sparsity=0, kernel=(3, 3, 3), depth_shift=False)
     if name == "plain16":
-        return plain_conv_unet((16, 32, 64, 128, 192), num_classes)
+        return plain_conv_unet(1, num_classes, 5, [16, 32, 64, 128, 192])
     if name == "plain32":
-        return plain_conv_unet((32, 64, 128, 256, 320), num_classes)
+        return plain_conv_unet(1, num_classes, 5)
     raise SystemExit(f"unknown model {name!r} (small, small_k333, plain16, plain32)")
 
 

@@ -32,11 +32,12 @@ from napari_e2enet.training.loop import poly_lr, train_step
 from napari_e2enet.training.losses import DeepSupervisionLoss
 
 
-def plain_conv_unet(in_channels: int, num_classes: int, stages: int) -> torch.nn.Module:
-    """nnU-Net's default 3d_fullres network (features 32 .. 320, 3x3x3, two convs per stage)."""
+def plain_conv_unet(in_channels: int, num_classes: int, stages: int,
+                    features: list[int] | None = None) -> torch.nn.Module:
+    """nnU-Net's default 3d_fullres network (features 32 .. 320 unless given, 3x3x3, two convs per stage)."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-    features = [min(32 * 2**i, 320) for i in range(stages)]
+    features = features or [min(32 * 2**i, 320) for i in range(stages)]
     return PlainConvUNet(
         in_channels, stages, features, torch.nn.Conv3d, 3, [1] + [2] * (stages - 1), [2] * stages, num_classes,
         [2] * (stages - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,

@@ -537,16 +537,17 @@ class _SparseNode:
     units: list[_SparseUnit]
 
     def __call__(self, k: Kernels, fwd: _Act, deeper: _Act, shallower: _Act | None, pool: BufferPool, *,
-                 last_reader_of_fwd: bool = False) -> _Act:
-        """The node's output. ``deeper`` is released once up-sampled (the decoder runs a stage
-        deepest node first, so this node is its last reader); ``fwd`` too after the first unit
-        when ``last_reader_of_fwd``. Fewer full-resolution buffers are then live at once."""
+                 last_reader_of_deeper: bool = False, last_reader_of_fwd: bool = False) -> _Act:
+        """The node's output. The caller says which inputs this node reads last: ``deeper`` is
+        then released once up-sampled and ``fwd`` after the first unit, so fewer
+        full-resolution buffers are live at once."""
         kd, kh, kw = self.up.kernel
         d = deeper.t
         up = PaddedPlanar(max(1, self.up.out_channels), d.D * kd, d.H * kh, d.W * kw, pool=pool)
         if self.up.out_channels:
             k.convt(self.up, d, up, norm=deeper.norm, streaming=up.cstride * up.C * 4 > _STREAM_BYTES)
-        deeper.release()
+        if last_reader_of_deeper:
+            deeper.release()
         ptrs = [fwd.t.channel_ptrs()]
         norms = [_read_norm(fwd)]
         ptrs.append(torch.where(self.up_map >= 0, up.base + self.up_map.clamp_min(0) * (4 * up.cstride),
@@ -710,7 +711,7 @@ class AcceleratedE2ENet(nn.Module):
             # peak: 440 MiB at 48 × 128³). Nodes of one stage are independent: same result.
             for i in reversed(range(self._levels - j)):
                 cur[i] = self._sparse_nodes[(i, j)](k, prev[i], prev[i + 1], prev[i - 1] if i > 0 else None, pool,
-                                                    last_reader_of_fwd=i == 0)
+                                                    last_reader_of_deeper=True, last_reader_of_fwd=i == 0)
             for act in prev.values():
                 act.release()  # idempotent: all were released above
             prev = cur
