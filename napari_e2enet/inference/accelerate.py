@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,7 @@ __all__ = ["AcceleratedE2ENet", "accelerate", "bf16_native"]
 Triple = tuple[int, int, int]
 _CL = torch.channels_last
 _STREAM_BYTES = 16 << 20  # outputs larger than this are written with streaming stores
+_CONV_PIECE_BYTES = 32 << 20  # pooled dense conv outputs are computed this many bytes at a time
 SPARSE_DENSITY_THRESHOLD = 0.5  # mean masked-layer density below which "auto" picks the kernels
 
 
@@ -184,14 +185,21 @@ class _DenseUnit:
     def _fast(self, x: torch.Tensor) -> bool:
         return self.kernels is not None and self.same_channels and x.dtype == torch.float32
 
-    def input(self, x: torch.Tensor) -> torch.Tensor:
-        """The conv's input: x depth-shifted (and depth-strided, channel-compacted)."""
+    def pooled_input(self, x: torch.Tensor, pool: BufferPool | None) -> bool:
+        """Whether :meth:`input` (or :meth:`input_from_raw`) of x builds its result in ``pool``
+        (the caller then gives it back once the conv has read it)."""
+        return pool is not None and not self.identity_input and self._fast(x)
+
+    def input(self, x: torch.Tensor, pool: BufferPool | None = None) -> torch.Tensor:
+        """The conv's input: x depth-shifted (and depth-strided, channel-compacted); built in
+        ``pool`` where :meth:`pooled_input` says so."""
         if self.identity_input:
             return x
         sd = self.stride[0]
         d_out = (x.shape[0] - 1) // sd + 1
         if self._fast(x):
-            return self.kernels.cl_shift(x, self.run_table, d_out, sd)  # type: ignore[union-attr]
+            out = _pooled_cl(pool, (d_out, x.shape[1], x.shape[2], x.shape[3])) if pool is not None else None
+            return self.kernels.cl_shift(x, self.run_table, d_out, sd, out=out)  # type: ignore[union-attr]
         with torch.profiler.record_function("e2e_shift_copy"):
             buf = torch.empty((d_out, self.weight.shape[1], x.shape[2], x.shape[3]), dtype=x.dtype,
                               memory_format=_CL)
@@ -199,17 +207,32 @@ class _DenseUnit:
                 _copy_shifted(buf, x, run, sd)
             return buf
 
-    def input_from_raw(self, raw: _Raw) -> torch.Tensor:
+    def input_from_raw(self, raw: _Raw, pool: BufferPool | None = None) -> torch.Tensor:
         """The conv's input built from a raw predecessor: its norm + activation fused into the
-        shift copy (C kernel; requires :meth:`_fast`)."""
+        shift copy (C kernel; requires :meth:`_fast`), in ``pool`` if given."""
         sd = self.stride[0]
-        d_out = (raw.y.shape[0] - 1) // sd + 1
+        d, c, h, w = raw.y.shape
+        d_out = (d - 1) // sd + 1
+        out = _pooled_cl(pool, (d_out, c, h, w)) if pool is not None else None
         return self.kernels.cl_shift(raw.y, self.run_table, d_out, sd, raw.scale, raw.shift,  # type: ignore[union-attr]
-                                     raw.slope)
+                                     raw.slope, out=out)
 
-    def conv(self, xin: torch.Tensor) -> torch.Tensor:
-        y = F.conv2d(xin, self.weight, None, self.stride[1:], self.padding)
-        return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
+    def conv(self, xin: torch.Tensor, pool: BufferPool | None = None) -> torch.Tensor:
+        """The raw conv output (D, O, H', W') channels_last. With ``pool`` (float32) it is written
+        into a buffer of the pool a few slices at a time (the caller gives it back): oneDNN has no
+        output argument, and the whole output allocated by PyTorch at full resolution (384 MiB
+        at 48 × 128³) would sit next to the arena at the encoder's peak."""
+        if pool is None or xin.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            y = F.conv2d(xin, self.weight, None, self.stride[1:], self.padding)
+            return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
+        d, _, h, w = xin.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.weight.shape[2:], self.stride[1:], self.padding
+        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+        out = _pooled_cl(pool, (d, self.weight.shape[0], ho, wo))
+        step = max(1, _CONV_PIECE_BYTES // max(1, 4 * self.weight.shape[0] * ho * wo))
+        for d0 in range(0, d, step):
+            out[d0:d0 + step].copy_(F.conv2d(xin[d0:d0 + step], self.weight, None, self.stride[1:], self.padding))
+        return out
 
     def norm_act(self, y: torch.Tensor) -> torch.Tensor:
         return _instance_norm_act(y, self.gamma, self.beta, self.eps, self.slope, self.kernels)
@@ -226,41 +249,71 @@ class _Raw:
     scale: torch.Tensor
     shift: torch.Tensor
     slope: float
+    pooled: bool = False  # y is a buffer of the fast path's pool: give it back once read
 
 
-def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = False) -> torch.Tensor | _Raw:
+def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = False,
+               pool: BufferPool | None = None, xin_pooled: bool = False) -> torch.Tensor | _Raw:
     """Apply a chain of conv units to the first unit's (already shifted) input ``xin``. Where
     the C kernels allow, a unit's norm + activation is fused into the copy that builds the next
     unit's shifted input (one pass instead of two); with ``lazy_last`` the last unit's output is
-    returned raw with its affine (:class:`_Raw`) for the consumer to fuse as well."""
+    returned raw with its affine (:class:`_Raw`) for the consumer to fuse as well. With ``pool``
+    the shifted inputs are built in the pool's arena and given back after their conv
+    (``xin_pooled``: the first one came from it too)."""
     y: torch.Tensor | None = None
     for idx, unit in enumerate(units):
-        y = unit.conv(xin.to(unit.weight.dtype))
         nxt = units[idx + 1] if idx + 1 < len(units) else None
+        # conv outputs go to the pool only where they are read back through the kernels (the
+        # next unit's shifted copy, or a raw result the caller converts and gives back)
+        raw_path = unit.kernels is not None and (nxt is not None or lazy_last)
+        y_pool = pool if raw_path else None
+        y = unit.conv(xin.to(unit.weight.dtype), y_pool)
+        y_pooled = y_pool is not None and y.dtype == torch.float32
+        if xin_pooled:
+            pool.give(xin)  # type: ignore[union-attr]
         if nxt is None and lazy_last and unit.kernels is not None and y.dtype == torch.float32:
             scale, shift = _affine(y, unit.gamma, unit.beta, unit.eps, unit.kernels)
-            return _Raw(y, scale, shift, unit.slope)
+            return _Raw(y, scale, shift, unit.slope, pooled=y_pooled)
         if nxt is not None and nxt._fast(y) and unit.kernels is not None:
             scale, shift = _affine(y, unit.gamma, unit.beta, unit.eps, unit.kernels)
-            xin = nxt.input_from_raw(_Raw(y, scale, shift, unit.slope))
-            # drop this unit's output before the next conv allocates its own: at 48 × 128³ that
-            # is 384 MiB less at the encoder's peak
-            del y
-            continue
-        y = unit.norm_act(y)
-        if nxt is not None:
-            xin = nxt.input(y)
-            del y
+            xin_pooled = pool is not None
+            xin = nxt.input_from_raw(_Raw(y, scale, shift, unit.slope), pool)
+        else:
+            y = unit.norm_act(y)  # in place for a float32 channels_last y with kernels
+            if nxt is None:
+                if y_pooled:  # not expected (a pooled output is read back raw): hand out a copy
+                    out = y.clone(memory_format=_CL)
+                    pool.give(y)  # type: ignore[union-attr]
+                    return out
+                return y
+            xin_pooled = nxt.pooled_input(y, pool)
+            xin = nxt.input(y, pool if xin_pooled else None)
+        # drop this unit's output before the next conv allocates its own: at 48 × 128³ that
+        # is 384 MiB less at the encoder's peak
+        if y_pooled:
+            pool.give(y)  # type: ignore[union-attr]
+        del y
     return y
 
 
-def _stage_input(first: _DenseUnit, h: torch.Tensor | _Raw) -> torch.Tensor:
-    """The shifted input of a stage's first unit from the previous stage's output."""
+def _stage_input(first: _DenseUnit, h: torch.Tensor | _Raw,
+                 pool: BufferPool | None = None) -> tuple[torch.Tensor, bool]:
+    """The shifted input of a stage's first unit from the previous stage's output, and whether
+    it was built in ``pool``."""
     if isinstance(h, _Raw):
         if first._fast(h.y):
-            return first.input_from_raw(h)
-        return first.input(_apply_raw(h).to(first.weight.dtype))
-    return first.input(h.to(first.weight.dtype))
+            return first.input_from_raw(h, pool), pool is not None
+        h = _apply_raw(h)
+    h = h.to(first.weight.dtype)
+    pooled = first.pooled_input(h, pool)
+    return first.input(h, pool if pooled else None), pooled
+
+
+def _pooled_cl(pool: BufferPool, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """A (D, C, H, W) float32 channels_last tensor on a buffer of ``pool`` (give it back with
+    ``pool.give``; its data pointer is the buffer's)."""
+    d, c, h, w = shape
+    return pool.take(d * c * h * w).view(d, h, w, c).permute(0, 3, 1, 2)
 
 
 def _apply_raw(raw: _Raw) -> torch.Tensor:
@@ -498,14 +551,18 @@ class _SparseUnit:
     eps: float
     slope: float
 
-    def run(self, k: Kernels, channel_ptrs: torch.Tensor, norm: LazyNorm | None, like: PaddedPlanar,
-            pool: BufferPool) -> _Act:
-        """Raw conv output + the lazy InstanceNorm/LeakyReLU its consumers apply on load."""
+    def run(self, k: Kernels, channel_ptrs: torch.Tensor | Iterator[tuple[int, int, torch.Tensor]],
+            norm: LazyNorm | None, like: PaddedPlanar, pool: BufferPool) -> _Act:
+        """Raw conv output + the lazy InstanceNorm/LeakyReLU its consumers apply on load.
+        ``channel_ptrs``: the input channels' addresses, or depth pieces (d0, d1, addresses) that
+        together cover all output slices (an input computed piece by piece, see _SparseNode)."""
         o = self.conv.out_channels
         out = PaddedPlanar(o, like.D, like.H, like.W, pool=pool)
         stats = torch.zeros(2 * o, dtype=torch.float64)
-        k.sconv133(self.conv, channel_ptrs, self.dshift, out, stats, norm=norm,
-                   streaming=out.cstride * o * 4 > _STREAM_BYTES)
+        pieces = [(0, like.D, channel_ptrs)] if isinstance(channel_ptrs, torch.Tensor) else channel_ptrs
+        for d0, d1, ptrs in pieces:
+            k.sconv133(self.conv, ptrs, self.dshift, out, stats, norm=norm,
+                       streaming=out.cstride * o * 4 > _STREAM_BYTES, depth_range=(d0, d1))
         n = like.D * like.H * like.W
         mean = stats[:o] / n
         var = (stats[o:] / n - mean * mean).clamp_min_(0.0)
@@ -543,15 +600,34 @@ class _SparseNode:
         full-resolution buffers are live at once."""
         kd, kh, kw = self.up.kernel
         d = deeper.t
-        up = PaddedPlanar(max(1, self.up.out_channels), d.D * kd, d.H * kh, d.W * kw, pool=pool)
-        if self.up.out_channels:
-            k.convt(self.up, d, up, norm=deeper.norm, streaming=up.cstride * up.C * 4 > _STREAM_BYTES)
-        if last_reader_of_deeper:
-            deeper.release()
+        depth = d.D * kd
+        # The up-sampled input is computed in depth pieces just before the conv reads them, so
+        # only a piece of it is held (at level 0 of the paper network: 20 of 128 slices, 70 MiB
+        # instead of 440 MiB at 48 × 128³). A piece of output slices [d0, d1) reads up slices
+        # d0 - 1 .. d1 (depth shift), i.e. low-resolution slices (d0 - 1) // kd .. d1 // kd:
+        # those at the pieces' borders are computed twice (≈ 2 of 16 slices, a few % of the node).
+        step = _up_piece_depth(self.up.out_channels, depth, d.H * kh, d.W * kw, kd)
+        bounds = [(d0, min(depth, d0 + step)) for d0 in range(0, depth, step)]
+
+        def needed(d0: int, d1: int) -> tuple[int, int]:
+            return max(0, (d0 - 1) // kd), min(d.D, d1 // kd + 1)
+
+        span = max(hi - lo for lo, hi in (needed(*b) for b in bounds))
+
+        def low_range(d0: int, d1: int) -> tuple[int, int]:
+            # every piece fills all planes of the buffer: the kernel reads the left neighbour of a
+            # channel's first voxel from the previous channel's last plane (a zero halo value)
+            lo = min(needed(d0, d1)[0], d.D - span)
+            return lo, lo + span
+
+        planes = kd * span
+        up = PaddedPlanar(max(1, self.up.out_channels), planes, d.H * kh, d.W * kw, pool=pool)
+        up_offsets = torch.where(self.up_map >= 0, self.up_map.clamp_min(0) * (4 * up.cstride),
+                                 torch.zeros((), dtype=torch.int64))
+        plane_bytes = 4 * (up.H + 2) * up.P
         ptrs = [fwd.t.channel_ptrs()]
         norms = [_read_norm(fwd)]
-        ptrs.append(torch.where(self.up_map >= 0, up.base + self.up_map.clamp_min(0) * (4 * up.cstride),
-                                torch.zeros((), dtype=torch.int64)))
+        ptrs.append(up_offsets)  # placeholder: replaced per piece below
         norms.append(LazyNorm.identity(self.channels))
         down = None
         if shallower is not None and self.down_pool is not None:
@@ -562,7 +638,24 @@ class _SparseNode:
             ptrs.append(down.channel_ptrs())
             norms.append(LazyNorm.identity(sh.C))
         norm = LazyNorm.cat(norms) if fwd.norm is not None else None
-        y = self.units[0].run(k, torch.cat(ptrs), norm, fwd.t, pool)
+        up_at = len(ptrs[0])
+        channel_ptrs = torch.cat(ptrs)
+
+        def pieces() -> Iterator[tuple[int, int, torch.Tensor]]:
+            for d0, d1 in bounds:
+                lo, hi = low_range(d0, d1)
+                if self.up.out_channels:
+                    k.convt(self.up, d, up, norm=deeper.norm, depth_range=(lo, hi),
+                            streaming=up.cstride * up.C * 4 > _STREAM_BYTES)
+                # the piece's plane 0 is full-resolution slice kd·lo: point "slice 0" before it
+                base = up.base - kd * lo * plane_bytes
+                channel_ptrs[up_at:up_at + self.channels] = torch.where(
+                    self.up_map >= 0, base + up_offsets, torch.zeros((), dtype=torch.int64))
+                yield d0, d1, channel_ptrs
+
+        y = self.units[0].run(k, pieces(), norm, fwd.t, pool)
+        if last_reader_of_deeper:
+            deeper.release()
         up.release()
         if down is not None:
             down.release()
@@ -573,6 +666,17 @@ class _SparseNode:
             y.release()
             y = nxt
         return y
+
+
+_UP_PIECE_BYTES = 96 << 20  # up-sampled inputs larger than this are computed in depth pieces
+_UP_PIECE_DEPTH = 16  # output slices per piece
+
+
+def _up_piece_depth(channels: int, depth: int, height: int, width: int, kd: int) -> int:
+    """Output slices per piece of a node's up-sampled input (``depth``: all of them at once)."""
+    if 4 * channels * depth * height * width <= _UP_PIECE_BYTES:
+        return depth
+    return max(kd, _UP_PIECE_DEPTH // kd * kd)
 
 
 def _sparse_node(node: nn.Module, info: Any) -> _SparseNode:
@@ -660,21 +764,39 @@ class AcceleratedE2ENet(nn.Module):
         return f"backend={self.backend!r}, precision={self.precision!r}"
 
     # -- pieces -------------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor, *, lazy: bool = False) -> list[torch.Tensor | _Raw]:
+    def encode(self, x: torch.Tensor, *, lazy: bool = False,
+               finish: Callable[[torch.Tensor | _Raw], Any] | None = None) -> list[Any]:
         """One sample (C, D, H, W) → the L backbone features, folded (D_i, C_i, H_i, W_i)
-        channels_last; with ``lazy`` (fp32 with kernels) as :class:`_Raw` (norm not yet applied)."""
-        h: torch.Tensor | _Raw = _to_folded(x, torch.float32)
+        channels_last; with ``lazy`` (fp32 with kernels) as :class:`_Raw` (norm not yet applied).
+        ``finish`` (the sparse decoder's conversion) is applied to each feature as soon as the
+        next stage has read it, and the shifted stage inputs are then built in the arena."""
+        h: torch.Tensor | _Raw | None = _to_folded(x, torch.float32)
         if self._pad_input:
-            d, _, hh, ww = h.shape
+            d, _, hh, ww = h.shape  # type: ignore[union-attr]
             padded = torch.zeros((d, hh, ww, 2)).permute(0, 3, 1, 2)  # channels_last
             padded[:, :1] = h
             h = padded
-        feats: list[torch.Tensor | _Raw] = []
+        pool = self._pool if finish is not None else None
+        feats: list[Any] = []
         for stage in self._encoder:
-            # the stage input is passed without a reference here, so _run_units frees it after
-            # its first conv (at level 1 it is a full-resolution tensor: 384 MiB at 48 × 128³)
-            h = _run_units(stage, _stage_input(stage[0], h), lazy_last=lazy)
+            if finish is None:
+                # the stage input is passed without a reference here, so _run_units frees it
+                # after its first conv (at level 1: 384 MiB at 48 × 128³)
+                h = _run_units(stage, _stage_input(stage[0], h)[0], lazy_last=lazy)  # type: ignore[arg-type]
+            else:
+                # the shifted input is built in the arena, then the previous output (also
+                # feats[-1]) is converted and dropped before this stage's convs allocate theirs:
+                # the level-0 output (384 MiB at 48 × 128³) is never held next to them
+                xin, pooled = _stage_input(stage[0], h, pool)  # type: ignore[arg-type]
+                h = None
+                if feats:
+                    feats[-1] = finish(feats[-1])
+                h = _run_units(stage, xin, lazy_last=lazy, pool=pool, xin_pooled=pooled)
+                del xin
             feats.append(h)
+        h = None
+        if finish is not None:
+            feats[-1] = finish(feats[-1])
         return feats
 
     def _encode_eager(self, x: torch.Tensor) -> list[torch.Tensor | _Raw]:
@@ -696,12 +818,7 @@ class AcceleratedE2ENet(nn.Module):
         assert k is not None
         prev: dict[int, _Act] = {}
         for i in range(len(feats)):
-            f = feats[i]
-            if isinstance(f, _Raw):  # raw conv output: the decoder applies its norm on load
-                norm = LazyNorm(f.scale, f.shift, torch.full((f.y.shape[1],), f.slope))
-                prev[i] = _Act(k.cl_to_pp(f.y, pool), norm)
-            else:
-                prev[i] = _Act(k.cl_to_pp(f.float().contiguous(memory_format=_CL), pool), None)
+            prev[i] = self._to_act(feats[i])
             feats[i] = None  # type: ignore[call-overload]  # free the folded copy early
         for j in range(1, self._levels):
             cur = {}
@@ -721,12 +838,26 @@ class AcceleratedE2ENet(nn.Module):
         x0.release()
         return out
 
+    def _to_act(self, f: torch.Tensor | _Raw | _Act) -> _Act:
+        """A backbone feature in the sparse decoder's PP layout (in the arena)."""
+        if isinstance(f, _Act):
+            return f
+        k = self._kernels
+        assert k is not None
+        if isinstance(f, _Raw):  # raw conv output: the decoder applies its norm on load
+            norm = LazyNorm(f.scale, f.shift, torch.full((f.y.shape[1],), f.slope))
+            act = _Act(k.cl_to_pp(f.y, self._pool), norm)
+            if f.pooled:
+                self._pool.give(f.y)
+            return act
+        return _Act(k.cl_to_pp(f.float().contiguous(memory_format=_CL), self._pool), None)
+
     def forward_one(self, x: torch.Tensor) -> torch.Tensor:
         """One sample (C_in, D, H, W) → logits (K, D, H, W) float32."""
         if self.backend == "sparse":
             if self._compiled_encoder is not None:
                 return self._decode_sparse(self._compiled_encoder(x))
-            return self._decode_sparse(self.encode(x, lazy=True))
+            return self._decode_sparse(self.encode(x, lazy=True, finish=self._to_act))
         return self._decode_dense(self.encode(x))  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -590,16 +590,18 @@ static inline int is_identity(const float *ia, const float *ib, const float *is,
    read through the lazy norm (ia, ib, is). Weights in CSC by input channel: outputs
    rowidx[colptr[i]..colptr[i+1]), taps wts[9k..9k+9).
    out: O channels PP (64-byte aligned), channel stride ostride floats; raw conv output, interior
-   and halo written. stats (optional): stats[o] += sum, stats[O+o] += sum of squares.
+   and halo written, for the output depths [d0, d1) only (a caller may feed the input in depth
+   pieces: only slices d0-1 .. d1 of each input channel are read).
+   stats (optional): stats[o] += sum, stats[O+o] += sum of squares.
    nt: use streaming stores for the output (large outputs). */
-void e2e_sconv133(int I, int O, int D, int H, int W, int P,
+void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                   const int64_t *chan, const int *dshift,
                   const float *ia, const float *ib, const float *is,
                   const int *colptr, const int *rowidx, const float *wts,
                   float *out, int64_t ostride, double *stats, int nt, int nthreads)
 {
     const int nwb = (W + 15) / 16, nhb = (H + RB - 1) / RB;
-    const int ntask = D * nhb * nwb;
+    const int ntask = (d1 - d0) * nhb * nwb;
     const size_t plane = (size_t)(H + 2) * P;
     double *tst = stats ? calloc((size_t)nthreads * 2 * O, sizeof(double)) : NULL;
 #pragma omp parallel num_threads(nthreads)
@@ -608,7 +610,7 @@ void e2e_sconv133(int I, int O, int D, int H, int W, int P,
         double *st = tst ? tst + (size_t)TID() * 2 * O : NULL;
 #pragma omp for schedule(SCHED(nwb))
         for (int task = 0; task < ntask; task++) {
-            const int wb = task % nwb, hb = (task / nwb) % nhb, d = task / (nwb * nhb);
+            const int wb = task % nwb, hb = (task / nwb) % nhb, d = d0 + task / (nwb * nhb);
             const int h0 = hb * RB, w0 = wb * 16;
             const int nrow = H - h0 < RB ? H - h0 : RB, ncol = W - w0 < 16 ? W - w0 : 16;
             v16 lanes, mleft, mright;
@@ -1027,7 +1029,7 @@ class Kernels:
         self.openmp = "-fopenmp" in flags
         self.row_block = lib.e2e_abi() - _ABI_BASE
         i, i64, p, f = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-        lib.e2e_sconv133.argtypes = [i, i, i, i, i, i, p, p, p, p, p, p, p, p, p, i64, p, i, i]
+        lib.e2e_sconv133.argtypes = [i, i, i, i, i, i, i, i, p, p, p, p, p, p, p, p, p, i64, p, i, i]
         lib.e2e_sconv133.restype = None
         lib.e2e_convt.argtypes = [i, i, i, i, i, i, i, i, i, p, i64, p, p, p, p, p, p, p, i, i64, i, i]
         lib.e2e_convt.restype = None
@@ -1052,33 +1054,44 @@ class Kernels:
 
     def sconv133(self, conv: CSCConv, channel_ptrs: torch.Tensor, dshift: torch.Tensor,
                  out: PaddedPlanar, stats: torch.Tensor | None, *, norm: LazyNorm | None = None,
-                 streaming: bool = False) -> None:
+                 streaming: bool = False, depth_range: tuple[int, int] | None = None) -> None:
         """out = conv(inputs) for a CSC (1,3,3) conv (raw, no bias). ``channel_ptrs`` (I,) int64
-        addresses of the input channels (PP tensors of out's D, H, W and pitch), ``dshift`` (I,)
-        int32 depth offsets, ``norm`` the per-input-channel lazy norm (None: read as stored);
-        ``stats`` (2·O,) float64 accumulates per-channel sum and sum of squares of out."""
+        addresses of the input channels (PP tensors of out's D, H, W and pitch; an address may
+        point before its buffer when only a depth piece is stored, see ``depth_range``),
+        ``dshift`` (I,) int32 depth offsets, ``norm`` the per-input-channel lazy norm (None: read
+        as stored); ``stats`` (2·O,) float64 accumulates per-channel sum and sum of squares of out.
+        ``depth_range`` (d0, d1): write only output slices [d0, d1), which read input slices
+        d0 - 1 .. d1 (default: all)."""
         if conv.weights.shape[1] != 9:
             raise ValueError("e2e_sconv133 needs 3 × 3 taps")
+        d0, d1 = depth_range if depth_range is not None else (0, out.D)
+        if not 0 <= d0 <= d1 <= out.D:
+            raise ValueError(f"sconv133: depth range {depth_range} outside [0, {out.D}]")
         na, nb, ns = _norm_ptrs(norm)
         with _record("e2e_sconv133"):
             self.lib.e2e_sconv133(
-                conv.in_channels, conv.out_channels, out.D, out.H, out.W, out.P,
+                conv.in_channels, conv.out_channels, out.D, d0, d1, out.H, out.W, out.P,
                 channel_ptrs.data_ptr(), dshift.data_ptr(), na, nb, ns,
                 conv.colptr.data_ptr(), conv.rowidx.data_ptr(), conv.weights.data_ptr(),
                 out.base, out.cstride, stats.data_ptr() if stats is not None else None,
-                int(streaming), self._threads(out.C * out.cstride))
+                int(streaming), self._threads(out.C * out.cstride * (d1 - d0) // max(out.D, 1)))
 
     def convt(self, conv: CSRConvT, x: PaddedPlanar, out: PaddedPlanar, *, norm: LazyNorm | None = None,
-              streaming: bool = False) -> None:
+              streaming: bool = False, depth_range: tuple[int, int] | None = None) -> None:
         """out = ConvTranspose3d(x') for a CSR transposed conv with kernel == stride, x' = x read
-        through ``norm``."""
+        through ``norm``. ``depth_range`` (lo, hi): only input slices [lo, hi), written to out's
+        planes 0 .. kd·(hi - lo) (out may then hold fewer planes than kd·x.D)."""
         kd, kh, kw = conv.kernel
+        lo, hi = depth_range if depth_range is not None else (0, x.D)
+        if not 0 <= lo <= hi <= x.D or kd * (hi - lo) > out.D:
+            raise ValueError(f"convt: depth range {depth_range} does not fit the input or the output")
         na, nb, ns = _norm_ptrs(norm)
+        plane = (x.H + 2) * x.P
         with _record("e2e_convt"):
-            self.lib.e2e_convt(x.C, conv.out_channels, x.D, x.H, x.W, x.P, kd, kh, kw, x.base, x.cstride,
-                               na, nb, ns, conv.rowptr.data_ptr(), conv.colidx.data_ptr(),
+            self.lib.e2e_convt(x.C, conv.out_channels, hi - lo, x.H, x.W, x.P, kd, kh, kw, x.base + 4 * lo * plane,
+                               x.cstride, na, nb, ns, conv.rowptr.data_ptr(), conv.colidx.data_ptr(),
                                conv.weights.data_ptr(), out.base, out.P, out.cstride, int(streaming),
-                               self._threads(out.C * out.cstride))
+                               self._threads(out.C * out.cstride * kd * (hi - lo) // max(out.D, 1)))
 
     def head(self, x: PaddedPlanar, weight: torch.Tensor, out: torch.Tensor, *,
              norm: LazyNorm | None = None) -> None:

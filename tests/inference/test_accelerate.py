@@ -97,6 +97,31 @@ def test_extreme_sparsity_with_empty_paths(backend):
     assert _max_diff(model, x, backend=backend) <= TOL
 
 
+@needs_kernels
+@pytest.mark.parametrize("pools", [None, ((1, 2, 2), (2, 2, 2), (1, 2, 2), (2, 2, 2))])
+def test_up_sampling_in_depth_pieces_gives_the_same_logits_in_less_memory(monkeypatch, pools):
+    """Large nodes compute their up-sampled input a few slices at a time (pieces read across
+    their borders through the depth shift), and the encoder writes its conv outputs into the
+    arena slice by slice: same logits, a smaller arena."""
+    from napari_e2enet.inference import accelerate as acc
+
+    torch.manual_seed(6)
+    kwargs = {"pools": pools} if pools else {}
+    model = create_model("e2enet_small", sparsity=0.9, seed=7, **kwargs)
+    x = torch.randn(1, 1, 16, 32, 32)
+    whole = accelerate(model, backend="sparse")
+    whole(x)
+    arena_whole = whole._pool.nbytes
+    for depth in (2, 4, 6):  # pieces of 2 (one low-resolution slice), uneven last piece
+        monkeypatch.setattr(acc, "_UP_PIECE_BYTES", 0)
+        monkeypatch.setattr(acc, "_UP_PIECE_DEPTH", depth)
+        monkeypatch.setattr(acc, "_CONV_PIECE_BYTES", depth * 4096)  # 1..4 slices per encoder conv piece
+        pieced = accelerate(model, backend="sparse")
+        assert float((pieced(x) - _reference(model, x)).abs().max()) <= TOL
+        pieced(x)  # the planned arena on the second call
+        assert pieced._pool.nbytes < arena_whole
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_cubic_input_anisotropic_pools_and_batch(backend):
     torch.manual_seed(4)
