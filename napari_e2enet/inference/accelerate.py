@@ -260,7 +260,6 @@ def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = 
     returned raw with its affine (:class:`_Raw`) for the consumer to fuse as well. With ``pool``
     the shifted inputs are built in the pool's arena and given back after their conv
     (``xin_pooled``: the first one came from it too)."""
-    y: torch.Tensor | None = None
     for idx, unit in enumerate(units):
         nxt = units[idx + 1] if idx + 1 < len(units) else None
         # conv outputs go to the pool only where they are read back through the kernels (the
@@ -293,7 +292,7 @@ def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = 
         if y_pooled:
             pool.give(y)  # type: ignore[union-attr]
         del y
-    return y
+    raise ValueError("_run_units needs at least one unit")
 
 
 def _stage_input(first: _DenseUnit, h: torch.Tensor | _Raw,

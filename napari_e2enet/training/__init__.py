@@ -30,7 +30,20 @@ _WHERE = {
     "deep_supervision_weights": "losses",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "DeepSupervisionLoss",
+    "TrainEvent",
+    "TrainSummary",
+    "Trainer",
+    "deep_supervision_weights",
+    "load_model",
+    "load_state",
+    "poly_lr",
+    "read_metadata",
+    "save_model",
+    "save_state",
+    "sha256_of",
+]
 
 
 def __getattr__(name: str) -> Any:
