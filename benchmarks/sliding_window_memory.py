@@ -81,6 +81,7 @@ def child(args: argparse.Namespace) -> None:
             tiles_per_batch=args.batch,
             accumulate_dtype=dtype,
             placement=args.placement,
+            sweep="auto" if args.sweep == "auto" else (0, 1, 2),
         )
     seconds = time.perf_counter() - t0
     np.save(args.save, labels)
@@ -102,6 +103,8 @@ def main() -> None:
         choices=["monai", "nnunet"],
         help="tile placement of our runs (monai: same tiles as MONAI, labels comparable)",
     )
+    p.add_argument("--sweep", default="auto", choices=["auto", "d-major"],
+                   help="tile order of our runs: the window's choice, or D-major (the order before 2026-11-27)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     p.add_argument("--monai-limit-gb", type=float, default=14.0)
@@ -140,6 +143,8 @@ def main() -> None:
                 str(args.kernel),
                 "--placement",
                 args.placement,
+                "--sweep",
+                args.sweep,
                 "--threads",
                 str(args.threads),
                 "--monai-limit-gb",
@@ -166,6 +171,7 @@ def main() -> None:
         "tiles_per_batch": args.batch,
         "kernel": args.kernel,
         "placement": args.placement,
+        "sweep": args.sweep,
         "input_mb": float(np.prod(args.shape) * 4 / 2**20),
         "results": results,
     }

@@ -3,10 +3,13 @@
 Why not MONAI's ``sliding_window_inference``: it allocates the blended output for the whole
 volume, (K, D, H, W) float32 plus a count map — 5 GB for a 300×512×512 CT with 16 classes — before
 the argmax. Here memory is bounded by the patch and one slab of the volume: tiles are visited slab
-by slab along D (then along H), weighted logits are accumulated only in cells (a block of D slices
-× a band of H rows × all of W, cut at the tile borders) that a future tile can still touch, and a
-cell is arg-maxed into the label volume and freed as soon as no remaining tile covers it — about
-(pd − stride) × (H + ph) × W voxels × K open at a time, less than one patch-deep slab.
+by slab along an outer axis (then along a middle one), weighted logits are accumulated only in
+cells (a block of the outer axis × a band of the middle axis × all of the inner axis, cut at the
+tile borders) that a future tile can still touch, and a cell is arg-maxed into the label volume
+and freed as soon as no remaining tile covers it — about (p_outer − stride) × (S_middle + p_middle)
+× S_inner voxels × K open at a time, less than one patch-deep slab. The sweep order is chosen per
+volume to make that smallest (a 300×512×512 CT is swept along H, then W, with all of D inner:
+0.55× the open voxels of a D-first sweep).
 
 Blending: logits are weighted by a Gaussian importance map (σ = patch · ``sigma_scale``, centred,
 floor ``max(min, 1e-3)`` — MONAI's ``compute_importance_map``) and summed. The division by the
@@ -35,6 +38,7 @@ or simply ``labels = sliding_window_argmax(image, model, patch=..., num_classes=
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +53,7 @@ __all__ = [
     "SlidingWindowResult",
     "TileProgress",
     "gaussian_importance_map",
+    "sweep_order",
     "iter_sliding_window",
     "sliding_window_argmax",
     "tile_starts",
@@ -89,10 +94,12 @@ class SlidingWindowResult:
     Attributes:
         labels: (D, H, W) argmax labels, uint8 (int16 when num_classes > 256).
         num_tiles: tiles blended.
-        buffer_shape: (K, R, H, W): the accumulation never covered more than a slab of R slices
-            at one time (it holds less: only the open cells of that slab).
+        buffer_shape: (K, R, S_middle, S_inner): the accumulation never covered more than a slab
+            of R slices along the sweep's outer axis at one time (it holds less: only the open
+            cells of that slab); the other two are the sizes of the middle and inner axes.
         accumulate_dtype: the dtype the accumulation ended in (float16 may be promoted to float32).
         peak_open_bytes: the most bytes of accumulation held at one time.
+        sweep_axes: (outer, middle, inner) spatial axes of the sweep, e.g. (0, 1, 2) = D-major.
     """
 
     labels: np.ndarray
@@ -100,6 +107,7 @@ class SlidingWindowResult:
     buffer_shape: tuple[int, ...]
     accumulate_dtype: torch.dtype
     peak_open_bytes: int = 0
+    sweep_axes: tuple[int, int, int] = (0, 1, 2)
 
 
 class SlidingWindowCancelled(RuntimeError):
@@ -142,6 +150,23 @@ def tile_starts(size: int, patch: int, overlap: float, placement: str = "nnunet"
     return sorted({round(actual * i) for i in range(n)})
 
 
+def sweep_order(size: Sequence[int], patch: Sequence[int], starts: Sequence[Sequence[int]]) -> tuple[int, int, int]:
+    """The (outer, middle, inner) axis order that keeps the fewest voxels open in the sliding
+    window: the estimate is ``ov_o · S_m · S_i + p_o · ov_m · S_i`` (ov = patch − the largest
+    step between tile starts, the part a tile shares with the next one), smallest first, ties in
+    favour of D-major. ``size``: the (padded) volume, ``starts``: the tile starts per axis."""
+    shared = []
+    for p, st in zip(patch, starts, strict=True):
+        steps = [b - a for a, b in itertools.pairwise(st)]
+        shared.append(max(0, p - max(steps)) if steps else 0)
+
+    def open_voxels(order: tuple[int, ...]) -> int:
+        o, m, i = order
+        return shared[o] * size[m] * size[i] + patch[o] * shared[m] * size[i]
+
+    return min(itertools.permutations(range(3)), key=open_voxels)  # type: ignore[return-value]
+
+
 def gaussian_importance_map(
     patch: Sequence[int], sigma_scale: float | Sequence[float] = 0.125, min_value: float = 1e-3
 ) -> torch.Tensor:
@@ -175,6 +200,7 @@ def iter_sliding_window(
     stop: threading.Event | None = None,
     device: torch.device | str | None = None,
     placement: str = "nnunet",
+    sweep: str | Sequence[int] = "auto",
 ) -> Iterator[TileProgress | SlidingWindowResult]:
     """Blend ``predictor`` over ``image`` tile by tile; yield progress, then the result.
 
@@ -197,6 +223,10 @@ def iter_sliding_window(
             the CPU (host memory is what needs bounding).
         placement: ``"nnunet"`` (tiles evenly spread) or ``"monai"`` (regular stride, last tile
             flush with the end), see ``tile_starts``.
+        sweep: the order in which tiles are visited, (outer, middle, inner) spatial axes of the
+            (D, H, W) volume, e.g. ``(0, 1, 2)`` (D-major); ``"auto"`` picks the order that holds
+            the fewest open voxels (see ``sweep_order``). Labels do not depend on it beyond the
+            rounding of the float16 sums.
 
     Yields:
         ``TileProgress(done, total)`` after every forward batch, then, if the run completed,
@@ -204,8 +234,8 @@ def iter_sliding_window(
         ends (the project's convention for long work): no result means cancelled.
 
     Peak memory: the input, the uint8 labels (D·H·W bytes), the open cells in ``accumulate_dtype``
-    (within a slab ``K × R × H × W``, R ≤ pd + the span of tile starts inside one batch; see
-    ``SlidingWindowResult.peak_open_bytes``), and one batch of logits — independent of D.
+    (within a slab of R slices along the outer axis, R ≤ the patch + the span of tile starts inside
+    one batch; see ``SlidingWindowResult.peak_open_bytes``), and one batch of logits.
     """
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(image)
@@ -222,7 +252,6 @@ def iter_sliding_window(
         raise ValueError(f"patch must be positive, got {patch!r}")
     overlaps = _triple(overlap, "overlap", float)
     shape = tuple(int(s) for s in image.shape[1:])
-    _, H, W = shape
     if min(shape) < 1:
         raise ValueError(f"image has an empty spatial axis: {tuple(image.shape)}")
     device = torch.device(device) if device is not None else image.device
@@ -231,7 +260,22 @@ def iter_sliding_window(
     padded = [max(s, p) for s, p in zip(shape, patch_size, strict=True)]
     pad_before = [(ps - s) // 2 for ps, s in zip(padded, shape, strict=True)]
     starts = [tile_starts(ps, p, o, placement) for ps, p, o in zip(padded, patch_size, overlaps, strict=True)]
-    tiles = [(d, h, w) for d in starts[0] for h in starts[1] for w in starts[2]]  # D-major order
+    if isinstance(sweep, str):
+        if sweep != "auto":
+            raise ValueError(f"sweep must be 'auto' or three axes, got {sweep!r}")
+        order = sweep_order(padded, patch_size, starts)
+    else:
+        order = tuple(int(a) for a in sweep)
+        if sorted(order) != [0, 1, 2]:
+            raise ValueError(f"sweep must be a permutation of (0, 1, 2), got {sweep!r}")
+    outer, middle, inner = order
+    tiles = []  # start triples (D, H, W), visited outer-major
+    for a in starts[outer]:
+        for b in starts[middle]:
+            for c in starts[inner]:
+                start = [0, 0, 0]
+                start[outer], start[middle], start[inner] = a, b, c
+                tiles.append(tuple(start))
     total = len(tiles)
     batches = [tiles[i : i + tiles_per_batch] for i in range(0, total, tiles_per_batch)]
 
@@ -239,30 +283,39 @@ def iter_sliding_window(
         a = start - pad_before[axis]
         return max(a, 0), min(a + patch_size[axis], shape[axis])
 
-    # Open cells. D and H are cut at every tile border (image coordinates); a cell is one D block ×
-    # one H band × all of W. It is allocated (zeros) when a batch first touches it and arg-maxed
-    # into the labels once the last batch touching it is blended. Tiles go D-major, then H, so the
-    # open cells are the part of the current tile row that the next row overlaps (all of H) plus
-    # the bands of the current row not yet passed: about (pd - stride) × (H + ph) × W voxels,
-    # where one D-ring of the patch depth held pd × H × W (0.65× in the tests' geometry; measured
-    # at 300×512×512, 16 classes, 128³, float16 with a stand-in predictor: process peak 2209 →
-    # 1987 MB). Cells are not recycled: a few hundred fresh allocations of ≤ 64 MiB per such
-    # volume are cheap next to the forwards, and a pool keyed by shape would hold more memory.
-    cuts = []
-    for axis in (0, 1):
+    # Open cells. The outer and middle axes are cut at every tile border (image coordinates); a
+    # cell is one outer block × one middle band × all of the inner axis. It is allocated (zeros)
+    # when a batch first touches it and arg-maxed into the labels once the last batch touching it
+    # is blended. Tiles go outer-major, then middle, so the open cells are the part of the current
+    # tile row that the next row overlaps (all of the middle axis) plus the bands of the current
+    # row not yet passed: about (p_outer - stride) × (S_middle + p_middle) × S_inner voxels, where
+    # one ring of the patch depth held p_outer × S_middle × S_inner (0.65× in the tests' geometry;
+    # measured at 300×512×512, 16 classes, 128³, float16 with a stand-in predictor, D-first
+    # sweep: process peak 2209 → 1987 MB). Cells are not recycled: a few hundred fresh
+    # allocations of ≤ 64 MiB per such volume are cheap next to the forwards, and a pool keyed by
+    # shape would hold more memory.
+    cuts: dict[int, list[int]] = {}
+    for axis in (outer, middle):
         edges = {0, shape[axis]}
         for st in starts[axis]:
             edges.update(image_range(axis, st))
-        cuts.append(sorted(edges))
+        cuts[axis] = sorted(edges)
 
     def cell_span(axis: int, lo: int, hi: int) -> range:
         return range(bisect.bisect_left(cuts[axis], lo), bisect.bisect_left(cuts[axis], hi))
 
+    def cell_region(i: int, j: int) -> tuple[slice, slice, slice]:
+        """The cell's voxels in (D, H, W) image coordinates."""
+        region = [slice(0, shape[inner])] * 3
+        region[outer] = slice(cuts[outer][i], cuts[outer][i + 1])
+        region[middle] = slice(cuts[middle][j], cuts[middle][j + 1])
+        return tuple(region)  # type: ignore[return-value]
+
     last_batch: dict[tuple[int, int], int] = {}
     for bi, batch in enumerate(batches):
-        for d, h, _ in batch:
-            for i in cell_span(0, *image_range(0, d)):
-                for j in cell_span(1, *image_range(1, h)):
+        for start in batch:
+            for i in cell_span(outer, *image_range(outer, start[outer])):
+                for j in cell_span(middle, *image_range(middle, start[middle])):
                     last_batch[(i, j)] = bi
     closing: dict[int, list[tuple[int, int]]] = {}
     for key, bi in last_batch.items():
@@ -280,7 +333,7 @@ def iter_sliding_window(
     cells: dict[tuple[int, int], torch.Tensor] = {}
     acc_dtype = accumulate_dtype
     open_bytes = peak_open_bytes = 0
-    open_span = 0  # most D slices spanned by the open cells at one time (for buffer_shape)
+    open_span = 0  # most outer-axis slices spanned by the open cells at one time (buffer_shape)
     weights = gaussian_importance_map(patch_size, sigma_scale).to(device)
     done = 0
     peak_abs = 0.0
@@ -306,24 +359,24 @@ def iter_sliding_window(
         nonlocal open_bytes, peak_open_bytes, open_span
         found = cells.get((i, j))
         if found is None:
-            rows, band = cuts[0][i + 1] - cuts[0][i], cuts[1][j + 1] - cuts[1][j]
-            found = cells[(i, j)] = torch.zeros((num_classes, rows, band, W), dtype=acc_dtype)
+            size = [r.stop - r.start for r in cell_region(i, j)]
+            found = cells[(i, j)] = torch.zeros((num_classes, *size), dtype=acc_dtype)
             open_bytes += found.numel() * found.element_size()
             peak_open_bytes = max(peak_open_bytes, open_bytes)
             blocks = [k[0] for k in cells]
-            open_span = max(open_span, cuts[0][max(blocks) + 1] - cuts[0][min(blocks)])
+            open_span = max(open_span, cuts[outer][max(blocks) + 1] - cuts[outer][min(blocks)])
         return found
 
     def finalize(key: tuple[int, int]) -> None:
         nonlocal open_bytes
-        i, j = key
         acc = cells.pop(key)
         open_bytes -= acc.numel() * acc.element_size()
-        d0, h0, h1 = cuts[0][i], cuts[1][j], cuts[1][j + 1]
-        rows_per_chunk = max(1, _FINALIZE_CHUNK_VOXELS // (acc.shape[2] * W))
-        for c in range(0, acc.shape[1], rows_per_chunk):
-            m = min(rows_per_chunk, acc.shape[1] - c)
-            argmax_into(acc[:, c : c + m], labels_t[d0 + c : d0 + c + m, h0:h1])
+        dst = labels_t[cell_region(*key)]
+        rows = acc.shape[1 + outer]
+        rows_per_chunk = max(1, _FINALIZE_CHUNK_VOXELS * rows // max(1, acc[0].numel()))
+        for c in range(0, rows, rows_per_chunk):
+            m = min(rows_per_chunk, rows - c)
+            argmax_into(acc.narrow(1 + outer, c, m), dst.narrow(outer, c, m))
 
     for bi, batch in enumerate(batches):
         if stop is not None and stop.is_set():
@@ -373,24 +426,32 @@ def iter_sliding_window(
                 if scratch_acc is None or scratch_acc.dtype != acc_dtype:
                     scratch_acc = torch.empty((tiles_per_batch, num_classes, *patch_size), dtype=acc_dtype)
                 weighted = scratch_acc[:nb].copy_(weighted)
-            for t, (d, h, w) in enumerate(batch):
-                (d0, d1), (h0, h1), (w0, w1) = image_range(0, d), image_range(1, h), image_range(2, w)
-                od, oh, ow = d0 - (d - pad_before[0]), h0 - (h - pad_before[1]), w0 - (w - pad_before[2])
-                for i in cell_span(0, d0, d1):
-                    c0, c1 = cuts[0][i], cuts[0][i + 1]
-                    for j in cell_span(1, h0, h1):
-                        b0, b1 = cuts[1][j], cuts[1][j + 1]
-                        cell(i, j)[:, :, :, w0:w1] += weighted[
-                            t, :, od + c0 - d0 : od + c1 - d0, oh + b0 - h0 : oh + b1 - h0, ow : ow + w1 - w0
-                        ]
+            for t, start in enumerate(batch):
+                ranges = [image_range(a, start[a]) for a in range(3)]
+                # the tile's voxel of image coordinate x along axis a is at x - shift[a]
+                shift = [start[a] - pad_before[a] for a in range(3)]
+                for i in cell_span(outer, *ranges[outer]):
+                    for j in cell_span(middle, *ranges[middle]):
+                        region = cell_region(i, j)
+                        src, dst = [slice(None), slice(None)], [slice(None)]
+                        for a in range(3):
+                            if a == inner:  # the cell holds all of it: the tile's part
+                                lo, hi = ranges[a]
+                                dst.append(slice(lo, hi))
+                            else:  # the tile holds all of the cell's part
+                                lo, hi = region[a].start, region[a].stop
+                                dst.append(slice(None))
+                            src.append(slice(lo - shift[a], hi - shift[a]))
+                        src[0] = t
+                        cell(i, j)[tuple(dst)] += weighted[tuple(src)]
             del out, x, tensors, weighted
             for key in closing.get(bi, ()):
                 finalize(key)
         done += len(batch)
         yield TileProgress(done, total)
 
-    yield SlidingWindowResult(labels, done, (num_classes, open_span, H, W), acc_dtype,
-                              peak_open_bytes)
+    yield SlidingWindowResult(labels, done, (num_classes, open_span, shape[middle], shape[inner]), acc_dtype,
+                              peak_open_bytes, order)
 
 
 def sliding_window_argmax(
@@ -406,6 +467,7 @@ def sliding_window_argmax(
     stop: threading.Event | None = None,
     device: torch.device | str | None = None,
     placement: str = "nnunet",
+    sweep: str | Sequence[int] = "auto",
 ) -> np.ndarray:
     """``iter_sliding_window`` run to the end; returns the (D, H, W) labels.
 
@@ -426,6 +488,7 @@ def sliding_window_argmax(
         stop=stop,
         device=device,
         placement=placement,
+        sweep=sweep,
     ):
         if isinstance(event, SlidingWindowResult):
             result = event

@@ -409,10 +409,14 @@ class PaddedPlanar:
             raise RuntimeError("PaddedPlanar: allocator returned a buffer that is not 64-byte aligned")
 
     def release(self) -> None:
-        """Hand the buffer back to its pool (the tensor must not be used afterwards)."""
+        """Hand the buffer back to its pool (the tensor must not be used afterwards). The
+        reference is dropped too: in the pool's recording call the buffer is fresh memory, which
+        is then freed at once instead of when the tensor object goes (that call's peak was 1 GB
+        above the planned calls' at 128³)."""
         if self.pool is not None:
             self.pool.give(self.buffer)
             self.pool = None
+            self.buffer = None  # type: ignore[assignment]
 
     @property
     def cstride(self) -> int:

@@ -169,10 +169,31 @@ def test_streaming_equals_dense_blending_and_memory_is_a_slab(tiles_per_batch):
     )
     ref = dense_reference(image, net, patch, 4, "nnunet")
     assert (result.labels == ref).mean() > 0.9999
-    # the buffer holds a slab of the patch depth (plus what one batch spans), never the volume
-    k, rows, h, w = result.buffer_shape
-    assert (k, h, w) == (4, 20, 18)
-    assert rows <= patch[0] + (6 if tiles_per_batch > 1 else 0) < 46
+    # the buffer holds a slab of the patch depth (plus what one batch spans) along the sweep's
+    # outer axis, never the volume
+    k, rows, middle, inner = result.buffer_shape
+    outer_axis, middle_axis, inner_axis = result.sweep_axes
+    assert (k, middle, inner) == (4, image.shape[1 + middle_axis], image.shape[1 + inner_axis])
+    assert rows <= patch[outer_axis] + (6 if tiles_per_batch > 1 else 0) < image.shape[1 + outer_axis]
+
+
+def test_every_sweep_order_gives_the_same_labels_and_auto_holds_least():
+    """The sweep order changes only what is open when, not the labels; on a volume long in H
+    (like a 300×512×512 CT) "auto" sweeps H first and holds fewer open bytes than D-major."""
+    image = smooth_image((20, 64, 40))
+    net = random_conv(1, 3, layers=2)
+    patch = (12, 12, 12)
+    ref = dense_reference(image, net, patch, 3, "nnunet")
+    peaks = {}
+    for order in [(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0), "auto"]:
+        _, result = run(image, net, patch=patch, num_classes=3, accumulate_dtype=torch.float32, sweep=order)
+        assert (result.labels == ref).mean() > 0.9999, order
+        peaks[order] = result.peak_open_bytes
+        if order != "auto":
+            assert result.sweep_axes == order
+    assert peaks["auto"] == min(peaks.values()) < peaks[(0, 1, 2)]
+    with pytest.raises(ValueError, match="sweep"):
+        next(iter_sliding_window(image, net, patch=patch, num_classes=3, sweep=(0, 0, 1)))
 
 
 def test_open_cells_hold_less_than_a_patch_deep_slab():
@@ -185,7 +206,7 @@ def test_open_cells_hold_less_than_a_patch_deep_slab():
     assert (result.labels == dense_reference(image, net, patch, 3, "nnunet")).mean() > 0.9999
     slab = 3 * patch[0] * 72 * 20 * 4  # K × pd × H × W float32: a ring one patch deep
     assert 0 < result.peak_open_bytes < 0.75 * slab
-    assert result.buffer_shape[1] <= patch[0]
+    assert result.buffer_shape[1] <= patch[result.sweep_axes[0]]
 
 
 def test_agrees_with_monai_sliding_window_inference():
