@@ -37,6 +37,17 @@ interleaved in one process; the numbers and command are in ``benchmarks/patch_la
    native bf16 (``bf16_native()``: AVX512-BF16 or AMX); elsewhere oneDNN emulates it.
    ``precision="auto"`` picks bf16 only where native.
 
+4. **Memory** (sparse backend; one 128³ forward of the paper network at S = 0.9, measured
+   with ``benchmarks/volume_memory_probe.py`` and a sampled RSS): every large buffer lives in the
+   pool's planned arena (:class:`~napari_e2enet.sparse.compact.BufferPool`) — the decoder's PP
+   tensors, the encoder's shifted inputs, and the encoder's conv outputs, which oneDNN computes
+   a few slices at a time into arena buffers (it has no output argument); each backbone feature
+   is converted to PP as soon as the next stage has read it; a node's up-sampled input is
+   computed in depth pieces right before the conv reads them (``_UP_PIECE_DEPTH`` slices plus the
+   depth shift's halo), so of the three full-resolution 48-channel tensors of a level-0 node only
+   two are whole. Arena 1678 → 1307 MiB, peak RSS of a forward above the idle process 784 →
+   128 MiB (the logits), whole process 2935 → 1843 MiB; time unchanged within the noise.
+
 Block masks (kernel masks constant over b × b (out, in) blocks, see ``compact.block_size``)
 run through the same kernels and the same compaction; they are not needed for speed on the
 sparse path. What a trainer would have to do to produce them (a ``block`` option of DSFF) is
