@@ -9,7 +9,8 @@ tile borders) that a future tile can still touch, and a cell is arg-maxed into t
 and freed as soon as no remaining tile covers it — about (p_outer − stride) × (S_middle + p_middle)
 × S_inner voxels × K open at a time, less than one patch-deep slab. The sweep order is chosen per
 volume to make that smallest (a 300×512×512 CT is swept along H, then W, with all of D inner:
-0.55× the open voxels of a D-first sweep).
+0.54× the open voxels of a D-first sweep by ``sweep_order``'s estimate; measured with a stand-in
+predictor, the process peak went from 1709 to 1567 MB).
 
 Blending: logits are weighted by a Gaussian importance map (σ = patch · ``sigma_scale``, centred,
 floor ``max(min, 1e-3)`` — MONAI's ``compute_importance_map``) and summed. The division by the
