@@ -228,12 +228,16 @@ class _DenseUnit:
         return self.kernels.cl_shift(raw.y, self.run_table, d_out, sd, raw.scale, raw.shift,  # type: ignore[union-attr]
                                      raw.slope, out=out)
 
+    def pools_output(self, xin: torch.Tensor, pool: BufferPool | None) -> bool:
+        """Whether :meth:`conv` of xin writes its output into ``pool`` (float32 only)."""
+        return pool is not None and xin.dtype == torch.float32 and self.weight.dtype == torch.float32
+
     def conv(self, xin: torch.Tensor, pool: BufferPool | None = None) -> torch.Tensor:
         """The raw conv output (D, O, H', W') channels_last. With ``pool`` (float32) it is written
         into a buffer of the pool a few slices at a time (the caller gives it back): oneDNN has no
         output argument, and the whole output allocated by PyTorch at full resolution (384 MiB
         at 48 × 128³) would sit next to the arena at the encoder's peak."""
-        if pool is None or xin.dtype != torch.float32 or self.weight.dtype != torch.float32:
+        if not self.pools_output(xin, pool):
             y = F.conv2d(xin, self.weight, None, self.stride[1:], self.padding)
             return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
         d, _, h, w = xin.shape
@@ -276,9 +280,10 @@ def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = 
         # conv outputs go to the pool only where they are read back through the kernels (the
         # next unit's shifted copy, or a raw result the caller converts and gives back)
         raw_path = unit.kernels is not None and (nxt is not None or lazy_last)
-        y_pool = pool if raw_path else None
-        y = unit.conv(xin.to(unit.weight.dtype), y_pool)
-        y_pooled = y_pool is not None and y.dtype == torch.float32
+        conv_in = xin.to(unit.weight.dtype)
+        y_pooled = raw_path and unit.pools_output(conv_in, pool)
+        y = unit.conv(conv_in, pool if y_pooled else None)
+        del conv_in
         if xin_pooled:
             pool.give(xin)  # type: ignore[union-attr]
         if nxt is None and lazy_last and unit.kernels is not None and y.dtype == torch.float32:
@@ -290,11 +295,7 @@ def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = 
             xin = nxt.input_from_raw(_Raw(y, scale, shift, unit.slope), pool)
         else:
             y = unit.norm_act(y)  # in place for a float32 channels_last y with kernels
-            if nxt is None:
-                if y_pooled:  # not expected (a pooled output is read back raw): hand out a copy
-                    out = y.clone(memory_format=_CL)
-                    pool.give(y)  # type: ignore[union-attr]
-                    return out
+            if nxt is None:  # not pooled: a pooled last output was returned raw above
                 return y
             xin_pooled = nxt.pooled_input(y, pool)
             xin = nxt.input(y, pool if xin_pooled else None)
