@@ -23,7 +23,14 @@ import torch
 
 from napari_e2enet import create_model
 from napari_e2enet.config import SparsityConfig
-from napari_e2enet.data import PatchSampler, fingerprint, phantom_dataset, preprocess, preprocess_labels
+from napari_e2enet.data import (
+    AugmentConfig,
+    PatchSampler,
+    fingerprint,
+    phantom_dataset,
+    preprocess,
+    preprocess_labels,
+)
 from napari_e2enet.device import resolve_device
 from napari_e2enet.inference import sliding_window_argmax
 from napari_e2enet.metrics import dice
@@ -82,7 +89,12 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.8)
     parser.add_argument("--models", nargs="+", default=["e2enet_small", "PlainConvUNet"],
                         help="registry names and/or PlainConvUNet")
-    parser.add_argument("--lr", type=float, default=0.01, help="initial SGD learning rate (poly decay)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="sgd: nnU-Net's SGD Nesterov 0.99; adamw: AdamW (betas 0.9, 0.999)")
+    parser.add_argument("--lr", type=float, default=0.01, help="initial learning rate (poly decay)")
+    parser.add_argument("--weight-decay", type=float, default=3e-5)
+    parser.add_argument("--mirror-axes", type=int, nargs="*", default=[0, 1, 2],
+                        help="spatial axes (0=D, 1=H, 2=W) mirrored by augmentation; the phantom's W is left-right")
     parser.add_argument("--foreground-oversample", type=float, default=0.33)
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--phantom-shape", type=int, nargs=3, default=(96, 96, 64), help="X Y Z voxels")
@@ -105,14 +117,20 @@ def main() -> None:
         arrays.append((preprocess(image, plan)[0], preprocess_labels(label, plan)))
     train, val = arrays[: args.train_cases], arrays[args.train_cases :]
     num_classes = max(dataset.labels) + 1
-    sampler = PatchSampler(train, patch=patch, batch=args.batch, seed=args.seed,
+    # the sampler's own rule for in-plane-only rotation (no spacing given): D three times shorter than H/W
+    augment_config = AugmentConfig(anisotropic=max(patch[1:]) >= 3 * patch[0], mirror_axes=tuple(args.mirror_axes))
+    sampler = PatchSampler(train, patch=patch, batch=args.batch, seed=args.seed, augment_config=augment_config,
                            foreground_oversample=args.foreground_oversample, augment=not args.no_augment)
 
     device = resolve_device(args.device)
     runs = {}
     for name in args.models:
         model = _build(name, num_classes, args.sparsity, args.seed).to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99, weight_decay=3e-5, nesterov=True)
+        if args.optimizer == "sgd":
+            opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99, weight_decay=args.weight_decay,
+                                  nesterov=True)
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         updater = (DSFFUpdater(model, opt, SparsityConfig(sparsity=args.sparsity), args.iterations, seed=args.seed)
                    if name.startswith("e2enet") and args.sparsity > 0 else None)
         runs[name] = {"model": model, "opt": opt, "updater": updater, "train_s": 0.0, "dsff_s": 0.0,

@@ -14,6 +14,9 @@ from typing import Any, TypeVar
 
 from .errors import InputError
 
+MIRROR_MODES = ("auto", "all", "none", "no-left-right")
+OPTIMIZERS = ("sgd", "adamw")
+
 T = TypeVar("T")
 
 Triple = tuple[int, int, int]
@@ -152,6 +155,13 @@ class DataConfig(_DictMixin):
     validation_fraction: float = 0.2
     num_validation: int | None = None
     validation_cases: tuple[str, ...] = ()  # explicit held-out case names (overrides the random split)
+    # Mirroring in augmentation (and test-time augmentation): "auto" (all axes unless a label name is
+    # lateralised, then none along the patient's left-right), "all" (nnU-Net), "none", "no-left-right".
+    mirror: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mirror not in MIRROR_MODES:
+            raise ValueError(f"DataConfig: mirror must be one of {', '.join(MIRROR_MODES)}, got {self.mirror!r}")
 
 
 @dataclass(frozen=True)
@@ -168,11 +178,19 @@ class TrainConfig(_DictMixin):
     momentum: float = 0.99
     weight_decay: float = 3e-5
     grad_clip: float = 12.0
+    # "sgd": the paper's SGD Nesterov (momentum below); "adamw": AdamW (betas 0.9, 0.999; momentum
+    # unused) — learns a short CPU run several times faster (docs/phantom-benchmark.md).
+    optimizer: str = "sgd"
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"  # "fp32", "bf16" (CPU autocast) or "amp" (CUDA fp16)
     validation_every_epochs: int = 1
     checkpoint_every_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig: optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Axes: ``Volume.array`` is in NIfTI voxel order (X, Y, Z) (optional leading chann
 sees (C, D, H, W) after ``preprocess`` (D = coarsest axis), and ``Inverse`` brings results back.
 """
 
-from .augment import AugmentConfig
+from .augment import MIRROR_MODES, AugmentConfig, mirror_axes_for
 from .dataset import Case, Dataset, load_dataset, modality_from_channels
 from .io import read_geometry, read_image, read_labels, read_volume, write_volume
 from .phantom import AMOS_LABELS, make_phantom, phantom_dataset
@@ -14,6 +14,7 @@ from .volume import Volume
 
 __all__ = [
     "AMOS_LABELS",
+    "MIRROR_MODES",
     "AugmentConfig",
     "Case",
     "Dataset",
@@ -26,6 +27,7 @@ __all__ = [
     "fingerprint",
     "load_dataset",
     "make_phantom",
+    "mirror_axes_for",
     "modality_from_channels",
     "phantom_dataset",
     "preprocess",

@@ -30,15 +30,30 @@ All randomness comes from the numpy Generator passed in, so a batch is a pure fu
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-__all__ = ["AugmentConfig", "extract_patch", "intensity_augment", "mirror", "spatial_matrix"]
+from ..config import MIRROR_MODES
+
+__all__ = [
+    "MIRROR_MODES",
+    "AugmentConfig",
+    "extract_patch",
+    "intensity_augment",
+    "is_lateralised",
+    "left_right_axis",
+    "mirror",
+    "mirror_axes_for",
+    "spatial_matrix",
+]
+
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,17 @@ class AugmentConfig:
     p_mirror: float = 0.5  # per axis
     mirror_axes: tuple[int, ...] = (0, 1, 2)  # spatial axes (D, H, W)
     anisotropic: bool = False  # in-plane rotation only; no blur/low-res along D
+
+    @classmethod
+    def for_patch(cls, patch: Sequence[int], spacing: Sequence[float] | None = None, **changes: Any) -> AugmentConfig:
+        """nnU-Net's defaults for a (D, H, W) patch: in-plane-only rotation when the data are
+        anisotropic (spacing max/min > 3) or the patch's D is at most a third of its H/W."""
+        aniso = False
+        if spacing is not None:
+            sp = np.asarray(spacing, dtype=float)
+            aniso = bool(sp.max() / sp.min() > 3.0)
+        aniso = aniso or max(patch[1:]) >= 3 * patch[0]
+        return cls(**{"anisotropic": aniso, **changes})
 
     @classmethod
     def everything(cls, anisotropic: bool = False) -> AugmentConfig:
@@ -244,6 +270,41 @@ def mirror(
     if not axes:
         return img, lab
     return np.flip(img, [a + 1 for a in axes]), np.flip(lab, axes)
+
+
+_LATERAL = re.compile(r"(?:^|[^a-z])(left|right)(?:[^a-z]|$)", re.IGNORECASE)
+
+
+def is_lateralised(names: Iterable[str]) -> bool:
+    """True when a label name names a side: "left kidney", "Right adrenal gland", "kidney_left"."""
+    return any(_LATERAL.search(name) for name in names)
+
+
+def left_right_axis(network_affine: np.ndarray) -> int:
+    """The network axis (0 = D, 1 = H, 2 = W) most nearly along the patient's left-right (RAS x)."""
+    columns = np.asarray(network_affine, dtype=float)[:3, :3]
+    share = np.abs(columns[0]) / np.maximum(np.linalg.norm(columns, axis=0), 1e-12)
+    return int(np.argmax(share))
+
+
+def mirror_axes_for(mode: str, label_names: Iterable[str], network_affines: Iterable[np.ndarray]) -> tuple[int, ...]:
+    """Network axes that training augmentation may mirror (and test-time augmentation may flip).
+
+    ``"all"``: D, H and W (nnU-Net). ``"none"``. ``"no-left-right"``: every axis but the patient's
+    left-right one of each case. ``"auto"``: "no-left-right" when a label name is lateralised, else
+    "all". Why: a left-right flip turns the left kidney into a right one while its label still says
+    left — the network is then taught that the side cannot be told from the image.
+    """
+    if mode not in MIRROR_MODES:
+        raise ValueError(f"mirror must be one of {', '.join(MIRROR_MODES)}, got {mode!r}")
+    if mode == "auto":
+        mode = "no-left-right" if is_lateralised(label_names) else "all"
+    if mode == "none":
+        return ()
+    if mode == "all":
+        return (0, 1, 2)
+    sides = {left_right_axis(a) for a in network_affines}
+    return tuple(a for a in (0, 1, 2) if a not in sides)
 
 
 def _benchmark(repeats: int = 10) -> dict[str, float]:  # pragma: no cover - documentation of the choice

@@ -77,14 +77,7 @@ class PatchSampler:
         self.foreground_oversample = float(foreground_oversample)
         self.augment = bool(augment)
         self.seed, self.rank = int(seed), int(rank)
-        if augment_config is None:
-            aniso = False
-            if spacing is not None:
-                sp = np.asarray(spacing, dtype=float)
-                aniso = bool(sp.max() / sp.min() > 3.0)
-            aniso = aniso or max(self.patch[1:]) >= 3 * self.patch[0]
-            augment_config = AugmentConfig(anisotropic=aniso)
-        self.augment_config = augment_config
+        self.augment_config = augment_config or AugmentConfig.for_patch(self.patch, spacing)
 
         self._images: list[torch.Tensor] = []
         self._labels: list[np.ndarray] = []

@@ -28,7 +28,15 @@ from ..models import E2ENet
 from ..training.checkpoint import load_model
 from .sliding_window import SlidingWindowResult, TileProgress, iter_sliding_window
 
-MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))  # tensor dims of (N, C, D, H, W)
+
+
+def tta_flips(mirror_axes: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """The TTA flips (tensor dims) that only use network axes the model was trained to mirror
+    (nnU-Net's "allowed mirroring axes"): a model trained without left-right flips has learned the
+    side and would label a flipped left kidney as the right one."""
+    allowed = {a + 2 for a in mirror_axes}
+    return tuple(f for f in MIRROR_AXES if set(f) <= allowed)
 
 
 class PredictionCancelled(RuntimeError):
@@ -55,7 +63,8 @@ class Predictor:
     """A trained model with its preprocessing plan and label table, ready to segment volumes."""
 
     def __init__(self, model: E2ENet, plan: Plan, labels: LabelTable, *, patch: tuple[int, int, int],
-                 config: InferenceConfig | None = None, source: str = "") -> None:
+                 config: InferenceConfig | None = None, source: str = "",
+                 mirror_axes: tuple[int, ...] = (0, 1, 2)) -> None:
         self.config = config or InferenceConfig()
         self.device = resolve_device(self.config.device)
         self.model = model.to(self.device).eval()
@@ -63,6 +72,7 @@ class Predictor:
         self.labels = labels
         self.patch = tuple(int(p) for p in patch)
         self.source = source
+        self.mirror_axes = tuple(int(a) for a in mirror_axes)  # network axes TTA may flip
         self._network: nn.Module | None = None
 
     # -- construction --------------------------------------------------------------------------
@@ -82,10 +92,13 @@ class Predictor:
             if len(patch) != 3 or min(patch) < 1:
                 raise ValueError(f"patch {list(patch)} is not 3 positive sizes")
             plan, labels = Plan.from_dict(meta["plan"]), LabelTable.from_dict(meta["labels"])
+            mirror_axes = tuple(int(a) for a in meta.get("mirror_axes", (0, 1, 2)))  # older files: all
+            if not set(mirror_axes) <= {0, 1, 2}:
+                raise ValueError(f"mirror axes {list(mirror_axes)} are not network axes 0..2")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             detail = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise InputError(f"unusable metadata in the model file ({detail})", path) from None
-        return cls(model, plan, labels, patch=patch, config=config, source=str(path))
+        return cls(model, plan, labels, patch=patch, config=config, source=str(path), mirror_axes=mirror_axes)
 
     @classmethod
     def from_bundled(cls, name: str = DEFAULT_MODEL, config: InferenceConfig | None = None) -> Predictor:
@@ -121,6 +134,7 @@ class Predictor:
 
     def _tile_predictor(self) -> Callable[[torch.Tensor], torch.Tensor]:
         net, device, tta = self.network, self.device, self.config.tta
+        flips = tta_flips(self.mirror_axes)
         use_autocast = self.config.precision == "bf16" and not self.config.accelerate
 
         @torch.inference_mode()
@@ -130,12 +144,12 @@ class Predictor:
                 if not tta:
                     return net(x).float().cpu()
                 acc = None
-                for axes in MIRROR_AXES:
+                for axes in flips:
                     xi = torch.flip(x, axes) if axes else x
                     out = net(xi).float()
                     out = torch.flip(out, axes) if axes else out
                     acc = out if acc is None else acc + out
-                return (acc / len(MIRROR_AXES)).cpu()
+                return (acc / len(flips)).cpu()
 
         return run
 

@@ -34,7 +34,17 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig, load_config, save_config
-from ..data import Dataset, PatchSampler, Plan, fingerprint, load_dataset, preprocess, preprocess_labels
+from ..data import (
+    AugmentConfig,
+    Dataset,
+    PatchSampler,
+    Plan,
+    fingerprint,
+    load_dataset,
+    mirror_axes_for,
+    preprocess,
+    preprocess_labels,
+)
 from ..device import resolve_device
 from ..errors import InputError
 from ..fileio import atomic_write_text
@@ -99,6 +109,7 @@ class _Prepared:
     train: list[tuple[np.ndarray, np.ndarray]]
     val: list[tuple[np.ndarray, np.ndarray]]
     val_names: list[str]
+    mirror_axes: tuple[int, ...]  # network axes that augmentation (and TTA) may mirror
 
 
 class Trainer:
@@ -147,11 +158,13 @@ class Trainer:
             plan = fingerprint(dataset)
             if cfg.data.target_spacing is not None:
                 plan = plan.replace(target_spacing=tuple(cfg.data.target_spacing))
-        arrays = []
+        arrays, affines = [], []
         label_ids = list(dataset.labels.names if isinstance(dataset.labels, LabelTable) else dataset.labels)
         for case in dataset.cases:
             image, label = case.load(label_ids)  # unknown label values are refused even when no fingerprint runs
-            arrays.append((preprocess(image, plan)[0], preprocess_labels(label, plan)))
+            array, inverse = preprocess(image, plan)
+            arrays.append((array, preprocess_labels(label, plan)))
+            affines.append(inverse.network_affine)
         names = [case.name for case in dataset.cases]
         if cfg.data.validation_cases:
             unknown = sorted(set(cfg.data.validation_cases) - set(names))
@@ -170,8 +183,9 @@ class Trainer:
             val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
         val_idx = val_idx or train_idx[:1]  # one case: validate on the training case (reported)
         labels = dataset.labels if isinstance(dataset.labels, LabelTable) else LabelTable(dict(dataset.labels))
+        mirror_axes = mirror_axes_for(cfg.data.mirror, labels.names.values(), affines)
         return _Prepared(plan, labels, arrays[0][0].shape[0], [arrays[i] for i in train_idx],
-                         [arrays[i] for i in val_idx], [dataset.cases[i].name for i in val_idx])
+                         [arrays[i] for i in val_idx], [dataset.cases[i].name for i in val_idx], mirror_axes)
 
     def _build_model(self, data: _Prepared) -> E2ENet:
         cfg = self.config
@@ -207,8 +221,7 @@ class Trainer:
         model = self._build_model(data).to(device)
         self.model = model
         total = cfg.iterations
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                    weight_decay=cfg.weight_decay, nesterov=True)
+        optimizer = make_optimizer(model, cfg)
         updater = DSFFUpdater(model, optimizer, cfg.sparsity, total, seed=cfg.seed) if model.masks() else None
         record = ConnectivityRecord.for_model(model, sparsity=cfg.sparsity.sparsity, model_name=cfg.model)
         history: list[dict[str, Any]] = []
@@ -230,7 +243,8 @@ class Trainer:
             ddp_model = nn.parallel.DistributedDataParallel(model)
         sampler = PatchSampler(data.train, patch=cfg.data.patch, batch=cfg.data.batch,
                                foreground_oversample=cfg.data.foreground_oversample, augment=cfg.data.augment,
-                               seed=cfg.seed, rank=self.rank)
+                               seed=cfg.seed, rank=self.rank,
+                               augment_config=AugmentConfig.for_patch(cfg.data.patch, mirror_axes=data.mirror_axes))
         loss_fn = DeepSupervisionLoss()
         autocast = _autocast(device, cfg.precision)
         scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" and device.type == "cuda" else None
@@ -258,7 +272,7 @@ class Trainer:
                 return
             save_model(model, self.run_dir / MODEL_FILE, metadata={
                 "plan": data.plan.to_dict(), "labels": data.labels.to_dict(), "iterations": iteration,
-                "train_config": cfg.to_dict()})
+                "train_config": cfg.to_dict(), "mirror_axes": list(data.mirror_axes)})
             record.to_json(self.run_dir / CONNECTIVITY_FILE)
             _write_metrics(self.run_dir / METRICS_FILE, history)
             save_state(snapshot_state(iteration), self.run_dir / STATE_FILE)
@@ -350,6 +364,14 @@ class Trainer:
                     per_class.setdefault(name, []).append(dice(pred, label, k))
         model.train()
         return {name: float(np.mean(v)) for name, v in per_class.items()}
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer``: "sgd" (nnU-Net: Nesterov, ``cfg.momentum``) or "adamw" (betas 0.9, 0.999)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=True)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, images: torch.Tensor,

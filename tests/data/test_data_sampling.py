@@ -151,3 +151,38 @@ def test_bad_inputs(cases):
         PatchSampler([(cases[0][0], cases[0][1][:-1])], PATCH, 2)
     with pytest.raises(ValueError):
         PatchSampler([(cases[0][0], cases[0][1].astype(np.float32))], PATCH, 2)
+
+
+def test_mirroring_skips_the_patient_left_right_axis_when_labels_name_a_side():
+    from napari_e2enet.data import fingerprint, mirror_axes_for, phantom_dataset, preprocess
+    from napari_e2enet.data.augment import is_lateralised, left_right_axis
+
+    assert is_lateralised(["liver", "left kidney"]) and is_lateralised(["kidney_Right"])
+    assert not is_lateralised(["liver", "spleen", "bright spot", "leftover"])
+    ds = phantom_dataset(1, seed=0, shape=(24, 20, 12), spacing=(1.5, 1.5, 3.0))
+    _, inverse = preprocess(ds.cases[0].load()[0], fingerprint(ds))
+    lr = left_right_axis(inverse.network_affine)  # source X (patient left-right) ends up as network W
+    assert lr == 2
+    amos = ["spleen", "right kidney", "left kidney", "liver"]
+    assert mirror_axes_for("auto", amos, [inverse.network_affine]) == (0, 1)
+    assert mirror_axes_for("auto", ["liver", "tumour"], [inverse.network_affine]) == (0, 1, 2)
+    assert mirror_axes_for("all", amos, [inverse.network_affine]) == (0, 1, 2)
+    assert mirror_axes_for("none", amos, [inverse.network_affine]) == ()
+    rotated = inverse.network_affine[:, [2, 1, 0, 3]]  # a case stored with left-right along D
+    assert mirror_axes_for("no-left-right", amos, [inverse.network_affine, rotated]) == (1,)
+    with pytest.raises(ValueError, match="mirror must be one of"):
+        mirror_axes_for("sideways", amos, [])
+
+
+def test_a_sampler_without_left_right_mirroring_never_flips_that_axis(cases):
+    # class 1 sits at small W in every case; with W excluded it must stay there in every sample
+    cfg = AugmentConfig.for_patch((20, 28, 24), p_rotation=0, p_scale=0, mirror_axes=(0, 1), p_mirror=1.0)
+    sampler = PatchSampler(cases, patch=(20, 28, 24), batch=4, augment_config=cfg, seed=1)
+    for it in range(5):
+        _, labels = sampler.batch(it)
+        w = np.nonzero((labels[:, 0] == 1).numpy())[3]
+        assert w.max() < 12
+    flipping = PatchSampler(cases, patch=(20, 28, 24), batch=4, seed=1,
+                            augment_config=AugmentConfig.for_patch((20, 28, 24), p_rotation=0, p_scale=0, p_mirror=1.0))
+    _, labels = flipping.batch(0)
+    assert np.nonzero((labels[:, 0] == 1).numpy())[3].min() >= 12  # the control: W flipped, class 1 moved

@@ -7,10 +7,12 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from napari_e2enet import create_model
 from napari_e2enet.config import InferenceConfig
 from napari_e2enet.data import Plan, Volume, make_phantom, read_volume, write_volume
+from napari_e2enet.errors import InputError
 from napari_e2enet.inference import PredictionCancelled, Predictor, PredictProgress
 from napari_e2enet.labels import LabelTable
 from napari_e2enet.training import save_model
@@ -61,6 +63,31 @@ def test_tta_and_accelerate_off_still_give_source_grid_labels(tmp_path, tiny_mod
     source = read_volume(anisotropic_flipped_volume(tmp_path))
     predictor = Predictor.from_checkpoint(tiny_model_file, InferenceConfig(device="cpu", tta=True, accelerate=False))
     assert predictor.predict(source).array.shape == source.array.shape
+
+
+def test_tta_flips_only_the_axes_the_model_was_trained_to_mirror(tmp_path):
+    from napari_e2enet.inference.predictor import MIRROR_AXES, tta_flips
+
+    assert tta_flips((0, 1, 2)) == MIRROR_AXES
+    assert tta_flips((0, 1)) == ((), (2,), (3,), (2, 3))  # never W (tensor dim 4), the left-right axis
+    assert tta_flips(()) == ((),)
+    model = create_model("e2enet_small", num_classes=3, widths=(4, 8, 8), pools=((2, 2, 2),) * 2, sparsity=0.8)
+    plan = Plan(target_spacing=(4.0, 2.0, 2.0), modality="CT", ct_clip=(-1000.0, 400.0), ct_mean=0.0, ct_std=300.0)
+    meta = {"plan": plan.to_dict(), "labels": LabelTable({1: "left kidney", 2: "right kidney"}).to_dict(),
+            "train_config": {"data": {"patch": [16, 16, 16]}}, "mirror_axes": [0, 1]}
+    save_model(model, tmp_path / "lateral.safetensors", metadata=meta)
+    predictor = Predictor.from_checkpoint(tmp_path / "lateral.safetensors", InferenceConfig(device="cpu", tta=True))
+    assert predictor.mirror_axes == (0, 1)
+    # the prediction is the mean over exactly those four flips
+    x = torch.randn(1, 1, 16, 16, 16)
+    net = predictor.network
+    with torch.inference_mode():
+        expected = sum(torch.flip(net(torch.flip(x, f)), f) if f else net(x) for f in tta_flips((0, 1))) / 4
+        got = predictor._tile_predictor()(x)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
+    save_model(model, tmp_path / "bad.safetensors", metadata={**meta, "mirror_axes": [3]})
+    with pytest.raises(InputError, match="mirror axes"):
+        Predictor.from_checkpoint(tmp_path / "bad.safetensors")
 
 
 def test_stop_cancels_within_one_tile(tmp_path, tiny_model_file):

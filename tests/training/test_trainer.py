@@ -36,6 +36,7 @@ def test_a_run_writes_everything_a_user_and_napari_read(tmp_path, tiny_train_con
 
     model, meta = load_model(tmp_path / "model.safetensors")
     assert {"plan", "labels", "train_config"} <= set(meta)
+    assert meta["mirror_axes"] == [0, 1]  # AMOS names a side: no left-right (network W) flips, nor in TTA
     assert model.masks()
     for mw in model.maskable():  # pruned kernels are exactly zero in the shipped weights
         dead = ~mw.module.kernel_mask
@@ -50,7 +51,9 @@ def test_learning_rate_follows_the_poly_schedule():
     assert poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5 ** 0.9)
 
 
-def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_train_config, tiny_phantoms):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_train_config, tiny_phantoms, optimizer):
+    tiny_train_config = tiny_train_config.replace(optimizer=optimizer, lr=0.003 if optimizer == "adamw" else 0.01)
     full, _ = run(tiny_train_config, tmp_path / "full", tiny_phantoms)
 
     stop = threading.Event()
@@ -98,3 +101,21 @@ def test_fine_tuning_starts_from_a_model_file_and_keeps_its_plan(tmp_path, tiny_
     _, meta = load_model(tmp_path / "tuned" / "model.safetensors")
     assert meta["plan"] == base_meta["plan"]
     assert tuned.model.config == base.config
+
+
+def test_train_cli_options_reach_the_config():
+    import argparse
+
+    from napari_e2enet.cli import _train_args, train_config_from_args
+    from napari_e2enet.config import DataConfig, TrainConfig
+
+    parser = argparse.ArgumentParser()
+    _train_args(parser)
+    cfg = train_config_from_args(parser.parse_args(
+        ["--out", "run", "--optimizer", "adamw", "--lr", "0.003", "--mirror", "none", "--foreground-oversample", "0.67"]))
+    assert (cfg.optimizer, cfg.lr, cfg.data.mirror, cfg.data.foreground_oversample) == ("adamw", 0.003, "none", 0.67)
+    assert (TrainConfig().optimizer, DataConfig().mirror) == ("sgd", "auto")  # the paper's recipe stays the default
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="mirror must be one of"):
+        DataConfig(mirror="sideways")
