@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -166,6 +167,7 @@ def test_train_stop_then_resume_continues(make_napari_viewer, qtbot, phantom_fil
     train.image_combo.set_layer(image)
     train.labels_combo.set_layer(labels)
     _tiny_options(train, iterations=6, per_epoch=3)
+    train.optimizer_combo.setCurrentText("adamw")
     _click(qtbot, train.start_btn)
     job = train.job
     seen = []
@@ -189,6 +191,7 @@ def test_train_stop_then_resume_continues(make_napari_viewer, qtbot, phantom_fil
     assert not _errors(notes), _errors(notes)
     assert first[0].iteration == stopped_at + 1
     assert train.last_event.kind == "done" and train.last_event.iteration == 6
+    assert json.loads((train.run_dir / "config.json").read_text())["optimizer"] == "adamw"  # resumed as chosen
 
 
 def test_screenshot_viewer_with_overlay_and_widgets(make_napari_viewer, qtbot, tmp_path, screenshot_dir):
