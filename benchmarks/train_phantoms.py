@@ -1,13 +1,18 @@
 """Train E2ENet (small, DSFF S = 0.8) and nnU-Net's PlainConvUNet side by side on phantom CT cases.
 
 Same patches (one sampler, same seed), batch, iterations, augmentation, loss (Dice + CE, deep
-supervision), optimiser (SGD Nesterov 0.99, poly LR, clip 12); iterations are interleaved (one of
-each in turn) so machine noise hits both alike. Reports held-out mean organ Dice (full-volume
+supervision), optimiser (SGD Nesterov 0.99 or AdamW, poly LR, clip 12); iterations are interleaved
+(one of each in turn) so machine noise hits both alike. Reports held-out mean organ Dice (full-volume
 sliding window on cases never trained on), wall time, seconds per iteration and the DSFF update
 overhead; ``--eval-every`` adds a learning curve. The JSON file is rewritten after every evaluation,
 so a run that is cut off still leaves its numbers. A measurement, not a test: it never fails on time.
 
     .venv/bin/python benchmarks/train_phantoms.py --iterations 800 --eval-every 200 --json out.json
+
+The 20-minute CPU recipe of docs/phantom-benchmark.md:
+
+    .venv/bin/python benchmarks/train_phantoms.py --iterations 680 --eval-every 85 --train-cases 32 \
+        --foreground-oversample 1.0 --optimizer adamw --lr 0.01 --no-augment --json cpu20.json
 """
 
 from __future__ import annotations

@@ -76,6 +76,22 @@ def test_stop_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_train_confi
     )
 
 
+def test_a_run_from_before_the_mirror_option_resumes_mirroring_every_axis(tmp_path, tiny_train_config, tiny_phantoms):
+    import json
+
+    stop = threading.Event()
+    trainer = Trainer(tiny_train_config, tmp_path, dataset=tiny_phantoms, stop=stop)
+    for event in trainer.iter_fit():
+        if event.kind == "iteration" and event.iteration == 2:
+            stop.set()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["data"].pop("mirror") == "auto"
+    (tmp_path / "config.json").write_text(json.dumps(config))  # as an older version wrote it
+    resumed, _ = run(tiny_train_config, tmp_path, tiny_phantoms, resume=True)
+    assert resumed.config.data.mirror == "all"
+    assert load_model(tmp_path / "model.safetensors")[1]["mirror_axes"] == [0, 1, 2]
+
+
 def test_closing_the_generator_saves_the_last_completed_iteration(tmp_path, tiny_train_config, tiny_phantoms):
     trainer = Trainer(tiny_train_config, tmp_path, dataset=tiny_phantoms)
     gen = trainer.iter_fit()
