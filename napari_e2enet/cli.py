@@ -169,10 +169,13 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(config, args.out, resume=args.resume, stop=stop, rank=dist.rank,
                       world_size=dist.world_size, init_from=_model_file(args.init_from) if args.init_from else None)
     bar = None
+    last_loss = float("nan")  # validation events carry no loss: show the last iteration's
     try:
         for event in trainer.iter_fit():
             if not dist.is_main:
                 continue
+            if event.kind == "iteration":
+                last_loss = event.loss
             if event.kind == "start":
                 bar = tqdm(total=event.total, initial=event.iteration, unit="it", dynamic_ncols=True,
                            file=sys.stderr, desc="train")
@@ -182,7 +185,7 @@ def _train(args: argparse.Namespace) -> int:
                 bar.set_postfix(loss=f"{event.loss:.3f}", lr=f"{event.lr:.2g}", refresh=False)
             elif event.kind == "validation" and bar is not None and event.dice:
                 mean = sum(event.dice.values()) / len(event.dice)
-                bar.set_postfix(loss=f"{event.loss or 0:.3f}", dice=f"{mean:.3f}")
+                bar.set_postfix(loss=f"{last_loss:.3f}", dice=f"{mean:.3f}")
             elif event.kind == "topology" and bar is not None and event.update is not None:
                 bar.set_postfix(loss=f"{event.loss:.3f}", dsff=f"-{event.update.total_pruned}/+{event.update.total_regrown}")
     finally:
