@@ -260,7 +260,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output NIfTI file (for one input file) or folder")
     p.add_argument("--model", help="bundled model name, model.safetensors file or run folder (default: bundled)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (8 flips, 8x slower)")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (up to 8 flips, one pass each; only the axes the model was trained to mirror)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--no-accelerate", action="store_true", help="run the model as trained (no fast sparse path)")

@@ -192,7 +192,6 @@ class TrainConfig(_DictMixin):
             raise ValueError(f"TrainConfig: optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
-
 @dataclass(frozen=True)
 class InferenceConfig(_DictMixin):
     """Sliding-window inference (spec E2ENET.md §4, PERFORMANCE.md)."""

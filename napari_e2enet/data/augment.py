@@ -55,7 +55,6 @@ __all__ = [
 ]
 
 
-
 @dataclass(frozen=True)
 class AugmentConfig:
     """Probabilities (per sample unless stated) and ranges; defaults follow nnU-Net v2."""

@@ -134,7 +134,7 @@ class Trainer:
                 raise
             except ValueError as exc:  # load_config names the file in its message
                 raise InputError(str(exc)) from None
-            if '"mirror"' not in (self.run_dir / CONFIG_FILE).read_text():
+            if "mirror" not in (json.loads((self.run_dir / CONFIG_FILE).read_text()).get("data") or {}):
                 # a run started before DataConfig.mirror existed mirrored every axis: resume it so
                 config = config.replace(data=config.data.replace(mirror="all"))
         self.config = config
