@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from napari_e2enet import create_model
-from napari_e2enet.config import SparsityConfig
+from napari_e2enet.config import SparsityConfig, TrainConfig
 from napari_e2enet.data import (
     AugmentConfig,
     PatchSampler,
@@ -40,7 +40,7 @@ from napari_e2enet.device import resolve_device
 from napari_e2enet.inference import sliding_window_argmax
 from napari_e2enet.metrics import dice
 from napari_e2enet.sparse import DSFFUpdater
-from napari_e2enet.training.loop import poly_lr, train_step
+from napari_e2enet.training.loop import make_optimizer, poly_lr, train_step
 from napari_e2enet.training.losses import DeepSupervisionLoss
 
 
@@ -122,8 +122,7 @@ def main() -> None:
         arrays.append((preprocess(image, plan)[0], preprocess_labels(label, plan)))
     train, val = arrays[: args.train_cases], arrays[args.train_cases :]
     num_classes = max(dataset.labels) + 1
-    # the sampler's own rule for in-plane-only rotation (no spacing given): D three times shorter than H/W
-    augment_config = AugmentConfig(anisotropic=max(patch[1:]) >= 3 * patch[0], mirror_axes=tuple(args.mirror_axes))
+    augment_config = AugmentConfig.for_patch(patch, mirror_axes=tuple(args.mirror_axes))
     sampler = PatchSampler(train, patch=patch, batch=args.batch, seed=args.seed, augment_config=augment_config,
                            foreground_oversample=args.foreground_oversample, augment=not args.no_augment)
 
@@ -131,11 +130,7 @@ def main() -> None:
     runs = {}
     for name in args.models:
         model = _build(name, num_classes, args.sparsity, args.seed).to(device)
-        if args.optimizer == "sgd":
-            opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99, weight_decay=args.weight_decay,
-                                  nesterov=True)
-        else:
-            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        opt = make_optimizer(model, TrainConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay))
         updater = (DSFFUpdater(model, opt, SparsityConfig(sparsity=args.sparsity), args.iterations, seed=args.seed)
                    if name.startswith("e2enet") and args.sparsity > 0 else None)
         runs[name] = {"model": model, "opt": opt, "updater": updater, "train_s": 0.0, "dsff_s": 0.0,

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._json import json_safe
+from .config import MIRROR_MODES, OPTIMIZERS
 from .errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -94,9 +95,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"))
     p.add_argument("--batch", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=("sgd", "adamw"),
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="sgd (the paper's, default) or adamw (learns a short CPU run faster; try --lr 0.003)")
-    p.add_argument("--mirror", choices=("auto", "all", "none", "no-left-right"),
+    p.add_argument("--mirror", choices=MIRROR_MODES,
                    help="axes mirrored by augmentation and TTA (auto: none along left-right when labels are "
                         "lateralised)")
     p.add_argument("--foreground-oversample", type=float, help="share of patches centred on a labelled voxel")

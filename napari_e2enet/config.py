@@ -162,6 +162,8 @@ class DataConfig(_DictMixin):
     def __post_init__(self) -> None:
         if self.mirror not in MIRROR_MODES:
             raise ValueError(f"DataConfig: mirror must be one of {', '.join(MIRROR_MODES)}, got {self.mirror!r}")
+        if not 0.0 <= self.foreground_oversample <= 1.0:
+            raise ValueError(f"DataConfig: foreground_oversample must be in [0, 1], got {self.foreground_oversample}")
 
 
 @dataclass(frozen=True)

@@ -135,3 +135,14 @@ def test_train_cli_options_reach_the_config():
         TrainConfig(optimizer="lion")
     with pytest.raises(ValueError, match="mirror must be one of"):
         DataConfig(mirror="sideways")
+
+
+def test_a_foreground_share_outside_0_1_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "napari_e2enet.cli", "train", "--data", "phantom:2", "--out",
+                          str(tmp_path / "run"), "--foreground-oversample", "2"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "foreground_oversample must be in [0, 1]" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
