@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up: system packages for headless GUI tests, a project virtualenv in
-# .venv, torch pinned through constraints.txt (CPU build), the package with its gui/test/bench extras.
+# .venv, torch pinned through constraints.txt (CPU build), the package with its gui/test/bench/formats extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +29,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, from the constraint, so nothing later can pull a CUDA build.
   .venv/bin/python -m pip install -q "${links[@]}" -c constraints.txt torch
-  .venv/bin/python -m pip install -q "${links[@]}" -c constraints.txt -e ".[gui,test,bench]"
+  .venv/bin/python -m pip install -q "${links[@]}" -c constraints.txt -e ".[gui,test,bench,formats]"
   echo "$want" > "$stamp"
 fi
 echo "setup: ready (.venv)" >&2

@@ -7,7 +7,8 @@ millimetre matrix of the source file, unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -26,12 +27,16 @@ class Volume:
         affine: (4, 4) float64, voxel index (i, j, k, 1) → RAS+ millimetres.
         header: the source NIfTI header (kept so a written result carries the same metadata).
         name: a display name (case id, layer name, file stem).
+        meta: JSON-able facts about the source that a writer may need, e.g. for a DICOM series
+            ``{"format": "dicom", "path": <folder or zip>, "series_uid": ...}`` so that a DICOM-SEG
+            can reference it. Empty for NIfTI (its header carries everything).
     """
 
     array: np.ndarray
     affine: np.ndarray
     header: nib.Nifti1Header | None = None
     name: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.array = np.asarray(self.array)
@@ -84,7 +89,7 @@ class Volume:
         array = np.asarray(array)
         if tuple(array.shape[-3:]) != self.spatial_shape:
             raise ValueError(f"with_array: spatial shape {array.shape[-3:]} != {self.spatial_shape}")
-        return Volume(array, self.affine.copy(), self.header, self.name if name is None else name)
+        return Volume(array, self.affine.copy(), self.header, self.name if name is None else name, dict(self.meta))
 
     def __repr__(self) -> str:
         spacing = ", ".join(f"{s:.3g}" for s in self.spacing)
