@@ -282,7 +282,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     from .config import InferenceConfig
     from .data import read_image, write_volume
-    from .inference import Prediction, Predictor
+    from .inference import InputWarning, Prediction, Predictor
 
     if not 0 <= args.overlap < 1:
         raise InputError("--overlap must be in [0, 1)")
@@ -333,6 +333,8 @@ def _predict(args: argparse.Namespace) -> int:
             for item in predictor.iter_predict(volume, stop=stop):
                 if isinstance(item, Prediction):
                     prediction = item
+                elif isinstance(item, InputWarning):
+                    bar.write(f"napari-e2enet predict: warning: {name}: {item.message}", file=sys.stderr)
                 else:
                     bar.total = item.total
                     bar.update(item.done - bar.n)
@@ -341,7 +343,8 @@ def _predict(args: argparse.Namespace) -> int:
                 raise KeyboardInterrupt
             write_volume(prediction.labels, target, like=volume)
             results.append({"case": name, "output": str(target), "status": "ok",
-                            "seconds": round(prediction.seconds, 2), "tiles": prediction.tiles})
+                            "seconds": round(prediction.seconds, 2), "tiles": prediction.tiles,
+                            "warnings": list(prediction.warnings)})
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()

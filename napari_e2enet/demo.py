@@ -112,6 +112,7 @@ def run_demo(out_dir: str | Path, *, model: str = DEFAULT_MODEL, device: str = "
         "dice": {"mean": whole["dice"]["mean"], **whole["dice"]["per_class"]},
         "nsd_1mm": {"mean": whole["nsd"]["mean"], **whole["nsd"]["per_class"]},
         "labels": str(labels_path.name),
+        "warnings": list(prediction.warnings),
     }
     region = heldout_mask(image.spatial_shape, bundled.card)
     if region is not None:

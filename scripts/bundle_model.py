@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from napari_e2enet.config import InferenceConfig
-from napari_e2enet.data import read_labels, read_volume
+from napari_e2enet.data import Plan, read_labels, read_volume
+from napari_e2enet.data.intended_input import IntendedInput
 from napari_e2enet.inference import Predictor
 from napari_e2enet.metrics import evaluate
 from napari_e2enet.training import read_metadata, sha256_of
+from napari_e2enet.training.checkpoint import update_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("model.safetensors", "metrics.csv", "connectivity.json", "config.json")
@@ -38,6 +40,11 @@ def main() -> None:
     parser.add_argument("--trained-on", required=True, help="what data, in words")
     parser.add_argument("--heldout-axis", default=None, help="sample model: axis of the held-out region (x/y/z)")
     parser.add_argument("--heldout-from", type=int, default=None, help="sample model: first held-out voxel")
+    parser.add_argument("--intended-input", type=json.loads, default=None,
+                        help="JSON of IntendedInput fields to replace the run's own (e.g. body_region, description)")
+    parser.add_argument("--orientation", default=None,
+                        help="set the plan's orientation (e.g. RAS) of a run trained before the option, when its "
+                             "training data was stored in that orientation (the network then saw the same arrays)")
     args = parser.parse_args()
 
     out = ROOT / "resources" / "models" / args.name
@@ -45,6 +52,15 @@ def main() -> None:
     for name in FILES:
         shutil.copyfile(args.run_dir / name, out / name)
     meta = read_metadata(out / "model.safetensors")
+    changes = {}
+    if args.orientation is not None:
+        changes["plan"] = {**meta["plan"], "orientation": args.orientation}
+    if args.intended_input is not None:
+        base = meta.get("intended_input") or IntendedInput.from_plan(Plan.from_dict(meta["plan"])).to_dict()
+        changes["intended_input"] = IntendedInput.from_dict({**base, **args.intended_input}).to_dict()
+    if changes:
+        update_metadata(out / "model.safetensors", changes)
+        meta = read_metadata(out / "model.safetensors")
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     last = rows[-1]
     card = {
@@ -62,6 +78,8 @@ def main() -> None:
         "sha256": sha256_of(out / "model.safetensors"),
         "created": time.strftime("%Y-%m-%d"),
         "intended_use": "demonstration of the napari-e2enet workflow; not for clinical use",
+        "intended_input": meta.get("intended_input"),
+        "orientation": meta["plan"].get("orientation") or "storage order",
     }
     if args.heldout_axis is not None:
         card["heldout_region"] = {"axis": args.heldout_axis, "from_voxel": args.heldout_from}

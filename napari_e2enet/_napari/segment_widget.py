@@ -369,9 +369,11 @@ class SegmentWidget(QWidget):
         return self.job
 
     def _on_predict_event(self, event: Any) -> None:
-        from ..inference.predictor import Prediction, PredictProgress
+        from ..inference.predictor import InputWarning, Prediction, PredictProgress
 
-        if isinstance(event, PredictProgress):
+        if isinstance(event, InputWarning):
+            show_warning(f"napari-e2enet: {event.message}")
+        elif isinstance(event, PredictProgress):
             self.progress_bar.setRange(0, int(event.total))
             self.progress_bar.setValue(int(event.done))
             if self.job is not None:

@@ -6,6 +6,7 @@ sees (C, D, H, W) after ``preprocess`` (D = coarsest axis), and ``Inverse`` brin
 
 from .augment import MIRROR_MODES, AugmentConfig, mirror_axes_for
 from .dataset import Case, Dataset, load_dataset, modality_from_channels
+from .intended_input import IntendedInput, input_warnings, scan_statistics
 from .io import read_geometry, read_image, read_labels, read_volume, write_volume
 from .phantom import AMOS_LABELS, make_phantom, phantom_dataset
 from .preprocess import Inverse, Plan, axis_order, fingerprint, preprocess, preprocess_case, preprocess_labels
@@ -18,6 +19,7 @@ __all__ = [
     "AugmentConfig",
     "Case",
     "Dataset",
+    "IntendedInput",
     "Inverse",
     "PatchSampler",
     "Plan",
@@ -25,6 +27,7 @@ __all__ = [
     "Volume",
     "axis_order",
     "fingerprint",
+    "input_warnings",
     "load_dataset",
     "make_phantom",
     "mirror_axes_for",
@@ -37,5 +40,6 @@ __all__ = [
     "read_image",
     "read_labels",
     "read_volume",
+    "scan_statistics",
     "write_volume",
 ]

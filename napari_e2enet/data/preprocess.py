@@ -2,9 +2,17 @@
 
 Spec E2ENET.md §4 and docs/CONVENTIONS.md:
 
+- **Orientation.** With ``Plan.orientation = "RAS"`` (every model trained since the option exists) the
+  volume is first brought to the closest RAS+ voxel order by permuting and flipping axes only (no
+  resampling; nibabel's ``io_orientation``), so the same scan stored in any of the 48 axis orders
+  reaches the network as the same array and a model that learned "left" keeps it. ``None`` (model
+  files from before) uses the storage order as it comes, as those models were trained.
 - **Axis order.** The network sees (C, D, H, W) with D the coarsest axis (ties → Z); the other two
   follow in reverse array order, so isotropic (X, Y, Z) data becomes (Z, Y, X), and Z-coarsest data
   too. The permutation is recorded in ``Inverse`` and undone on the way back.
+- **Background.** Skull-stripped MRI (``Plan.norm_nonzero``) is normalised over its foreground: the
+  voxels that differ from the image's constant background value, which is 0 unless the volume border
+  is dominated by another constant (an intensity offset such as ``scl_inter = 50``).
 - **Resampling** (nnU-Net style) keeps the field of view: each axis gets
   ``n' = round(n · spacing / target)`` voxels and voxel *edges* stay aligned (scipy ``zoom`` with
   ``grid_mode=True``). Axes whose size would not change are not touched (identity spacing → no
@@ -27,16 +35,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from nibabel import orientations
 from scipy import ndimage as ndi
 
 from ..errors import InputError
 from .volume import Volume
 
 __all__ = [
+    "ORIENTATIONS",
     "Inverse",
     "Plan",
     "axis_order",
+    "background_value",
+    "canonical_orientation",
     "fingerprint",
+    "foreground_box",
+    "foreground_mask",
     "normalise",
     "preprocess",
     "preprocess_case",
@@ -44,6 +58,7 @@ __all__ = [
 ]
 
 TRANSPOSE_RULES = ("coarsest_first", "zyx")
+ORIENTATIONS = ("RAS",)  # Plan.orientation; None = storage order (model files from before the option)
 
 
 def axis_order(spacing: tuple[float, float, float], rule: str = "coarsest_first") -> tuple[int, int, int]:
@@ -75,9 +90,13 @@ class Plan:
         transpose: axis-order rule, ``"coarsest_first"`` (default) or ``"zyx"``.
         anisotropy_threshold: spacing ratio above which the coarse axis is resampled separately.
         label_resampling: ``"linear"`` (per-label linear + arg-max) or ``"nearest"``.
-        norm_nonzero: non-CT only: z-score over the non-zero voxels and keep zeros zero (nnU-Net's
+        norm_nonzero: non-CT only: z-score over the foreground voxels (those that differ from the
+            background value, see ``background_value``) and keep the background zero (nnU-Net's
             ``use_mask_for_norm`` for skull-stripped MRI such as BraTS or the MNI152 sample: the
             statistics then describe tissue, not how much empty background a field of view holds).
+            Such models also predict only inside the foreground's bounding box (``Predictor``).
+        orientation: ``"RAS"``: the network sees every volume in the closest RAS+ voxel order
+            (permutation and flips only); ``None``: in its storage order (model files from before).
     """
 
     target_spacing: tuple[float, float, float]
@@ -89,6 +108,7 @@ class Plan:
     anisotropy_threshold: float = 3.0
     label_resampling: str = "linear"
     norm_nonzero: bool = False
+    orientation: str | None = None
 
     def __post_init__(self) -> None:
         ts = tuple(float(s) for s in self.target_spacing)
@@ -116,6 +136,8 @@ class Plan:
             )
         if not self.anisotropy_threshold > 1:
             raise InputError("Plan: anisotropy_threshold must be > 1")
+        if self.orientation is not None and self.orientation not in ORIENTATIONS:
+            raise InputError(f"Plan: orientation must be one of {ORIENTATIONS} or null, got {self.orientation!r}")
 
     @property
     def uses_ct_normalisation(self) -> bool:
@@ -154,16 +176,42 @@ class Inverse:
     """What ``preprocess`` did, so that network outputs can go back to the source grid.
 
     Attributes:
-        source_shape: (X, Y, Z) of the source volume.
+        source_shape: (X, Y, Z) of the source volume after reorientation (= its storage shape when
+            ``to_storage`` is None).
         order: network axis n ← source axis ``order[n]``.
         network_shape: (D, H, W) of the preprocessed array.
-        source_affine: the source's 4×4 affine (voxel → RAS+ mm).
+        source_affine: the 4×4 affine (voxel → RAS+ mm) of the reoriented source.
+        to_storage: nibabel orientation transform (3, 2) from the reoriented voxel order back to the
+            storage order, or None when no reorientation was done.
     """
 
     source_shape: tuple[int, int, int]
     order: tuple[int, int, int]
     network_shape: tuple[int, int, int]
     source_affine: np.ndarray
+    to_storage: np.ndarray | None = None
+
+    @property
+    def storage_shape(self) -> tuple[int, int, int]:
+        """(X, Y, Z) of the volume as stored: the shape results are mapped back to."""
+        if self.to_storage is None:
+            return self.source_shape
+        shape = [0, 0, 0]
+        for k, (axis, _) in enumerate(self.to_storage):
+            shape[int(axis)] = self.source_shape[k]
+        return (shape[0], shape[1], shape[2])
+
+    def _to_storage(self, array: np.ndarray) -> np.ndarray:
+        """(..., X, Y, Z) on the reoriented grid → storage voxel order (permutation and flips, exact)."""
+        if self.to_storage is None:
+            return array
+        lead = array.ndim - 3
+        out = array
+        for k in range(3):  # flips first, in reoriented axes, then one transpose (nibabel's apply_orientation)
+            if self.to_storage[k, 1] == -1:
+                out = np.flip(out, axis=lead + k)
+        axes = [lead + int(k) for k in np.argsort(self.to_storage[:, 0])]
+        return np.ascontiguousarray(out.transpose(*range(lead), *axes))
 
     @property
     def source_shape_network_order(self) -> tuple[int, int, int]:
@@ -200,10 +248,11 @@ class Inverse:
         return out
 
     def labels_to_source(self, labels: np.ndarray) -> np.ndarray:
-        """(D, H, W) integer labels on the network grid → (X, Y, Z) on the exact source grid.
+        """(D, H, W) integer labels on the network grid → (X, Y, Z) on the exact source grid, in its
+        storage order.
 
         Nearest-neighbour: each source voxel takes the label of the network voxel containing its
-        centre. The dtype is kept; the shape is always ``source_shape``.
+        centre. The dtype is kept; the shape is always ``storage_shape``.
         """
         labels = np.asarray(labels)
         if labels.shape != self.network_shape:
@@ -213,7 +262,7 @@ class Inverse:
         else:
             i0, i1, i2 = self._nearest_indices()
             net = labels[np.ix_(i0, i1, i2)]
-        return np.ascontiguousarray(net.transpose(np.argsort(self.order)))
+        return self._to_storage(np.ascontiguousarray(net.transpose(np.argsort(self.order))))
 
     def array_to_source(self, array: np.ndarray, order: int = 1) -> np.ndarray:
         """(C, D, H, W) or (D, H, W) float maps (probabilities, logits) → (C, X, Y, Z) / (X, Y, Z)."""
@@ -227,8 +276,7 @@ class Inverse:
         target = self.source_shape_network_order
         if not self._is_identity_grid():
             arr = np.stack([_zoom_to(c, target, order) for c in arr])
-        back = arr.transpose(0, *(1 + np.argsort(self.order)))
-        back = np.ascontiguousarray(back)
+        back = self._to_storage(arr.transpose(0, *(1 + np.argsort(self.order))))
         return back[0] if squeeze else back
 
     def _is_identity_grid(self) -> bool:
@@ -335,6 +383,41 @@ def _resample_labels(labels: np.ndarray, new_shape: tuple[int, int, int], method
 # ----------------------------------------------------------------------------- normalisation
 
 
+# A constant that fills at least this share of the volume's border faces, and this share of the whole
+# volume, is the image's background value. Skull-stripped and zero-padded scans have 0 there; an
+# intensity offset (int16 with scl_inter = 50) moves it. A noisy background never qualifies.
+_BACKGROUND_BORDER_SHARE = 0.5
+_BACKGROUND_VOLUME_SHARE = 0.05
+
+
+def _border_values(channel: np.ndarray) -> np.ndarray:
+    """The voxels of the six faces of a 3D array (edges counted more than once: fine for a share)."""
+    faces = [channel[0], channel[-1], channel[:, 0], channel[:, -1], channel[:, :, 0], channel[:, :, -1]]
+    return np.concatenate([f.ravel() for f in faces])
+
+
+def background_value(channel: np.ndarray) -> float:
+    """The constant background value of one (X, Y, Z) channel: the value that fills most of the
+    volume border when it fills at least half of it and 5 % of the volume, else 0."""
+    border = _border_values(channel)
+    values, counts = np.unique(border, return_counts=True)
+    k = int(np.argmax(counts))
+    value = float(values[k])
+    if value == 0 or counts[k] < _BACKGROUND_BORDER_SHARE * border.size:
+        return 0.0
+    stride = max(1, channel.size // 1_000_000)  # a share, so a strided sample is enough
+    share = float(np.mean(channel.reshape(-1)[::stride] == values[k]))
+    return value if share >= _BACKGROUND_VOLUME_SHARE else 0.0
+
+
+def foreground_mask(array: np.ndarray) -> np.ndarray:
+    """(C, X, Y, Z) → bool (X, Y, Z): voxels where any channel differs from its background value."""
+    mask = np.zeros(array.shape[1:], bool)
+    for channel in array:
+        mask |= channel != background_value(channel)
+    return mask
+
+
 def normalise(array: np.ndarray, plan: Plan) -> np.ndarray:
     """(C, ...) float32 → normalised float32 (see the module docstring)."""
     out = np.empty(array.shape, np.float32)
@@ -345,7 +428,7 @@ def normalise(array: np.ndarray, plan: Plan) -> np.ndarray:
         out -= np.float32(plan.ct_mean)
         out /= np.float32(std)
         return out
-    mask = (array != 0).any(axis=0) if plan.norm_nonzero else None
+    mask = foreground_mask(array) if plan.norm_nonzero else None
     for c in range(array.shape[0]):
         ch = array[c].astype(np.float64, copy=False)
         values = ch[mask] if mask is not None and mask.any() else ch
@@ -357,6 +440,32 @@ def normalise(array: np.ndarray, plan: Plan) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def canonical_orientation(volume: Volume, orientation: str | None) -> tuple[Volume, np.ndarray | None]:
+    """``volume`` in the closest ``orientation`` (e.g. "RAS") voxel order: axes permuted and flipped
+    only, voxels unchanged, the affine adjusted so every voxel keeps its world position.
+
+    Returns (reoriented Volume (a view where possible), the nibabel orientation transform back to the
+    storage order, or None when ``orientation`` is None or the volume is already in that order).
+    """
+    if orientation is None:
+        return volume, None
+    ornt = orientations.io_orientation(volume.affine)
+    target = orientations.axcodes2ornt(tuple(orientation))
+    forward = orientations.ornt_transform(ornt, target)
+    if np.array_equal(forward, [[0, 1], [1, 1], [2, 1]]):
+        return volume, None
+    lead = volume.array.ndim - 3
+    array = volume.array
+    for k in range(3):
+        if forward[k, 1] == -1:
+            array = np.flip(array, axis=lead + k)
+    axes = [lead + int(k) for k in np.argsort(forward[:, 0])]
+    array = array.transpose(*range(lead), *axes)
+    affine = volume.affine @ orientations.inv_ornt_aff(forward, volume.spatial_shape)
+    out = Volume(array, affine, volume.header, volume.name, dict(volume.meta))
+    return out, orientations.ornt_transform(target, ornt)
 
 
 def _network_view(
@@ -371,13 +480,14 @@ def _network_view(
 
 def preprocess(image: Volume, plan: Plan) -> tuple[np.ndarray, Inverse]:
     """Image Volume ((X, Y, Z) or (C, X, Y, Z)) → (float32 (C, D, H, W) network input, Inverse)."""
+    image, to_storage = canonical_orientation(image, plan.orientation)
     arr, order, spacing = _network_view(image, plan)
     arr = normalise(arr, plan)
     new_shape = _target_shape(arr.shape[1:], spacing, plan.target_spacing)  # type: ignore[arg-type]
     if tuple(arr.shape[1:]) != new_shape:
         arr = np.stack([_resample_image(c, spacing, new_shape, plan) for c in arr])
     out = np.ascontiguousarray(arr, dtype=np.float32)
-    inverse = Inverse(image.spatial_shape, order, new_shape, image.affine.copy())
+    inverse = Inverse(image.spatial_shape, order, new_shape, image.affine.copy(), to_storage)
     return out, inverse
 
 
@@ -387,6 +497,7 @@ def preprocess_labels(label: Volume, plan: Plan) -> np.ndarray:
         raise InputError(f"label map must be 3D, got shape {label.array.shape}", label.name or None)
     if label.array.dtype.kind not in "biu":
         raise InputError(f"label map must hold integers, got {label.array.dtype}", label.name or None)
+    label, _ = canonical_orientation(label, plan.orientation)
     arr, _, spacing = _network_view(label, plan)
     arr = arr[0]
     new_shape = _target_shape(arr.shape, spacing, plan.target_spacing)  # type: ignore[arg-type]
@@ -408,14 +519,24 @@ def preprocess_case(
     return img, lab, inverse
 
 
-def _nonzero_box_fraction(array: np.ndarray) -> float:
-    """Size of the bounding box of the non-zero voxels (any channel) as a fraction of the image."""
-    mask = (array != 0).any(axis=0)
+def foreground_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """(C, X, Y, Z) → the bounding box of ``foreground_mask`` (nnU-Net's crop), None when empty."""
+    mask = foreground_mask(array)
     if not mask.any():
+        return None
+    box = []
+    for k in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k)))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return (box[0], box[1], box[2])
+
+
+def _nonzero_box_fraction(array: np.ndarray) -> float:
+    """Size of the foreground's bounding box (any channel) as a fraction of the image."""
+    box = foreground_box(array)
+    if box is None:
         return 1.0
-    extent = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != k))) for k in range(mask.ndim)]
-    box = np.prod([e[-1] - e[0] + 1 for e in extent])
-    return float(box / mask.size)
+    return float(np.prod([b.stop - b.start for b in box]) / np.prod(array.shape[1:]))
 
 
 def fingerprint(
@@ -425,6 +546,7 @@ def fingerprint(
     seed: int = 0,
     transpose: str = "coarsest_first",
     target_spacing: tuple[float, float, float] | None = None,
+    orientation: str | None = "RAS",
 ) -> Plan:
     """Dataset statistics → Plan (nnU-Net style).
 
@@ -440,6 +562,9 @@ def fingerprint(
     nonzero_fractions: list[float] = []
     for i in range(len(dataset)):
         image, label = dataset.load(i)
+        if label is not None:  # on the image's grid, whatever its own header says
+            label, _ = canonical_orientation(Volume(label.array, image.affine, None, label.name), orientation)
+        image, _ = canonical_orientation(image, orientation)
         nonzero_fractions.append(_nonzero_box_fraction(image.channels()))
         order = axis_order(image.spacing, transpose)
         spacings.append((image.spacing[order[0]], image.spacing[order[1]], image.spacing[order[2]]))
@@ -462,7 +587,8 @@ def fingerprint(
         # nnU-Net's rule: normalise inside the non-zero region when cropping to it would shrink the
         # images to at most 3/4 of their size (skull-stripped MRI).
         norm_nonzero = bool(np.median(nonzero_fractions) <= 0.75)
-        return Plan(spacing_out, modality, transpose=transpose, norm_nonzero=norm_nonzero)  # type: ignore[arg-type]
+        return Plan(spacing_out, modality, transpose=transpose, norm_nonzero=norm_nonzero,  # type: ignore[arg-type]
+                    orientation=orientation)
     allv = np.concatenate(samples)
     lo, hi = np.percentile(allv, [0.5, 99.5])
     return Plan(
@@ -472,4 +598,5 @@ def fingerprint(
         float(allv.mean()),
         float(allv.std()),
         transpose,
+        orientation=orientation,
     )

@@ -1,6 +1,6 @@
 """Inference: the sliding window, the Predictor and the fast sparse path."""
 
-from .predictor import Prediction, PredictionCancelled, Predictor, PredictProgress
+from .predictor import InputWarning, Prediction, PredictionCancelled, Predictor, PredictProgress
 from .sliding_window import SlidingWindowResult, TileProgress, iter_sliding_window, sliding_window_argmax
 
 
@@ -12,6 +12,7 @@ def accelerate(model, precision: str = "fp32", **kwargs):
 
 
 __all__ = [
+    "InputWarning",
     "PredictProgress",
     "Prediction",
     "PredictionCancelled",

@@ -1,8 +1,15 @@
 """Whole-volume prediction: preprocessing → sliding window → argmax → labels on the source grid.
 
-``Predictor.iter_predict(volume)`` is a generator: it yields :class:`PredictProgress` per forward
-batch of tiles (a cancel point: stop iterating, or set ``stop``) and finally a :class:`Prediction`
-whose ``labels`` Volume has the source shape and exactly the source affine and header.
+``Predictor.iter_predict(volume)`` is a generator: it first yields an :class:`InputWarning` for
+each way the scan differs from what the model expects (``intended_input``), then
+:class:`PredictProgress` per forward batch of tiles (a cancel point: stop iterating, or set
+``stop``) and finally a :class:`Prediction` whose ``labels`` Volume has the source shape and exactly
+the source affine and header.
+
+The network sees every scan in the orientation its plan names (``Plan.orientation``), so storage
+order does not change the result. Models that normalise over the foreground (skull-stripped MRI)
+predict only inside the foreground's bounding box (nnU-Net's crop): the rest is background, and the
+time follows the content, not the padding around it.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from torch import nn
 from ..bundled import DEFAULT_MODEL, bundled_model
 from ..config import InferenceConfig
 from ..data import Plan, Volume, preprocess
+from ..data.intended_input import IntendedInput, input_warnings, scan_statistics
+from ..data.preprocess import foreground_box
 from ..device import resolve_device
 from ..errors import InputError
 from ..labels import LabelTable
@@ -51,12 +60,20 @@ class PredictProgress:
 
 
 @dataclass(frozen=True)
+class InputWarning:
+    """The scan is not what the model expects (one line: what is off and what to do)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class Prediction:
     labels: Volume  # (X, Y, Z) integer labels on the source grid, source affine and header
     seconds: float
     device: str
     tiles: int
     label_table: LabelTable
+    warnings: tuple[str, ...] = ()
 
 
 class Predictor:
@@ -64,7 +81,7 @@ class Predictor:
 
     def __init__(self, model: E2ENet, plan: Plan, labels: LabelTable, *, patch: tuple[int, int, int],
                  config: InferenceConfig | None = None, source: str = "",
-                 mirror_axes: tuple[int, ...] = (0, 1, 2)) -> None:
+                 mirror_axes: tuple[int, ...] = (0, 1, 2), intended: IntendedInput | None = None) -> None:
         self.config = config or InferenceConfig()
         self.device = resolve_device(self.config.device)
         self.model = model.to(self.device).eval()
@@ -73,6 +90,7 @@ class Predictor:
         self.patch = tuple(int(p) for p in patch)
         self.source = source
         self.mirror_axes = tuple(int(a) for a in mirror_axes)  # network axes TTA may flip
+        self.intended = intended or IntendedInput.from_plan(plan)
         self._network: nn.Module | None = None
 
     # -- construction --------------------------------------------------------------------------
@@ -95,10 +113,12 @@ class Predictor:
             mirror_axes = tuple(int(a) for a in meta.get("mirror_axes", (0, 1, 2)))  # older files: all
             if not set(mirror_axes) <= {0, 1, 2}:
                 raise ValueError(f"mirror axes {list(mirror_axes)} are not network axes 0..2")
+            intended = IntendedInput.from_dict(meta["intended_input"]) if "intended_input" in meta else None
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             detail = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise InputError(f"unusable metadata in the model file ({detail})", path) from None
-        return cls(model, plan, labels, patch=patch, config=config, source=str(path), mirror_axes=mirror_axes)
+        return cls(model, plan, labels, patch=patch, config=config, source=str(path), mirror_axes=mirror_axes,
+                   intended=intended)
 
     @classmethod
     def from_bundled(cls, name: str = DEFAULT_MODEL, config: InferenceConfig | None = None) -> Predictor:
@@ -153,33 +173,52 @@ class Predictor:
 
         return run
 
-    def check_input(self, volume: Volume) -> None:
+    def check_input(self, volume: Volume) -> list[str]:
+        """Raise InputError when the model cannot take ``volume`` (channel count); return one-line
+        warnings where the scan is not what the model expects (:mod:`.intended_input`)."""
         expected = self.model.config.in_channels
         if volume.num_channels != expected:
             raise InputError(f"image has {volume.num_channels} channel(s) but the model expects {expected}",
                              volume.name or None)
+        return input_warnings(self.intended, scan_statistics(volume))
 
     def iter_predict(self, volume: Volume, stop: threading.Event | None = None
-                     ) -> Iterator[PredictProgress | Prediction]:
+                     ) -> Iterator[InputWarning | PredictProgress | Prediction]:
         t0 = time.perf_counter()
-        self.check_input(volume)
-        image, inverse = preprocess(volume, self.plan)
-        result: SlidingWindowResult | None = None
+        warnings = tuple(self.check_input(volume))
+        for message in warnings:
+            yield InputWarning(message)
+        labels = np.zeros(volume.spatial_shape, _label_dtype(self.model.config.num_classes))
         tiles = 0
-        for item in iter_sliding_window(torch.from_numpy(image), self._tile_predictor(), patch=self.patch,
-                                        num_classes=self.model.config.num_classes, overlap=self.config.overlap,
-                                        tiles_per_batch=self.config.tiles_per_batch, stop=stop):
-            if isinstance(item, TileProgress):
-                tiles = item.total
-                yield PredictProgress(item.done, item.total)
-            else:
-                result = item
-        if result is None:  # stopped
-            return
-        labels = inverse.labels_to_source(result.labels)
-        out = Volume(labels.astype(_label_dtype(self.model.config.num_classes)), volume.affine.copy(),
-                     header=volume.header, name=f"{volume.name}_labels" if volume.name else "labels")
-        yield Prediction(out, time.perf_counter() - t0, str(self.device), tiles, self.labels)
+        box = self._field_of_view(volume)
+        if box is not None:  # else: nothing but background, and no network call
+            crop = _crop(volume, box)
+            image, inverse = preprocess(crop, self.plan)
+            result: SlidingWindowResult | None = None
+            for item in iter_sliding_window(torch.from_numpy(image), self._tile_predictor(), patch=self.patch,
+                                            num_classes=self.model.config.num_classes, overlap=self.config.overlap,
+                                            tiles_per_batch=self.config.tiles_per_batch, stop=stop):
+                if isinstance(item, TileProgress):
+                    tiles = item.total
+                    yield PredictProgress(item.done, item.total)
+                else:
+                    result = item
+            if result is None:  # stopped
+                return
+            labels[box] = inverse.labels_to_source(result.labels)
+        out = Volume(labels, volume.affine.copy(), header=volume.header,
+                     name=f"{volume.name}_labels" if volume.name else "labels", meta=dict(volume.meta))
+        yield Prediction(out, time.perf_counter() - t0, str(self.device), tiles, self.labels, warnings)
+
+    def _field_of_view(self, volume: Volume) -> tuple[slice, slice, slice] | None:
+        """Where the network runs: the foreground's bounding box for models normalised over the
+        foreground, else the whole volume; None when the image is only its background value."""
+        channels = volume.channels()
+        if self.plan.norm_nonzero:
+            return foreground_box(channels)
+        if all(float(c.min()) == float(c.max()) for c in channels):
+            return None
+        return tuple(slice(0, n) for n in volume.spatial_shape)  # type: ignore[return-value]
 
     def predict(self, volume: Volume, stop: threading.Event | None = None) -> Volume:
         """Labels on the source grid; raises :class:`PredictionCancelled` if ``stop`` was set."""
@@ -189,9 +228,20 @@ class Predictor:
         raise PredictionCancelled("prediction was cancelled")
 
     def describe(self) -> dict[str, Any]:
+        orientation = self.plan.orientation or "storage order (a model file from before orientation handling)"
         return {"source": self.source, "device": str(self.device), "patch": list(self.patch),
                 "classes": self.labels.names, "sparsity": round(self.model.sparsity, 4),
-                "precision": self.config.precision, "tta": self.config.tta, "overlap": self.config.overlap}
+                "precision": self.config.precision, "tta": self.config.tta, "overlap": self.config.overlap,
+                "orientation": orientation, "intended_input": self.intended.to_dict()}
+
+
+def _crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
+    """The part of ``volume`` inside ``box`` (a view), with the affine that keeps it in place."""
+    if all(b.start == 0 and b.stop == n for b, n in zip(box, volume.spatial_shape, strict=True)):
+        return volume
+    shift = np.eye(4)
+    shift[:3, 3] = [b.start for b in box]
+    return Volume(volume.array[(..., *box)], volume.affine @ shift, volume.header, volume.name, dict(volume.meta))
 
 
 def _label_dtype(num_classes: int) -> type:

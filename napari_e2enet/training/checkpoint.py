@@ -45,6 +45,25 @@ def save_model(model: E2ENet, path: str | Path, *, metadata: dict[str, Any] | No
     return path
 
 
+def update_metadata(path: str | Path, changes: dict[str, Any]) -> Path:
+    """Rewrite a model file's metadata with ``changes`` (JSON-able values), tensors unchanged, atomically."""
+    path = Path(path)
+    read_metadata(path)  # refuses a file that is not a napari-e2enet model
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+    tensors = load_file(str(path), device="cpu")
+    for key, value in changes.items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    with atomic_output(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except SafetensorError as exc:
+            raise InputError(f"cannot write ({_first_line(exc)})", path) from None
+    return path
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return " ".join(text.splitlines()[0].split())[:200] if text else type(exc).__name__

@@ -45,6 +45,7 @@ from ..data import (
     preprocess,
     preprocess_labels,
 )
+from ..data.intended_input import IntendedInput
 from ..device import resolve_device
 from ..errors import InputError
 from ..fileio import atomic_write_text
@@ -110,6 +111,7 @@ class _Prepared:
     val: list[tuple[np.ndarray, np.ndarray]]
     val_names: list[str]
     mirror_axes: tuple[int, ...]  # network axes that augmentation (and TTA) may mirror
+    intended: IntendedInput  # what the trained model expects (modality, skull-stripped, voxel sizes)
 
 
 class Trainer:
@@ -161,13 +163,14 @@ class Trainer:
             plan = fingerprint(dataset)
             if cfg.data.target_spacing is not None:
                 plan = plan.replace(target_spacing=tuple(cfg.data.target_spacing))
-        arrays, affines = [], []
+        arrays, affines, spacings = [], [], []
         label_ids = list(dataset.labels.names if isinstance(dataset.labels, LabelTable) else dataset.labels)
         for case in dataset.cases:
             image, label = case.load(label_ids)  # unknown label values are refused even when no fingerprint runs
             array, inverse = preprocess(image, plan)
             arrays.append((array, preprocess_labels(label, plan)))
             affines.append(inverse.network_affine)
+            spacings.append(image.spacing)
         names = [case.name for case in dataset.cases]
         if cfg.data.validation_cases:
             unknown = sorted(set(cfg.data.validation_cases) - set(names))
@@ -188,7 +191,8 @@ class Trainer:
         labels = dataset.labels if isinstance(dataset.labels, LabelTable) else LabelTable(dict(dataset.labels))
         mirror_axes = mirror_axes_for(cfg.data.mirror, labels.names.values(), affines)
         return _Prepared(plan, labels, arrays[0][0].shape[0], [arrays[i] for i in train_idx],
-                         [arrays[i] for i in val_idx], [dataset.cases[i].name for i in val_idx], mirror_axes)
+                         [arrays[i] for i in val_idx], [dataset.cases[i].name for i in val_idx], mirror_axes,
+                         IntendedInput.from_plan(plan, spacings))
 
     def _build_model(self, data: _Prepared) -> E2ENet:
         cfg = self.config
@@ -275,7 +279,8 @@ class Trainer:
                 return
             save_model(model, self.run_dir / MODEL_FILE, metadata={
                 "plan": data.plan.to_dict(), "labels": data.labels.to_dict(), "iterations": iteration,
-                "train_config": cfg.to_dict(), "mirror_axes": list(data.mirror_axes)})
+                "train_config": cfg.to_dict(), "mirror_axes": list(data.mirror_axes),
+                "intended_input": data.intended.to_dict()})
             record.to_json(self.run_dir / CONNECTIVITY_FILE)
             _write_metrics(self.run_dir / METRICS_FILE, history)
             save_state(snapshot_state(iteration), self.run_dir / STATE_FILE)
