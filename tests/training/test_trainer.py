@@ -37,6 +37,11 @@ def test_a_run_writes_everything_a_user_and_napari_read(tmp_path, tiny_train_con
     model, meta = load_model(tmp_path / "model.safetensors")
     assert {"plan", "labels", "train_config"} <= set(meta)
     assert meta["mirror_axes"] == [0, 1]  # AMOS names a side: no left-right (network W) flips, nor in TTA
+    assert meta["plan"]["orientation"] == "RAS"  # every case reaches the network in one anatomical order
+    intended = meta["intended_input"]  # phantoms: CT in HU, voxel sizes of the training cases
+    assert intended["modality"] == "CT" and intended["intensity"] == "HU" and not intended["skull_stripped"]
+    spacings = [v for i in range(len(tiny_phantoms.cases)) for v in tiny_phantoms.load(i)[0].spacing]
+    assert intended["spacing_mm"] == pytest.approx([min(spacings), max(spacings)], abs=1e-3)
     assert model.masks()
     for mw in model.maskable():  # pruned kernels are exactly zero in the shipped weights
         dead = ~mw.module.kernel_mask
