@@ -10,7 +10,7 @@ Heuristics, measured on the bundled sample (skull-stripped MNI152 T1), the CT ph
 with a bright 8 mm shell around the brain (a scalp):
 
 - **CT or not**: air. A CT in Hounsfield units has ≥ 1 % of its voxels at or below −500 (air outside
-  the body, lungs, bowel gas); an MR image has none (phantom: 69 %, sample: 0 %).
+  the body, lungs, bowel gas); an MR image has none (phantom: 56 %, sample: 0 %).
 - **Background touching the border**: in a skull-stripped image the volume border is the constant
   background; a head with its skull (or any MRI with a noisy background) has signal there
   (sample: 0.05 % of the border voxels, phantom: 100 %).

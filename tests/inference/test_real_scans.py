@@ -11,7 +11,15 @@ import pytest
 from scipy import ndimage as ndi
 
 from napari_e2enet.config import InferenceConfig
-from napari_e2enet.data import Plan, Volume, make_phantom, preprocess, preprocess_case, read_labels, read_volume
+from napari_e2enet.data import (
+    Plan,
+    Volume,
+    make_phantom,
+    preprocess,
+    preprocess_case,
+    read_labels,
+    read_volume,
+)
 from napari_e2enet.data.intended_input import IntendedInput, input_warnings, scan_statistics
 from napari_e2enet.data.preprocess import background_value, canonical_orientation, foreground_mask
 from napari_e2enet.inference import InputWarning, Prediction, Predictor
