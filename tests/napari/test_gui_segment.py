@@ -173,7 +173,7 @@ def test_cancel_segmentation_leaves_nothing(make_napari_viewer, qtbot, tiny_mode
 
     def first_tile(event):
         progress.append(event)
-        if len(progress) == 2:
+        if type(event).__name__ == "PredictProgress" and sum(type(e) is type(event) for e in progress) == 1:
             _click(qtbot, widget.cancel_btn)
 
     job.worker.yielded.connect(first_tile)
@@ -302,6 +302,19 @@ def test_model_file_error_is_a_notification(make_napari_viewer, qtbot, tmp_path,
     assert _labels_layers(viewer) == []
     errors = _errors(notes)
     assert errors and "bogus.safetensors" in errors[-1]
+
+
+def test_a_ct_segmented_with_the_brain_model_says_so_in_a_notification(make_napari_viewer, qtbot, phantom_files,
+                                                                       notes):
+    viewer = make_napari_viewer()
+    viewer.open(str(phantom_files["image"]), plugin="napari-e2enet")
+    widget = _segment_widget(viewer)  # the bundled MNI152 brain model is the default
+    _click(qtbot, widget.segment_btn)
+    _wait_idle(qtbot, widget)
+    warnings = [str(n.message) for n in notes if str(n.severity).lower().endswith("warning")]
+    assert any("looks like a CT" in w and "use a model trained on CT" in w for w in warnings), warnings
+    assert len(_labels_layers(viewer)) == 1  # a warning, not a refusal
+    assert not _errors(notes)
 
 
 def test_finetune_registers_run_and_resegments_then_cancel(make_napari_viewer, qtbot, phantom_files,
