@@ -7,6 +7,12 @@ dimensions do not fit the bytes on disk, or NaN/Inf voxels all end in ``InputErr
 Writing keeps the source geometry exactly: the reference header is copied, its sform/qform codes are
 restored and the affine is written into both, so ``nibabel.load(out).affine`` equals the source
 affine bit for bit. Files are written to a temporary name in the destination folder, then renamed.
+
+Other formats go through the same entry points: :func:`read_volume`, :func:`read_image`,
+:func:`read_labels` and :func:`read_geometry` dispatch on the name (``.nrrd``/``.nhdr``/``.seg.nrrd``
+→ :mod:`.nrrd`, ``.mha``/``.mhd`` → :mod:`.metaimage`, a folder or ``.zip`` → :mod:`.dicom`), and
+:func:`write_volume` on the output extension (``.nrrd``, ``.seg.nrrd``, ``.mha``/``.mhd``, ``.dcm``
+for DICOM-SEG). NIfTI names take exactly the code below, as before.
 """
 
 from __future__ import annotations
@@ -22,11 +28,16 @@ import numpy as np
 
 from ..errors import InputError
 from ..fileio import atomic_output
+from ..labels import LabelTable
 from .volume import Volume
 
 __all__ = [
     "NIFTI_SUFFIXES",
+    "OUTPUT_FORMATS",
+    "VOLUME_SUFFIXES",
     "case_name",
+    "is_volume_file",
+    "volume_format",
     "read_geometry",
     "read_image",
     "read_labels",
@@ -35,6 +46,14 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Files that hold one volume (a folder or .zip of DICOM is the other kind of input), longest first.
+VOLUME_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Output format name (CLI --output-format) → file suffix; the suffix picks the writer.
+OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "mha": ".mha",
+                  "dcm": ".dcm"}
+_NAME_SUFFIXES = (*VOLUME_SUFFIXES, ".zip", ".dcm")
+_UNKNOWN_TYPE = ("not a NIfTI, NRRD or MetaImage file name (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
+                 "or a DICOM folder or .zip)")
 
 # DEFLATE cannot compress better than ~1032:1, so a .nii.gz whose header promises more decompressed
 # bytes than this is lying about its size (and reading it would only allocate memory to fail later).
@@ -87,10 +106,59 @@ def _nifti_suffix(path: Path) -> str | None:
 
 
 def case_name(path: str | Path) -> str:
-    """The file name without its NIfTI suffix (``liver_003.nii.gz`` → ``liver_003``)."""
+    """The name without its format suffix, any case (``liver_003.nii.gz`` → ``liver_003``,
+    ``ct.seg.nrrd`` → ``ct``, ``scan.MHA`` → ``scan``, ``series.zip`` → ``series``); a folder keeps
+    its name."""
     path = Path(path)
-    suffix = _nifti_suffix(path)
-    return path.name[: -len(suffix)] if suffix else path.stem
+    lower = path.name.lower()
+    for suffix in _NAME_SUFFIXES:
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return path.name[: -len(suffix)]
+    return path.name if path.is_dir() else path.stem
+
+
+def is_volume_file(path: str | Path) -> bool:
+    """True for a file name that one of the readers takes (NIfTI, NRRD, MetaImage), any case."""
+    lower = Path(path).name.lower()
+    return any(lower.endswith(s) and len(lower) > len(s) for s in VOLUME_SUFFIXES)
+
+
+def volume_format(path: str | Path) -> str:
+    """Which reader a path goes to: ``"nifti"``, ``"nrrd"``, ``"metaimage"``, ``"dicom"`` (a folder
+    or a ``.zip``), or ``"unknown"``. By name only (a folder counts as DICOM unless its name ends in
+    a file suffix), so a missing file still gets its format's own "file not found"."""
+    path = Path(path)
+    if _nifti_suffix(path):
+        return "nifti"
+    lower = path.name.lower()
+    if lower.endswith((".nrrd", ".nhdr")):
+        return "nrrd"
+    if lower.endswith((".mha", ".mhd")):
+        return "metaimage"
+    if lower.endswith(".zip") or path.is_dir():
+        return "dicom"
+    return "unknown"
+
+
+def _read_other(path: Path, kind: str, allow_channels: bool, series: str | None) -> Volume:
+    """read_volume for NRRD, MetaImage and DICOM (the optional libraries are imported inside)."""
+    if series is not None and kind != "dicom":
+        raise InputError("a series UID only applies to a DICOM folder or .zip", path)
+    if kind == "nrrd":
+        from .nrrd import read_nrrd
+
+        return read_nrrd(path, allow_channels=allow_channels)
+    if kind == "metaimage":
+        from .metaimage import read_metaimage
+
+        return read_metaimage(path, allow_channels=allow_channels)
+    if kind == "dicom":
+        from .dicom import read_dicom_series
+
+        return read_dicom_series(path, series_uid=series)
+    if not path.exists():
+        raise InputError("file not found", path)
+    raise InputError(_UNKNOWN_TYPE, path)
 
 
 def _load_header(path: str | Path, allow_channels: bool) -> tuple[Path, nib.Nifti1Image, int]:
@@ -166,21 +234,40 @@ def _load_header(path: str | Path, allow_channels: bool) -> tuple[Path, nib.Nift
 
 
 def read_geometry(
-    path: str | Path, *, allow_channels: bool = False
+    path: str | Path, *, allow_channels: bool = False, series: str | None = None
 ) -> tuple[tuple[int, int, int], np.ndarray, int]:
-    """Header-only check of a NIfTI file: ((X, Y, Z), affine (4, 4), channels) without reading voxels."""
+    """((X, Y, Z), affine (4, 4), channels) of a volume: header-only for NIfTI, NRRD and MetaImage;
+    a DICOM series is read whole (its geometry needs every slice's position)."""
+    kind = volume_format(path)
+    if kind == "nrrd" and series is None:
+        from .nrrd import read_nrrd_geometry
+
+        return read_nrrd_geometry(path, allow_channels=allow_channels)
+    if kind == "metaimage" and series is None:
+        from .metaimage import read_metaimage_geometry
+
+        return read_metaimage_geometry(path, allow_channels=allow_channels)
+    if kind != "nifti" or series is not None:
+        vol = _read_other(Path(path), kind, allow_channels, series)
+        return vol.spatial_shape, vol.affine.copy(), vol.num_channels
     path, img, channels = _load_header(path, allow_channels)
     shape = img.shape
     return (int(shape[0]), int(shape[1]), int(shape[2])), np.asarray(img.affine, np.float64), max(channels, 1)
 
 
-def read_volume(path: str | Path, *, allow_channels: bool = False) -> Volume:
-    """Read one NIfTI file (.nii / .nii.gz) into a ``Volume``.
+def read_volume(path: str | Path, *, allow_channels: bool = False, series: str | None = None) -> Volume:
+    """Read one volume into a ``Volume``: a NIfTI file (.nii / .nii.gz), an NRRD (.nrrd, .nhdr,
+    .seg.nrrd: its label map), a MetaImage (.mha, .mhd) or a DICOM series (a folder or .zip;
+    ``series`` picks one series UID when there are several).
 
-    Returns (X, Y, Z) voxels in the file's own dtype (scaled by scl_slope/inter when the header sets
-    them), or (C, X, Y, Z) when ``allow_channels`` and the file is a 4D series of C volumes.
+    Returns (X, Y, Z) voxels in the file's own dtype (NIfTI: scaled by scl_slope/inter when the
+    header sets them; DICOM: float32 after the rescale), or (C, X, Y, Z) when ``allow_channels`` and
+    the file is a 4D series of C volumes.
     Raises ``InputError("<path>: <problem>")`` for every kind of bad file, never anything else.
     """
+    kind = volume_format(path)
+    if kind != "nifti" or series is not None:
+        return _read_other(Path(path), kind, allow_channels, series)
     path, img, channels = _load_header(path, allow_channels)
     try:
         with _quiet():
@@ -208,12 +295,14 @@ def _same_geometry(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.allclose(a, b, rtol=1e-5, atol=_AFFINE_ATOL_MM))
 
 
-def read_image(paths: str | Path | Sequence[str | Path], *, name: str | None = None) -> Volume:
+def read_image(paths: str | Path | Sequence[str | Path], *, name: str | None = None,
+               series: str | None = None) -> Volume:
     """Read an image as (C, X, Y, Z) float32.
 
-    ``paths`` is one file (a 3D volume, or a 4D series whose volumes are the channels, as in MSD) or
-    a list of 3D channel files (nnU-Net ``CASE_0000``, ``CASE_0001``, ...) that must share their
-    shape and affine. The result carries the first file's affine and header.
+    ``paths`` is one file (a 3D volume, or a 4D series whose volumes are the channels, as in MSD),
+    one DICOM folder or zip (``series``: the series UID when it holds several), or a list of 3D
+    channel files (nnU-Net ``CASE_0000``, ``CASE_0001``, ...) that must share their shape and affine.
+    The result carries the first file's affine, header and ``meta``.
     """
     if isinstance(paths, str | Path):
         paths = [paths]
@@ -221,9 +310,11 @@ def read_image(paths: str | Path | Sequence[str | Path], *, name: str | None = N
     if not paths:
         raise InputError("read_image: no image files given")
     if len(paths) == 1:
-        vol = read_volume(paths[0], allow_channels=True)
+        vol = read_volume(paths[0], allow_channels=True, series=series)
         array = vol.channels().astype(np.float32, copy=False)
-        return Volume(array, vol.affine, vol.header, name or _strip_channel(vol.name))
+        return Volume(array, vol.affine, vol.header, name or _strip_channel(vol.name), vol.meta)
+    if series is not None:
+        raise InputError("a series UID only applies to one DICOM folder or .zip", paths[0])
     volumes = []
     for path in paths:
         vol = read_volume(path)
@@ -239,7 +330,7 @@ def read_image(paths: str | Path | Sequence[str | Path], *, name: str | None = N
         volumes.append(vol)
     array = np.stack([v.array.astype(np.float32, copy=False) for v in volumes])
     first = volumes[0]
-    return Volume(array, first.affine, first.header, name or _strip_channel(first.name))
+    return Volume(array, first.affine, first.header, name or _strip_channel(first.name), first.meta)
 
 
 def _strip_channel(name: str) -> str:
@@ -296,8 +387,15 @@ def _is_label_dtype(dtype: np.dtype) -> bool:
     return dtype.kind in "biu"
 
 
-def write_volume(volume: Volume, path: str | Path, *, like: Volume | None = None) -> Path:
-    """Write ``volume`` as NIfTI, atomically, keeping the source geometry exactly.
+def write_volume(volume: Volume, path: str | Path, *, like: Volume | None = None,
+                 label_table: LabelTable | None = None) -> Path:
+    """Write ``volume`` atomically in the format its extension names, keeping the source geometry.
+
+    ``.nii`` / ``.nii.gz``: NIfTI, as described below. ``.nrrd``: :func:`.nrrd.write_nrrd`;
+    ``.seg.nrrd``: a 3D Slicer segmentation with ``label_table``'s names and colours (default: the
+    ids as names); ``.mha`` / ``.mhd``: :func:`.metaimage.write_metaimage`; ``.dcm``: a DICOM-SEG
+    (:func:`.dicom.write_dicom_seg`) that references the series ``like`` was read from (``like`` must
+    be a Volume read from DICOM). NIfTI:
 
     - integer / bool arrays are label maps, stored as uint8, int16 or int32 (the smallest that fits);
       float arrays are images, stored as float32. (C, X, Y, Z) arrays are stored as 4D (X, Y, Z, C).
@@ -311,7 +409,7 @@ def write_volume(volume: Volume, path: str | Path, *, like: Volume | None = None
     path = Path(path)
     suffix = _nifti_suffix(path)
     if suffix is None:
-        raise InputError("output must end in .nii or .nii.gz", path)
+        return _write_other(volume, path, like, label_table)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         problem = "is not a folder" if folder.exists() else "does not exist"
@@ -355,3 +453,29 @@ def write_volume(volume: Volume, path: str | Path, *, like: Volume | None = None
     with atomic_output(path, suffix) as tmp:
         nib.save(img, str(tmp))
     return path
+
+
+def _write_other(volume: Volume, path: Path, like: Volume | None, label_table: LabelTable | None) -> Path:
+    """write_volume for the non-NIfTI extensions (the optional libraries are imported inside)."""
+    lower = path.name.lower()
+    if lower.endswith(".seg.nrrd"):
+        from .nrrd import write_seg_nrrd
+
+        return write_seg_nrrd(volume, path, label_table=label_table, like=like)
+    if lower.endswith((".nrrd", ".nhdr")):
+        from .nrrd import write_nrrd
+
+        return write_nrrd(volume, path, like=like)
+    if lower.endswith((".mha", ".mhd")):
+        from .metaimage import write_metaimage
+
+        return write_metaimage(volume, path, like=like)
+    if lower.endswith(".dcm"):
+        if like is None or (like.meta or {}).get("format") != "dicom":
+            raise InputError("DICOM-SEG (.dcm) output needs the input read from a DICOM folder or .zip "
+                             "(it references that series); write .nii.gz, .nrrd, .seg.nrrd or .mha instead", path)
+        from .dicom import write_dicom_seg
+
+        table = label_table if label_table is not None else LabelTable({})
+        return write_dicom_seg(volume, path, source=like, label_table=table)
+    raise InputError("output must end in .nii, .nii.gz, .nrrd, .seg.nrrd, .mha, .mhd or .dcm (DICOM-SEG)", path)
