@@ -407,16 +407,22 @@ def test_missing_geometry_is_refused(tmp_path, phantom, tag):
 
 
 def test_undecodable_transfer_syntax_is_refused(tmp_path, phantom):
-    paths = write_dicom_series(phantom[0], tmp_path / "jpeg")
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import HTJ2KLossless
+
+    # the formats extra brings a JPEG Lossless decoder (pylibjpeg), the usual compressed CT syntax
+    assert get_decoder(JPEGLosslessSV1).is_available
+    assert not get_decoder(HTJ2KLossless).is_available  # no plugin for HTJ2K here: refused in one line
+    paths = write_dicom_series(phantom[0], tmp_path / "htj2k")
     for path in paths:
         ds = pydicom.dcmread(path)
-        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
-        ds.PixelData = encapsulate([b"\xff\xd8 not really jpeg \xff\xd9"])
+        ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+        ds.PixelData = encapsulate([b"\xff\x4f not really htj2k \xff\xd9"])
         ds["PixelData"].VR = "OB"
         ds.save_as(path, enforce_file_format=True)
     with pytest.raises(InputError) as err:
-        read_dicom_series(tmp_path / "jpeg")
-    _one_line(err, tmp_path / "jpeg", JPEGLosslessSV1, "JPEG Lossless", "cannot be decoded")
+        read_dicom_series(tmp_path / "htj2k")
+    _one_line(err, tmp_path / "htj2k", HTJ2KLossless, "cannot be decoded")
 
 
 def test_bad_paths_are_refused(tmp_path, phantom):
