@@ -63,9 +63,11 @@ __all__ = [
     "BTCV",
     "PRESETS",
     "RGBA",
+    "LabelRow",
     "LabelTable",
     "color_for",
     "get_preset",
+    "label_rows",
     "volumes_ml",
 ]
 
@@ -471,3 +473,27 @@ def volumes_ml(
         if label_id != 0 and int(label_id) not in table.names:
             out[table.name_of(int(label_id))] = float(counts[label_id]) * voxel_ml
     return out
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One structure of a label map: its id, name, RGBA colour and volume (mL)."""
+
+    id: int
+    name: str
+    color: RGBA
+    ml: float
+
+
+def label_rows(
+    labels: np.ndarray, spacing: tuple[float, ...] | list[float] | np.ndarray, table: LabelTable | None = None
+) -> list[LabelRow]:
+    """:func:`volumes_ml` with each structure's id and colour: one row per non-background id of
+    ``table`` (0 mL when absent), then every other id present in ``labels`` (named ``"label <id>"``)."""
+    arr = np.asarray(labels)
+    volumes = volumes_ml(arr, spacing, table)
+    table = table if table is not None else LabelTable({})
+    ids = [i for i in table.names if i != 0]
+    known = set(table.names)
+    ids += [int(i) for i in np.unique(arr) if int(i) != 0 and int(i) not in known] if arr.size else []
+    return [LabelRow(i, table.name_of(i), table.color_of(i), volumes[table.name_of(i)]) for i in ids]

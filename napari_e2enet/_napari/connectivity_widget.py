@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import InputError
 from ..plots import connectivity_figure, entry_label, save_figure_png, snapshots, write_connectivity_csv
-from ._qt_util import open_path_dialog, save_path_dialog
+from ._qt_util import open_path_dialog, save_path_dialog, save_start_folder
 from .runs import RunRegistry, registry_for
 
 RECORD_FILE = "connectivity.json"
@@ -216,7 +216,7 @@ class ConnectivityWidget(QWidget):
         if self.record is None:
             show_error("napari-e2enet: load a connectivity record first")
             return None
-        default = (self.record_path.parent / "connectivity.png") if self.record_path else Path("connectivity.png")
+        default = save_start_folder(self.record_path) / "connectivity.png"  # never inside the package
         answer = self.ask_png_path(str(default))
         if not answer:
             return None
@@ -237,7 +237,7 @@ class ConnectivityWidget(QWidget):
         if self.record is None:
             show_error("napari-e2enet: load a connectivity record first")
             return None
-        default = (self.record_path.parent / "connectivity.csv") if self.record_path else Path("connectivity.csv")
+        default = save_start_folder(self.record_path) / "connectivity.csv"  # never inside the package
         answer = self.ask_csv_path(str(default))
         if not answer:
             return None

@@ -4,18 +4,23 @@ Everything numeric happens in the core (``Predictor.iter_predict``, ``Trainer.it
 ``volumes_ml``, ``write_volume``); this widget only gathers options, runs the core generators in a
 napari worker (:mod:`.workers`) and turns results into layers (:mod:`.layers` convention).
 
-Never losing corrections: each result layer remembers a digest of the prediction it was given. When
-Segment runs again for the same image, "if a result exists" decides: *auto* replaces an untouched
-result but adds a new layer if the old one was edited; *replace* asks before overwriting an edited
-layer (and makes a new layer if the answer is no); *fill unlabelled* keeps every labelled voxel and
-fills only label-0 voxels from the new prediction; *new layer* always adds one.
+Never losing corrections: each result layer keeps a copy of the prediction it was given
+(:mod:`.edits`; ``edits.edited_mask(layer)`` is every voxel the user changed since, erased ones
+included). When Segment runs again for the same image, "if a result exists" decides: *auto*
+replaces an untouched result but adds a new layer if the old one was edited; *replace* asks before
+overwriting an edited layer (and makes a new layer if the answer is no); *fill unlabelled* fills
+only label-0 voxels the user did not erase, from the new prediction; *new layer* always adds one.
+Replace and fill write into the layer as one step of napari's undo.
+
+The labels picker (and the per-label list under it) follows the chosen image: a Segment result of
+that image or a Labels layer on its grid (``_qt_util.LabelsCombo``). The widget scrolls, so it can
+share a 768-pixel-high screen with the other two.
 
 Tests replace ``confirm``, ``ask_save_path`` and ``ask_open_path`` with plain functions.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import threading
@@ -28,28 +33,33 @@ from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..errors import InputError
-from ..labels import LabelTable, volumes_ml
-from ._qt_util import LayerCombo, confirm_dialog, open_path_dialog, save_path_dialog
+from ..labels import LabelTable
+from . import edits
+from ._qt_util import (
+    LabelsCombo,
+    LayerCombo,
+    confirm_dialog,
+    open_path_dialog,
+    save_path_dialog,
+    save_start_folder,
+    scroll_layout,
+)
+from .label_list import LabelList
 from .layers import META_KEY, check_same_grid, geometry_of, labels_layer_kwargs, layer_to_volume
 from .runs import RunRegistry, registry_for
 from .workers import Job, JobSlot, error_message
@@ -72,15 +82,6 @@ def available_devices() -> list[str]:
     if mps is not None and mps.is_available():
         devices.append("mps")
     return devices
-
-
-def labels_digest(data: Any) -> str:
-    """A digest of a label array's voxels (detects edits without keeping a copy)."""
-    array = np.ascontiguousarray(np.asarray(data))
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str((array.shape, array.dtype.str)).encode())
-    h.update(memoryview(array).cast("B"))
-    return h.hexdigest()
 
 
 def model_file_for(spec: str | None) -> Path:
@@ -131,7 +132,7 @@ class SegmentWidget(QWidget):
         self.ask_save_path = save_path_dialog(self, "Save labels", "NIfTI (*.nii.gz *.nii)")
         self.ask_open_path = open_path_dialog(self)
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         # -- segmentation --------------------------------------------------------------------------
         box = QGroupBox("Segment")
         form = QFormLayout(box)
@@ -188,19 +189,15 @@ class SegmentWidget(QWidget):
         self.status_label.setWordWrap(True)
         layout.addWidget(self.status_label)
 
-        # -- organ volumes ------------------------------------------------------------------------
-        self.volumes_table = QTableWidget(0, 2)
-        self.volumes_table.setHorizontalHeaderLabels(["structure", "volume (mL)"])
-        self.volumes_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.volumes_table.verticalHeader().setVisible(False)
-        self.volumes_table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-        self.volumes_table.setMaximumHeight(180)
+        # -- per-label list: show/hide, colour, name, volume (mL); click to paint with a label ------
+        self.volumes_table = LabelList()
+        self.volumes_table.label_selected.connect(self._label_selected)
         layout.addWidget(self.volumes_table)
 
         # -- correction loop ----------------------------------------------------------------------
         fix = QGroupBox("Correct")
         fix_form = QFormLayout(fix)
-        self.labels_combo = LayerCombo(self.viewer, Labels)
+        self.labels_combo = LabelsCombo(self.viewer, self.image_combo)  # follows the chosen image
         fix_form.addRow("Labels", self.labels_combo)
         self.save_btn = QPushButton("Save labels…")
         fix_form.addRow(self.save_btn)
@@ -416,9 +413,8 @@ class SegmentWidget(QWidget):
 
     @staticmethod
     def is_edited(layer: Any) -> bool:
-        """True if the layer's voxels differ from the prediction it was last given."""
-        digest = layer.metadata.get(META_KEY, {}).get("prediction_digest")
-        return digest is None or labels_digest(layer.data) != digest
+        """True if the layer's voxels differ from the prediction it was last given (:mod:`.edits`)."""
+        return edits.is_edited(layer)
 
     def _put_result(self, image_layer: Any, prediction: Any, mode: str) -> Labels:
         table: LabelTable = prediction.label_table
@@ -443,20 +439,25 @@ class SegmentWidget(QWidget):
             name = f"{image_layer.name} labels"
             kwargs = labels_layer_kwargs(image_layer, table, name=name)
             kwargs["metadata"][META_KEY].update({"result_of": str(image_layer.unique_id),
-                                                 "model": prediction.labels.name,
-                                                 "prediction_digest": labels_digest(display)})
+                                                 "model": prediction.labels.name})
             layer = self.viewer.add_labels(display, **kwargs)
         else:
             layer = target
             if action == "fill":
-                current = np.asarray(layer.data)
-                merged = np.where(current == 0, display, current).astype(current.dtype, copy=False)
-                layer.data = merged
+                edited = edits.edited_mask(layer)
+                current = np.array(layer.data)
+                merged = edits.fill_unlabelled(current, display, edited)
+                # edited voxels stay edited (baseline: the old prediction there), the rest is the new one
+                old = edits.prediction_of(layer)
+                baseline = np.where(edited, old, merged) if edited is not None and old is not None else merged
+                edits.apply_labels(layer, merged)
             else:
-                layer.data = display
+                baseline = display
+                edits.apply_labels(layer, display)
+            edits.remember_prediction(layer, baseline)
             meta = dict(layer.metadata)
-            meta[META_KEY] = {**meta.get(META_KEY, {}), "prediction_digest": labels_digest(layer.data),
-                              "label_table": table.to_dict()}
+            meta[META_KEY] = {**meta.get(META_KEY, {}), "label_table": table.to_dict(),
+                              "model": prediction.labels.name}
             layer.metadata = meta
         self.labels_combo.refresh()
         self.labels_combo.set_layer(layer)
@@ -477,7 +478,9 @@ class SegmentWidget(QWidget):
             self._watched = None
         if layer is not None and self._watched is None:
             layer.events.paint.connect(self._schedule_volumes)
+            edits.remember_prediction(layer, display)
             layer.events.data.connect(self._schedule_volumes)
+            # into the existing layer as ONE step of napari's undo (Ctrl-Z brings the old labels back)
             self._watched = layer
         self.update_volumes()
 
@@ -485,28 +488,14 @@ class SegmentWidget(QWidget):
         self._volume_timer.start()
 
     def update_volumes(self) -> dict[str, float]:
-        """Recompute the organ volume table (mL) for the chosen labels layer (core ``volumes_ml``)."""
+        """Refill the per-label list (core ``label_rows`` / ``volumes_ml``, mL) for the chosen labels layer."""
+        self.volumes_table.show_layer(self.labels_combo.layer())
+        return self.volumes_table.volumes()
+
+    def _label_selected(self, label_id: int) -> None:
         layer = self.labels_combo.layer()
-        self.volumes_table.setRowCount(0)
-        if layer is None:
-            return {}
-        try:
-            volume = layer_to_volume(layer, check=False)
-        except InputError:
-            return {}
-        table_dict = layer.metadata.get(META_KEY, {}).get("label_table")
-        table = LabelTable.from_dict(table_dict) if table_dict else None
-        array = np.asarray(volume.array)
-        if array.dtype.kind not in "iu":
-            return {}
-        volumes = volumes_ml(array, volume.spacing, table)
-        self.volumes_table.setRowCount(len(volumes))
-        for row, (name, ml) in enumerate(volumes.items()):
-            self.volumes_table.setItem(row, 0, QTableWidgetItem(name))
-            item = QTableWidgetItem(f"{ml:.2f}")
-            item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-            self.volumes_table.setItem(row, 1, item)
-        return volumes
+        if layer is not None:
+            self.viewer.layers.selection.active = layer
 
     # ------------------------------------------------------------------------------------------
     # saving
@@ -530,8 +519,8 @@ class SegmentWidget(QWidget):
         except InputError as err:
             show_error(str(err))
             return None
-        source = (labels.metadata.get(META_KEY, {}) or {}).get("source")
-        folder = Path(source).parent if source else Path.cwd()
+        folder = save_start_folder(*((layer.metadata.get(META_KEY, {}) or {}).get(key) for layer in
+                                     (image, labels) if layer is not None for key in ("saved_to", "source")))
         stem = image.name if image is not None else labels.name
         default = folder / f"{stem.replace(' ', '_')}_labels.nii.gz"
         answer = self.ask_save_path(str(default))

@@ -154,7 +154,9 @@ def test_segment_sample_geometry_names_volumes_and_responsive(make_napari_viewer
     assert tuple(labels.colormap.color_dict[0]) == (0, 0, 0, 0)
     rows = widget.volumes_table.rowCount()
     assert rows == 2
-    total = sum(float(widget.volumes_table.item(r, 1).text()) for r in range(rows))
+    from napari_e2enet._napari.label_list import VOLUME_COLUMN
+
+    total = sum(float(widget.volumes_table.item(r, VOLUME_COLUMN).text()) for r in range(rows))
     assert total == pytest.approx(np.count_nonzero(labels.data) * 8 / 1000, rel=1e-3)  # 2 mm voxels
     assert "tiles" in widget.status_label.text()
 
