@@ -214,38 +214,44 @@ _COMMANDS["train"] = (_train_args, _train, "train E2ENet with DSFF on a dataset 
 
 
 # -- predict ------------------------------------------------------------------------------------
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
+def _output_suffix(name: str) -> str | None:
+    """The writer's suffix that ``name`` ends in (any case), or None: then the output is a folder."""
+    from .data.io import OUTPUT_FORMATS
 
-
-def _is_nifti(path) -> bool:
-    return str(path).endswith(NIFTI_SUFFIXES)
-
-
-def _strip_suffix(name: str) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    lower = name.lower()
+    for suffix in sorted({*OUTPUT_FORMATS.values(), ".mhd"}, key=len, reverse=True):
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return suffix
+    return None
 
 
 def collect_cases(path) -> list[tuple[str, list]]:
-    """(case name, image files) for a file or a folder; ``CASE_0000``, ``CASE_0001`` … group into one case."""
+    """(case name, inputs) for a file (NIfTI, NRRD, MetaImage, a DICOM .zip), a DICOM series folder
+    (one case) or a folder of NIfTI/NRRD/MetaImage cases, where ``CASE_0000``, ``CASE_0001`` … group
+    into one case. Suffixes count in any case; hidden files (``.NAME.*.tmp`` leftovers) are skipped."""
     import re
     from pathlib import Path
 
+    from .data.io import case_name, is_volume_file
+
     path = Path(path)
     if path.is_file():
-        return [(_strip_suffix(path.name), [path])]
+        return [(case_name(path), [path])]
     if not path.is_dir():
         raise InputError("no such file or folder", path)
     groups: dict[str, list] = {}
     for f in sorted(path.iterdir()):
-        if f.is_file() and _is_nifti(f.name) and not f.name.startswith("."):  # skips .NAME.*.tmp leftovers
-            stem = _strip_suffix(f.name)
+        if f.is_file() and is_volume_file(f.name) and not f.name.startswith("."):
+            stem = case_name(f)
             match = re.fullmatch(r"(.+)_(\d{4})", stem)
             groups.setdefault(match.group(1) if match else stem, []).append(f)
     if not groups:
-        raise InputError("folder contains no .nii or .nii.gz files", path)
+        from .data.dicom import is_dicom_source
+
+        if is_dicom_source(path):
+            return [(case_name(path), [path])]
+        raise InputError("folder contains no .nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd files and no DICOM series",
+                         path)
     return sorted(groups.items())
 
 
@@ -257,8 +263,15 @@ def shard(items: list, num_parts: int, part_id: int) -> list:
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-i", "--input", required=True, help="NIfTI file or folder (CASE_0000.nii.gz channels group)")
-    p.add_argument("-o", "--output", required=True, help="output NIfTI file (for one input file) or folder")
+    p.add_argument("-i", "--input", required=True,
+                   help="a NIfTI/NRRD/MHA file, a DICOM folder or .zip, or a folder of NIfTI/NRRD/MHA cases "
+                        "(CASE_0000, CASE_0001 ... group as channels)")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file for one input (.nii.gz, .nii, .nrrd, .seg.nrrd, .mha, .mhd, or .dcm = DICOM-SEG "
+                        "of a DICOM input), else a folder")
+    p.add_argument("--output-format", choices=("nii.gz", "nrrd", "seg.nrrd", "mha", "dcm"), default=None,
+                   help="file format written into an output folder (default nii.gz; dcm needs DICOM input)")
+    p.add_argument("--series", metavar="UID", help="the series to segment when a DICOM folder or zip holds several")
     p.add_argument("--model", help="bundled model name, model.safetensors file or run folder (default: bundled)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (up to 8 flips, one pass each; only the axes the model was trained to mirror)")
@@ -282,13 +295,25 @@ def _predict(args: argparse.Namespace) -> int:
 
     from .config import InferenceConfig
     from .data import read_image, write_volume
+    from .data.io import OUTPUT_FORMATS, volume_format
     from .inference import InputWarning, Prediction, Predictor
 
     if not 0 <= args.overlap < 1:
         raise InputError("--overlap must be in [0, 1)")
     cases = collect_cases(args.input)
     out = Path(args.output)
-    single_file = Path(args.input).is_file() and _is_nifti(out.name)
+    one_input = Path(args.input).is_file() or [f for _, files in cases for f in files] == [Path(args.input)]
+    out_suffix = _output_suffix(out.name)
+    single_file = one_input and out_suffix is not None
+    dicom_input = all(volume_format(files[0]) == "dicom" for _, files in cases)
+    if args.series is not None and not dicom_input:
+        raise InputError("--series only applies to DICOM input (a folder or .zip of DICOM files)", args.input)
+    if single_file and args.output_format and OUTPUT_FORMATS[args.output_format] != out_suffix:
+        raise InputError(f"--output-format {args.output_format} contradicts the output name (it ends in "
+                         f"{out_suffix})", out)
+    suffix = out_suffix if single_file else OUTPUT_FORMATS[args.output_format or "nii.gz"]
+    if suffix == ".dcm" and not dicom_input:
+        raise InputError("DICOM-SEG output (.dcm) needs DICOM input: it references the source series", out)
     if single_file:
         folder = out.parent if str(out.parent) else Path(".")
         if not folder.is_dir():
@@ -319,11 +344,11 @@ def _predict(args: argparse.Namespace) -> int:
     bar = None
     try:
         for name, files in cases_bar:
-            target = out if single_file else out / f"{name}.nii.gz"
+            target = out if single_file else out / f"{name}{suffix}"
             if target.exists() and not args.overwrite:
                 results.append({"case": name, "output": str(target), "status": "skipped (exists)"})
                 continue
-            volume = read_image(files, name=name)
+            volume = read_image(files, name=name, series=args.series)
             expected = predictor.model.config.in_channels
             if volume.num_channels != expected:
                 raise InputError(f"image has {volume.num_channels} channel(s) but the model expects {expected}",
@@ -341,7 +366,7 @@ def _predict(args: argparse.Namespace) -> int:
             bar.close()
             if prediction is None:
                 raise KeyboardInterrupt
-            write_volume(prediction.labels, target, like=volume)
+            write_volume(prediction.labels, target, like=volume, label_table=prediction.label_table)
             results.append({"case": name, "output": str(target), "status": "ok",
                             "seconds": round(prediction.seconds, 2), "tiles": prediction.tiles,
                             "warnings": list(prediction.warnings)})
@@ -367,13 +392,15 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS["predict"] = (_predict_args, _predict, "segment NIfTI volumes (file or folder) with a trained model")
+_COMMANDS["predict"] = (_predict_args, _predict,
+                        "segment volumes (NIfTI, NRRD, MHA, a DICOM series; file or folder) with a trained model")
 
 
 # -- evaluate -----------------------------------------------------------------------------------
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pred", required=True, help="predicted labels: NIfTI file or folder")
-    p.add_argument("--ref", required=True, help="reference labels: NIfTI file or folder (matched by name)")
+    p.add_argument("--pred", required=True, help="predicted labels: NIfTI/NRRD/.seg.nrrd/MHA file or folder")
+    p.add_argument("--ref", required=True,
+                   help="reference labels: NIfTI/NRRD/.seg.nrrd/MHA file or folder (matched by case name)")
     p.add_argument("--labels", help="label table: dataset.json or labels.json (default: the ids found)")
     p.add_argument("--tolerance", type=float, default=1.0, help="NSD tolerance in mm")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -441,7 +441,9 @@ class SegmentWidget(QWidget):
             kwargs["metadata"][META_KEY].update({"result_of": str(image_layer.unique_id),
                                                  "model": prediction.labels.name})
             layer = self.viewer.add_labels(display, **kwargs)
+            edits.remember_prediction(layer, display)
         else:
+            # into the existing layer as ONE step of napari's undo (Ctrl-Z brings the old labels back)
             layer = target
             if action == "fill":
                 edited = edits.edited_mask(layer)
@@ -478,9 +480,7 @@ class SegmentWidget(QWidget):
             self._watched = None
         if layer is not None and self._watched is None:
             layer.events.paint.connect(self._schedule_volumes)
-            edits.remember_prediction(layer, display)
             layer.events.data.connect(self._schedule_volumes)
-            # into the existing layer as ONE step of napari's undo (Ctrl-Z brings the old labels back)
             self._watched = layer
         self.update_volumes()
 
