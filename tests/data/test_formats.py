@@ -111,7 +111,7 @@ def test_channels_round_trip_and_are_refused_where_one_volume_is_expected(tmp_pa
     got = READ[suffix](out, allow_channels=True)
     assert got.array.shape == (3, *SHAPE)
     assert np.array_equal(got.array, array)
-    with pytest.raises(InputError, match="3 (volumes|channels)") as info:
+    with pytest.raises(InputError, match=r"3 (volumes|channels)") as info:
         READ[suffix](out)
     assert_one_line(info, out)
 
@@ -497,7 +497,7 @@ def test_writers_refuse_what_they_cannot_write(tmp_path):
     for path, problem in ((tmp_path / "x.nhdr", "detached .nhdr"), (tmp_path / "x.nii", "must end in .nrrd")):
         with pytest.raises(InputError, match=problem):
             write_nrrd(vol, path)
-    with pytest.raises(InputError, match="must end in .mha or .mhd"):
+    with pytest.raises(InputError, match=r"must end in \.mha or \.mhd"):
         write_metaimage(vol, tmp_path / "x.nrrd")
     with pytest.raises(InputError, match="integer labels"):
         write_seg_nrrd(vol, tmp_path / "x.seg.nrrd")
