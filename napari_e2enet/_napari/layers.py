@@ -16,7 +16,8 @@ A :class:`~napari_e2enet.data.Volume` holds voxels in NIfTI order (X, Y, Z) = (i
   the identity, ``units`` = mm, ``axis_labels`` = ("S", "P", "L").
 * **metadata**: ``layer.metadata["napari_e2enet"]`` holds the exact source geometry — the 4×4
   affine, the spatial shape, the source NIfTI header (``binaryblock`` bytes + its class), the
-  axis permutation/flips of the view and the source path — see :class:`Geometry`.
+  axis permutation/flips of the view, the source path and the source's ``Volume.meta`` (e.g. the
+  DICOM series a Labels layer must reference when it is saved as DICOM-SEG) — see :class:`Geometry`.
 
 Why this one
 ------------
@@ -48,7 +49,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,8 @@ class Geometry:
     ``affine``: (4, 4) voxel (i, j, k) → RAS+ mm, exactly as read. ``shape``: (X, Y, Z).
     ``perm[n]``: the voxel axis that napari axis n shows; ``flip[n]``: whether it runs reversed.
     ``header``: the source NIfTI header bytes (``binaryblock``) and ``header_class`` its type.
+    ``meta``: the source ``Volume.meta`` (JSON-able facts such as the DICOM series), carried to the
+    Volume that :func:`layer_to_volume` rebuilds.
     """
 
     affine: np.ndarray
@@ -107,6 +110,7 @@ class Geometry:
     header: bytes | None = None
     header_class: str = "Nifti1Header"
     source: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -128,6 +132,7 @@ class Geometry:
             header=None if header is None else bytes(header.binaryblock),
             header_class=type(header).__name__ if header is not None else "Nifti1Header",
             source=None if source is None else str(source),
+            meta=dict(volume.meta),
         )
 
     # -- views ----------------------------------------------------------------------------------
@@ -209,6 +214,7 @@ class Geometry:
             "header": self.header,
             "header_class": self.header_class,
             "source": self.source,
+            "meta": dict(self.meta),
             "convention": "display (S, P, L) view; world LPS mm (z, y, x); see napari_e2enet._napari.layers",
         }
 
@@ -224,9 +230,11 @@ class Geometry:
         if affine.shape != (4, 4) or len(shape) != 3 or sorted(perm) != [0, 1, 2] or len(flip) != 3:
             raise InputError("layer metadata holds no valid source geometry")
         header = meta.get("header")
+        source_meta = meta.get("meta")
         return cls(affine, shape, perm, flip,  # type: ignore[arg-type]
                    bytes(header) if header is not None else None,
-                   str(meta.get("header_class") or "Nifti1Header"), meta.get("source"))
+                   str(meta.get("header_class") or "Nifti1Header"), meta.get("source"),
+                   dict(source_meta) if isinstance(source_meta, Mapping) else {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,7 +432,7 @@ def layer_to_volume(layer: Any, *, data: Any = None, name: str | None = None, ch
             raise InputError(f"layer {label!r} was moved or rescaled in napari after loading; its transform no "
                              "longer matches its source geometry (reset scale/translate/affine to save it)")
     voxels = geometry.from_display(array)
-    return Volume(voxels, geometry.affine.copy(), geometry.nifti_header(), str(label))
+    return Volume(voxels, geometry.affine.copy(), geometry.nifti_header(), str(label), dict(geometry.meta))
 
 
 def check_same_grid(image_layer: Any, labels_layer: Any) -> None:

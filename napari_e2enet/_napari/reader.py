@@ -1,4 +1,5 @@
-"""npe2 reader: NIfTI files (.nii, .nii.gz) → Image or Labels layers (display convention: layers.py).
+"""npe2 reader: NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr, .seg.nrrd), MetaImage (.mha, .mhd) and
+DICOM series (a folder or a .zip) → Image or Labels layers (display convention: layers.py).
 
 A file is opened as **labels** when its voxels are integers and either its name says so
 (``label``, ``seg``, ``mask``, ``tissue``, ``gt``, or it sits in ``labelsTr``/``labelsTs``) or it
@@ -6,13 +7,16 @@ holds at most 64 distinct non-negative values; anything else is an **image**. La
 colours come from a ``labels.json`` next to the file, or the ``dataset.json`` of an nnU-Net/MSD
 folder above it, when one is there.
 
-Bad files (missing, truncated, not NIfTI, 2D, NaN voxels...) end in ``InputError`` from the core;
-the reader turns it into one napari error notification and opens nothing (it returns napari's
-"no layers" sentinel, so napari does not add a second, generic error).
+A 3D Slicer segmentation (``.seg.nrrd``, or any NRRD with Slicer's segment fields) always opens
+as **labels** with its segment names and colours. A DICOM series opens as an **image**; a folder
+or zip holding several image series asks which one (:data:`choose_series`, a Qt list dialog;
+cancel opens nothing). The layer's metadata keeps the series (``Volume.meta``), so a Labels layer
+made on it (Segment widget) can be saved as DICOM-SEG that references it. DICOM and NRRD need the
+``formats`` extra (pydicom/highdicom, pynrrd); without it, opening says so in one line.
 
-DICOM series folders are not read: no DICOM library (pydicom, SimpleITK, itk) is installed with the
-plugin, and a half-done DICOM reader that mis-orders slices is worse than none. Convert with
-``dcm2niix`` first.
+Bad files (missing, truncated, not that format, 2D, NaN voxels...) end in ``InputError`` from the
+core; the reader turns it into one napari error notification and opens nothing (it returns napari's
+"no layers" sentinel, so napari does not add a second, generic error).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.io import NIFTI_SUFFIXES, read_volume
+from ..data.io import is_volume_file, read_volume, volume_format
 from ..errors import InputError
 from ..labels import LabelTable
 from .layers import image_layer_data, labels_layer_data
@@ -36,35 +40,82 @@ _LABEL_DIRS = {"labelstr", "labelsts", "labels", "segmentations", "masks"}
 MAX_LABEL_VALUES = 64
 
 
-def _is_nifti(path: str | Path) -> bool:
-    name = Path(path).name.lower()
-    return any(name.endswith(s) and len(name) > len(s) for s in NIFTI_SUFFIXES)
+def _is_dicom(path: str | Path) -> bool:
+    from ..data.dicom import is_dicom_source
+
+    return volume_format(path) == "dicom" and is_dicom_source(path)
 
 
 def napari_get_reader(path: str | Sequence[str]) -> Callable[..., list[LayerData]] | None:
-    """Return :func:`read_nifti` for a NIfTI path (or a list of them), else None."""
+    """Return :func:`read_volumes` for NIfTI/NRRD/MetaImage files and DICOM folders or zips (or a
+    list of them), else None (napari then asks other readers)."""
     paths = [path] if isinstance(path, str | Path) else list(path)
-    if not paths or not all(_is_nifti(p) for p in paths):
+    if not paths or not all(is_volume_file(p) or _is_dicom(p) for p in paths):
         return None
-    return read_nifti
+    return read_volumes
 
 
-def read_nifti(path: str | Sequence[str], stack: bool = False) -> list[LayerData]:
-    """Read one or more NIfTI files into layer-data tuples (one layer per file)."""
+def _ask_series(path: Path, series: list) -> str | None:
+    """Qt list dialog: which of ``series`` (``DicomSeries``) to open; None when cancelled."""
+    from qtpy.QtWidgets import QInputDialog
+
+    items = [f"{s.description or '(no description)'} — {s.modality} {s.columns}×{s.rows}×{s.num_slices} — {s.uid}"
+             for s in series]
+    item, ok = QInputDialog.getItem(None, "Open DICOM series",
+                                    f"{path.name} holds {len(series)} image series; open:", items, 0, False)
+    return series[items.index(item)].uid if ok and item in items else None
+
+
+#: ``(source, [DicomSeries, ...]) -> series UID or None``: asked when a DICOM source holds several
+#: image series (None: open nothing). A Qt dialog by default; tests replace it.
+choose_series: Callable[[Path, list], str | None] = _ask_series
+
+
+def read_volumes(path: str | Sequence[str], stack: bool = False) -> list[LayerData]:
+    """Read files and DICOM sources into layer-data tuples (one layer per path)."""
     from napari.utils.notifications import show_error
 
     paths = [path] if isinstance(path, str | Path) else list(path)
+    layers = []
     try:
-        return [read_layer_data(p) for p in paths]
+        for p in paths:
+            series = None
+            if volume_format(p) == "dicom":
+                from ..data.dicom import list_dicom_series
+
+                found = list_dicom_series(p)
+                if len(found) > 1:
+                    series = choose_series(Path(p), found)
+                    if series is None:
+                        continue  # cancelled: nothing from this source
+            layers.append(read_layer_data(p, series=series))
     except InputError as err:
         show_error(str(err))
         return [(None,)]  # type: ignore[list-item]  # napari's "read, nothing to add" sentinel
+    return layers or [(None,)]  # type: ignore[list-item]
 
 
-def read_layer_data(path: str | Path, kind: str | None = None) -> LayerData:
-    """One NIfTI file as a layer-data tuple; ``kind`` forces "image" or "labels"."""
+read_nifti = read_volumes  # the name of this reader before it read other formats
+
+
+def read_layer_data(path: str | Path, kind: str | None = None, *, series: str | None = None) -> LayerData:
+    """One file or DICOM source as a layer-data tuple; ``kind`` forces "image" or "labels"."""
     path = Path(path)
-    volume = read_volume(path, allow_channels=True)
+    fmt = volume_format(path)
+    if fmt == "dicom":
+        volume = read_volume(path, series=series)
+        if kind == "labels":
+            raise InputError("a DICOM series is an image; it cannot open as labels", path)
+        return image_layer_data(volume, source=path)
+    table = None
+    if fmt == "nrrd":
+        from ..data.nrrd import read_nrrd_and_table
+
+        volume, table = read_nrrd_and_table(path, allow_channels=True)
+        if table is not None and kind != "image":  # a Slicer segmentation: labels with its names
+            return labels_layer_data(volume, table, source=path)
+    else:
+        volume = read_volume(path, allow_channels=True)
     if kind is None:
         kind = "labels" if looks_like_labels(path, volume.array) else "image"
     if kind == "labels":

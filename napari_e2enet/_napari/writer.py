@@ -1,4 +1,9 @@
-"""npe2 writers: a Labels or Image layer → NIfTI (.nii.gz / .nii) on its source geometry.
+"""npe2 writers: a Labels or Image layer → a file on its source geometry, the format by extension.
+
+Labels: ``.nii.gz`` / ``.nii`` (NIfTI), ``.nrrd``, ``.seg.nrrd`` (a 3D Slicer segmentation with the
+layer's label names and colours), ``.mha`` / ``.mhd``, ``.dcm`` (DICOM-SEG: the layer must lie on a
+DICOM image's grid with that image's plugin metadata, as layers made by the Segment widget do; the
+file references that series). Images: ``.nii.gz`` / ``.nii``, ``.nrrd``, ``.mha`` / ``.mhd``.
 
 The layer's plugin metadata (``layers.META_KEY``) gives the exact source affine and header, so the
 written file re-reads in nibabel with the identical affine, shape and orientation codes. Before
@@ -19,11 +24,25 @@ import numpy as np
 
 from ..data.io import write_volume
 from ..errors import InputError
-from .layers import layer_to_volume
+from ..labels import LabelTable
+from .layers import META_KEY, layer_to_volume
+
+
+def _label_table(meta: dict[str, Any]) -> LabelTable | None:
+    """The label table the reader or the Segment widget stored in the layer's plugin metadata."""
+    plugin = (meta.get("metadata") or {}).get(META_KEY) or {}
+    table = plugin.get("label_table")
+    if not table:
+        return None
+    try:
+        return LabelTable.from_dict(table)
+    except ValueError:
+        return None
 
 
 def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """Single-layer writer for Labels layers (integer voxels, uint8/int16/int32 on disk)."""
+    """Single-layer writer for Labels layers (integer voxels, uint8/int16/int32 on disk; names and
+    colours into .seg.nrrd and DICOM-SEG)."""
     array = np.asarray(data)
     if array.ndim != 3:
         raise InputError(f"labels layer {meta.get('name')!r} is {array.ndim}D; only 3D label maps are written",
@@ -32,11 +51,16 @@ def write_labels(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
         volume = layer_to_volume(meta, data=array)
     except InputError as err:
         raise InputError(str(err), path) from None
-    return [str(write_volume(volume, path))]
+    if Path(path).name.lower().endswith(".dcm") and volume.meta.get("format") != "dicom":
+        raise InputError("DICOM-SEG needs a labels layer on a DICOM image's grid (make it with the Segment widget "
+                         "on an image opened from a DICOM folder or zip); save as .nii.gz or .seg.nrrd instead",
+                         path)
+    return [str(write_volume(volume, path, like=volume, label_table=_label_table(meta)))]
 
 
 def write_image(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """Single-layer writer for Image layers (stored as float32; a (C, ...) image as a 4D series)."""
+    """Single-layer writer for Image layers (stored as float32; a (C, ...) image as a 4D series /
+    channels)."""
     try:
         volume = layer_to_volume(meta, data=np.asarray(data))
     except InputError as err:

@@ -72,6 +72,7 @@ __all__ = [
     "SEG_NRRD_SUFFIX",
     "is_nrrd_path",
     "read_nrrd",
+    "read_nrrd_and_table",
     "read_nrrd_geometry",
     "read_seg_nrrd",
     "write_nrrd",
@@ -436,14 +437,7 @@ def read_nrrd(path: str | Path, *, allow_channels: bool = False) -> Volume:
     merged integer label map (see :func:`read_seg_nrrd` for the names and colours).
     Raises ``InputError("<path>: <problem>")`` for every kind of bad file.
     """
-    header = _parse_header(path)
-    if header.is_segmentation:
-        return _read_segmentation(header)[0]
-    if header.channels > 1 and not allow_channels:
-        raise InputError(f"4D image with {header.channels} volumes (sizes {list(header.sizes)}); expected one "
-                         "3D volume", header.path)
-    data = _spatial_array(header, _read_voxels(header))
-    return Volume(data, header.affine.copy(), None, _case_name(header.path), _meta(header))
+    return read_nrrd_and_table(path, allow_channels=allow_channels)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,6 +563,19 @@ def _map_layer(layer: np.ndarray, members: list[tuple[int, _Segment]], dtype: np
         inside[box] = True
         mapped[(mapped == new) & ~inside] = 0  # Slicer: voxels outside a segment's extent are not in it
     return mapped
+
+
+def read_nrrd_and_table(path: str | Path, *, allow_channels: bool = False) -> tuple[Volume, LabelTable | None]:
+    """:func:`read_nrrd`, plus the segments' names and colours when the file is a 3D Slicer
+    segmentation (whatever its name), else None: one header parse for readers that must tell."""
+    header = _parse_header(path)
+    if header.is_segmentation:
+        return _read_segmentation(header)
+    if header.channels > 1 and not allow_channels:
+        raise InputError(f"4D image with {header.channels} volumes (sizes {list(header.sizes)}); expected one "
+                         "3D volume", header.path)
+    data = _spatial_array(header, _read_voxels(header))
+    return Volume(data, header.affine.copy(), None, _case_name(header.path), _meta(header)), None
 
 
 def read_seg_nrrd(path: str | Path) -> tuple[Volume, LabelTable]:
