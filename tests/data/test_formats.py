@@ -536,3 +536,55 @@ def test_metaimage_needs_no_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "SimpleITK", None)
     out = write_metaimage(Volume(image_array(), OBLIQUE), tmp_path / "a.mha")
     assert np.array_equal(read_metaimage(out).array, image_array())
+
+
+def test_nrrd_list_axis_last_becomes_the_channel_axis(tmp_path):
+    values = np.arange(2 * 120, dtype=np.int16).reshape(2, 4, 5, 6)  # (C, Z, Y, X) → file order x y z c
+    path = write_raw_nrrd(tmp_path / "t.nrrd", [
+        "type: short", "dimension: 4", "space: RAS", "sizes: 6 5 4 2",
+        "space directions: (0.5,0,0) (0,2,0) (0,0,3) none", "kinds: domain domain domain vector",
+        "endian: little", "encoding: raw", "space origin: (1,2,3)"], values.astype("<i2").tobytes())
+    got = read_nrrd(path, allow_channels=True)
+    assert got.array.shape == (2, 6, 5, 4)
+    assert np.array_equal(got.array, values.transpose(0, 3, 2, 1))
+    np.testing.assert_array_equal(got.affine, [[0.5, 0, 0, 1], [0, 2, 0, 2], [0, 0, 3, 3], [0, 0, 0, 1]])
+    assert read_nrrd_geometry(path, allow_channels=True)[2] == 2
+
+
+# ----------------------------------------------------------------------------- io dispatch
+
+
+def test_io_entry_points_dispatch_on_the_name(tmp_path):
+    from napari_e2enet.data.io import (
+        case_name,
+        read_geometry,
+        read_image,
+        read_labels,
+        read_volume,
+        write_volume,
+    )
+
+    labels = Volume(blob_labels(SHAPE, (1, 2)), OBLIQUE)
+    image = Volume(image_array(), OBLIQUE)
+    for name in ("a.nrrd", "a.mha", "a.mhd", "a.nii.gz", "A.MHA", "a.seg.nrrd"):
+        out = write_volume(labels, tmp_path / name, label_table=BRAIN_TISSUE)
+        back = read_labels(out)
+        assert np.array_equal(back.array, labels.array), name
+        atol = 1e-6 if name.endswith(".nii.gz") else 1e-12  # NIfTI's sform is float32
+        np.testing.assert_allclose(back.affine, OBLIQUE, rtol=0, atol=atol)
+        assert read_geometry(out)[0] == SHAPE
+        assert case_name(out) == name.split(".")[0]
+    assert read_seg_nrrd(tmp_path / "a.seg.nrrd")[1].names == BRAIN_TISSUE.names
+    img = read_image(write_volume(image, tmp_path / "img.nrrd"))
+    assert img.array.shape == (1, *SHAPE) and img.meta["format"] == "nrrd"
+    assert read_volume(tmp_path / "img.nrrd").meta == {"format": "nrrd", "path": str(tmp_path / "img.nrrd"),
+                                                      "space": "left-posterior-superior"}
+    with pytest.raises(InputError, match=r"DICOM-SEG .* needs the input read from a DICOM folder") as info:
+        write_volume(labels, tmp_path / "seg.dcm", like=image)
+    assert_one_line(info, tmp_path / "seg.dcm")
+    with pytest.raises(InputError, match="series UID only applies to a DICOM"):
+        read_volume(tmp_path / "img.nrrd", series="1.2.3")
+    with pytest.raises(InputError, match="not a NIfTI, NRRD or MetaImage file name"):
+        read_volume(write_volume(image, tmp_path / "x.nii.gz").rename(tmp_path / "x.png"))
+    with pytest.raises(InputError, match=r"output must end in \.nii, \.nii\.gz, \.nrrd"):
+        write_volume(labels, tmp_path / "x.tif")
