@@ -16,6 +16,7 @@ from .errors import InputError
 
 MIRROR_MODES = ("auto", "all", "none", "no-left-right")
 OPTIMIZERS = ("sgd", "adamw")
+VALIDATION_MODES = ("auto", "full", "patches")
 
 T = TypeVar("T")
 
@@ -188,10 +189,21 @@ class TrainConfig(_DictMixin):
     precision: str = "fp32"  # "fp32", "bf16" (CPU autocast) or "amp" (CUDA fp16)
     validation_every_epochs: int = 1
     checkpoint_every_epochs: int = 1
+    # Validation: "full" (a sliding window over every validation case: the real Dice, minutes a case on
+    # CPU), "patches" (``validation_patches`` fixed patches, half centred on a labelled voxel, the same at
+    # every validation, Dice pooled over them: nnU-Net's online "pseudo Dice", seconds), "auto" (patches
+    # on CPU, full on a GPU). docs/validation-sample.md compares the two curves.
+    validation: str = "auto"
+    validation_patches: int = 16
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.validation not in VALIDATION_MODES:
+            raise ValueError(f"TrainConfig: validation must be one of {', '.join(VALIDATION_MODES)}, "
+                             f"got {self.validation!r}")
+        if self.validation_patches < 1:
+            raise ValueError(f"TrainConfig: validation_patches must be at least 1, got {self.validation_patches}")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,13 @@ the generator; the state is then saved at the last completed iteration so ``resu
 exactly (same weights and masks as an uninterrupted run on the same CPU, because every source of
 randomness is a pure function of (seed, rank, iteration)).
 
+Stop means stop: ``stop`` is checked before every iteration and between validation tiles or
+patches. A stop during a validation abandons it (no half-measured Dice is reported) and saves the
+iteration as it stands, without that epoch's row; ``resume=True`` then runs the abandoned epoch end
+(validation, metrics row, checkpoint) first, so a stopped and resumed run writes the same files as
+an uninterrupted one. On CPU validation measures a fixed patch sample by default
+(``TrainConfig.validation``), not a whole-volume sliding window.
+
 Run directory (written by rank 0 only, every file atomically):
 
 - ``config.json``        the resolved TrainConfig
@@ -49,7 +56,7 @@ from ..data.intended_input import IntendedInput
 from ..device import resolve_device
 from ..errors import InputError
 from ..fileio import atomic_write_text
-from ..inference.sliding_window import sliding_window_argmax
+from ..inference.sliding_window import SlidingWindowCancelled, sliding_window_argmax
 from ..labels import LabelTable
 from ..metrics import dice
 from ..models import E2ENet, create_model
@@ -62,6 +69,11 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.csv"
 CONNECTIVITY_FILE = "connectivity.json"
+_VALIDATION_STREAM = 0x7A11  # the PatchSampler "rank" of the validation patches (apart from training's)
+
+
+class _ValidationStopped(Exception):
+    """``stop`` was set during a validation (raised between tiles / patches)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,7 @@ class Trainer:
         self.stop = stop or threading.Event()
         self.model: E2ENet | None = None
         self.summary: TrainSummary | None = None
+        self._val_sampler: tuple[_Prepared, PatchSampler] | None = None  # the validation patches, made once
 
     @property
     def writes(self) -> bool:
@@ -293,8 +306,40 @@ class Trainer:
         last_dice: dict[str, float] = history[-1]["dice"] if history else {}
         loss_value: float | None = None
         stopped = False
+
+        def end_epoch(completed: int, lr: float) -> Iterator[TrainEvent]:
+            """Validation, metrics row, connectivity entry, checkpoint. Returns False (having saved
+            nothing) if ``stop`` interrupted the validation: the caller stops, the state is saved."""
+            nonlocal last_dice, epoch_losses
+            epoch = math.ceil(completed / cfg.iterations_per_epoch)
+            if self.rank == 0 and (epoch % cfg.validation_every_epochs == 0 or completed == total):
+                try:
+                    last_dice = self.validate(model, data, device)
+                except _ValidationStopped:
+                    return False
+                yield TrainEvent("validation", completed, total, epoch, dice=last_dice)
+            history.append({"epoch": epoch, "iteration": completed, "loss": float(np.mean(epoch_losses)),
+                            "lr": lr, "dice": last_dice, "seconds": time.perf_counter() - t_start,
+                            "sparsity": model.sparsity})
+            epoch_losses = []
+            if self.rank == 0:
+                record.record(model, "epoch", completed, epoch=epoch, loss=history[-1]["loss"])
+            if epoch % cfg.checkpoint_every_epochs == 0 or completed == total:
+                checkpoint(completed)
+                yield TrainEvent("checkpoint", completed, total, epoch)
+            return True
+
         try:
+            if (state is not None and start > 0 and (start % cfg.iterations_per_epoch == 0 or start == total)
+                    and (not history or history[-1]["iteration"] != start)):
+                # stopped during this epoch's end (e.g. its validation): finish it before going on
+                if not (yield from end_epoch(start, poly_lr(cfg.lr, start - 1, total))):
+                    stopped = True
+                if self.world_size > 1:
+                    torch.distributed.barrier()
             for it in range(start, total):
+                if stopped:
+                    break
                 if self.stop.is_set():
                     stopped = True
                     break
@@ -322,20 +367,12 @@ class Trainer:
                         record.record(model, "update", completed, epoch=epoch, update=update, loss=loss_value)
                     yield TrainEvent("topology", completed, total, epoch, loss=loss_value, update=update)
                 if completed % cfg.iterations_per_epoch == 0 or completed == total:
-                    if self.rank == 0 and (epoch % cfg.validation_every_epochs == 0 or completed == total):
-                        last_dice = self.validate(model, data, device)
-                        yield TrainEvent("validation", completed, total, epoch, dice=last_dice)
-                    history.append({"epoch": epoch, "iteration": completed, "loss": float(np.mean(epoch_losses)),
-                                    "lr": lr, "dice": last_dice, "seconds": time.perf_counter() - t_start,
-                                    "sparsity": model.sparsity})
-                    epoch_losses = []
-                    if self.rank == 0:
-                        record.record(model, "epoch", completed, epoch=epoch, loss=history[-1]["loss"])
-                    if epoch % cfg.checkpoint_every_epochs == 0 or completed == total:
-                        checkpoint(completed)
-                        yield TrainEvent("checkpoint", completed, total, epoch)
+                    finished = yield from end_epoch(completed, lr)
                     if self.world_size > 1:
                         torch.distributed.barrier()
+                    if not finished:
+                        stopped = True
+                        break
         except GeneratorExit:
             stopped = True
             raise
@@ -356,22 +393,72 @@ class Trainer:
         assert self.summary is not None
         return self.summary
 
+    def validation_mode(self, device: torch.device) -> str:
+        """"full" or "patches": ``config.validation``, with "auto" meaning patches on CPU."""
+        mode = self.config.validation
+        if mode == "auto":
+            return "patches" if device.type == "cpu" else "full"
+        return mode
+
     @torch.no_grad()
-    def validate(self, model: E2ENet, data: _Prepared, device: torch.device) -> dict[str, float]:
-        """Mean Dice per foreground class over the validation cases (sliding window, 50 % overlap)."""
+    def validate(self, model: E2ENet, data: _Prepared, device: torch.device, mode: str | None = None
+                 ) -> dict[str, float]:
+        """Dice per foreground class on the validation cases (classes absent from both the reference
+        and the prediction are left out).
+
+        ``mode`` (default :meth:`validation_mode`): "full" — a sliding window (50 % overlap) over every
+        validation case, Dice per case, averaged over the cases; "patches" — the same
+        ``config.validation_patches`` patches at every validation (half centred on a labelled voxel,
+        half anywhere; no augmentation), one forward pass each, Dice pooled over the patches.
+        Raises :class:`_ValidationStopped` as soon as ``self.stop`` is set (checked between tiles,
+        cases and patch batches).
+        """
+        mode = mode or self.validation_mode(device)
         model.eval()
-        per_class: dict[str, list[float]] = {}
         names = {k: v for k, v in data.labels.names.items() if k != 0}
-        for image, label in data.val:
-            tensor = torch.from_numpy(image)
-            pred = sliding_window_argmax(tensor, lambda x: model(x.to(device)).float().cpu(),
-                                         patch=self.config.data.patch, num_classes=model.config.num_classes,
-                                         overlap=0.5)
-            for k, name in names.items():
-                if (label == k).any() or (pred == k).any():
-                    per_class.setdefault(name, []).append(dice(pred, label, k))
-        model.train()
-        return {name: float(np.mean(v)) for name, v in per_class.items()}
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return model(x.to(device)).float().cpu()
+
+        try:
+            if mode == "patches":
+                return self._validate_patches(forward, data, names)
+            per_class: dict[str, list[float]] = {}
+            for image, label in data.val:
+                if self.stop.is_set():
+                    raise _ValidationStopped
+                try:
+                    pred = sliding_window_argmax(torch.from_numpy(image), forward, patch=self.config.data.patch,
+                                                 num_classes=model.config.num_classes, overlap=0.5, stop=self.stop)
+                except SlidingWindowCancelled:
+                    raise _ValidationStopped from None
+                for k, name in names.items():
+                    if (label == k).any() or (pred == k).any():
+                        per_class.setdefault(name, []).append(dice(pred, label, k))
+            return {name: float(np.mean(v)) for name, v in per_class.items()}
+        finally:
+            model.train()
+
+    def _validate_patches(self, forward: Any, data: _Prepared, names: dict[int, str]) -> dict[str, float]:
+        cfg = self.config
+        if self._val_sampler is None or self._val_sampler[0] is not data:
+            sampler = PatchSampler(data.val, patch=cfg.data.patch, batch=1, foreground_oversample=0.5, augment=False,
+                                   seed=cfg.seed, rank=_VALIDATION_STREAM)
+            self._val_sampler = (data, sampler)
+        sampler = self._val_sampler[1]
+        counts = {k: np.zeros(3, dtype=np.int64) for k in names}  # true positives, predicted, reference
+        step = max(1, cfg.data.batch)
+        for first in range(0, cfg.validation_patches, step):
+            if self.stop.is_set():
+                raise _ValidationStopped
+            batches = [sampler.batch(k) for k in range(first, min(first + step, cfg.validation_patches))]
+            images = torch.cat([b[0] for b in batches])
+            labels = torch.cat([b[1] for b in batches])[:, 0].numpy()
+            pred = forward(images).argmax(1).numpy()
+            for k in names:
+                p, r = pred == k, labels == k
+                counts[k] += (np.count_nonzero(p & r), np.count_nonzero(p), np.count_nonzero(r))
+        return {names[k]: float(2 * c[0] / (c[1] + c[2])) for k, c in counts.items() if c[1] + c[2] > 0}
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
