@@ -101,20 +101,20 @@ _NON_IMAGE_PREFIXES = (
 )
 
 
-def _import_pydicom() -> Any:
+def _import_pydicom(path: str | Path | None = None) -> Any:
     try:
         import pydicom
     except ImportError:
-        raise InputError(FORMATS_HINT) from None
+        raise InputError(FORMATS_HINT, path) from None
     return pydicom
 
 
-def _import_highdicom() -> Any:
-    _import_pydicom()
+def _import_highdicom(path: str | Path | None = None) -> Any:
+    _import_pydicom(path)
     try:
         import highdicom
     except ImportError:
-        raise InputError(FORMATS_HINT) from None
+        raise InputError(FORMATS_HINT, path) from None
     return highdicom
 
 
@@ -404,7 +404,7 @@ def list_dicom_series(path: str | Path) -> list[DicomSeries]:
     Sorted by study, SeriesNumber, then UID. Segmentations, SR, presentation states and RT objects
     in the same folder are not listed. Raises InputError for a source without DICOM image files.
     """
-    _import_pydicom()
+    _import_pydicom(path)
     scan = _scan(path)
     try:
         return scan.describe()
@@ -679,7 +679,7 @@ def read_dicom_series(path: str | Path, series_uid: str | None = None) -> Volume
     ``series_uid`` picks one series when the source holds several (else that is an InputError
     listing them). Every bad input raises ``InputError("<path>: <problem>")``.
     """
-    _import_pydicom()
+    _import_pydicom(path)
     scan = _scan(path)
     with scan.source as source:
         uid = _choose(scan, series_uid)
@@ -811,7 +811,7 @@ def write_dicom_seg(
     meta = source.meta or {}
     if meta.get("format") != "dicom" or not meta.get("path") or not meta.get("series_uid"):
         raise InputError("DICOM-SEG needs a DICOM source image", path)
-    hd = _import_highdicom()
+    hd = _import_highdicom(path)
     from pydicom.sr.codedict import codes
 
     path = Path(path)

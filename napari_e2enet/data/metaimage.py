@@ -2,7 +2,7 @@
 
 Why not SimpleITK. MetaImage is a text header of ``Key = Value`` lines ending with
 ``ElementDataFile`` followed by raw or zlib-compressed voxels: about 150 lines of numpy + zlib
-read and write every file ITK writes. SimpleITK (the other choice, in the ``formats`` extra)
+read and write every file ITK writes. SimpleITK (the other choice; only in the ``test`` extra now)
 installs **264 MB** (one 272 MB shared library) and takes **~0.18 s** to import (measured on the
 2-core CI box, warm cache). Doing it here means MHA/MHD need no extra at all, and we control what
 SimpleITK would decide for us: an ``ElementDataFile`` outside the header's folder is refused

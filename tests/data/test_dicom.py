@@ -597,12 +597,12 @@ def test_missing_extra_is_one_line(tmp_path, phantom, monkeypatch):
         write_dicom_seg(
             source.with_array(phantom[1].array), tmp_path / "seg.dcm", source=source, label_table=AMOS
         )
-    assert str(err.value) == FORMATS_HINT
+    assert str(err.value) == f"{tmp_path / 'seg.dcm'}: {FORMATS_HINT}"
     monkeypatch.setitem(sys.modules, "pydicom", None)
     for call in (lambda: read_dicom_series(tmp_path / "ct"), lambda: list_dicom_series(tmp_path / "ct")):
         with pytest.raises(InputError) as err:
             call()
-        assert str(err.value) == FORMATS_HINT
+        assert str(err.value) == f"{tmp_path / 'ct'}: {FORMATS_HINT}"
     assert is_dicom_source(tmp_path / "ct")  # sniffing needs no pydicom
 
 
