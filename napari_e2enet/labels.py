@@ -30,8 +30,12 @@ stomach                     210, 180, 140    portal and splenic veins    110, 14
 aorta                       225, 30, 40      edema                       175, 230, 40
 inferior vena cava          0, 120, 215      non-enhancing tumour        215, 25, 30
 CSF/other                   70, 130, 230     enhancing tumour            30, 140, 255
-grey matter                 150, 150, 150    white matter                240, 240, 225
+grey matter                 213, 94, 0       white matter                0, 158, 115
 ==========================  ===============  ==========================  ===============
+
+Brain tissue is drawn over a greyscale MRI, so its three colours are saturated hues (blue,
+vermillion, bluish green: Okabe–Ito colours, told apart with the common colour-vision
+deficiencies too), never grey or white, which would vanish into the image.
 
 Aliases map common dataset spellings onto these names (``"postcava"``/``"ivc"`` → inferior vena
 cava, ``"gall bladder"``, AMOS's ``"arota"``, ``"tumor"``/``"tumour"``, ...). Any id whose name is
@@ -98,8 +102,8 @@ ANATOMY_COLORS: dict[str, RGBA] = {
     "non-enhancing tumour": _rgb(215, 25, 30),
     "enhancing tumour": _rgb(30, 140, 255),
     "csf/other": _rgb(70, 130, 230),
-    "grey matter": _rgb(150, 150, 150),
-    "white matter": _rgb(240, 240, 225),
+    "grey matter": _rgb(213, 94, 0),
+    "white matter": _rgb(0, 158, 115),
 }
 
 _ALIASES: dict[str, str] = {
