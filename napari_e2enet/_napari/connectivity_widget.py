@@ -27,13 +27,12 @@ from qtpy.QtWidgets import (
     QLabel,
     QPushButton,
     QSlider,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..errors import InputError
 from ..plots import connectivity_figure, entry_label, save_figure_png, snapshots, write_connectivity_csv
-from ._qt_util import open_path_dialog, save_path_dialog, save_start_folder
+from ._qt_util import open_path_dialog, save_path_dialog, save_start_folder, scroll_layout
 from .runs import RunRegistry, registry_for
 
 RECORD_FILE = "connectivity.json"
@@ -66,7 +65,7 @@ class ConnectivityWidget(QWidget):
         self.ask_png_path = save_path_dialog(self, "Export PNG", "PNG image (*.png)")
         self.ask_csv_path = save_path_dialog(self, "Export CSV", "CSV table (*.csv)")
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         form = QFormLayout()
         source = QHBoxLayout()
         self.source_combo = QComboBox()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
-from napari.layers import Image, Labels
+from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
@@ -35,13 +35,12 @@ from qtpy.QtWidgets import (
     QPushButton,
     QRadioButton,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..errors import InputError
 from ..plots import plot_loss, plot_validation_dice
-from ._qt_util import LayerCombo, open_path_dialog
+from ._qt_util import LabelsCombo, LayerCombo, open_path_dialog, scroll_layout
 from .layers import META_KEY, check_same_grid, layer_to_volume
 from .runs import RunRegistry, registry_for
 from .segment_widget import available_devices
@@ -78,7 +77,7 @@ class TrainWidget(QWidget):
         self._redraw.setInterval(1000)  # at most one redraw a second: drawing holds the GIL
         self._redraw.timeout.connect(self.draw_curves)
 
-        layout = QVBoxLayout(self)
+        layout = scroll_layout(self)
         # -- data ------------------------------------------------------------------------------------
         data = QGroupBox("Data")
         data_form = QFormLayout(data)
@@ -97,7 +96,7 @@ class TrainWidget(QWidget):
         data_form.addRow("Dataset", folder)
         data_form.addRow(self.source_layers)
         self.image_combo = LayerCombo(self.viewer, Image)
-        self.labels_combo = LayerCombo(self.viewer, Labels)
+        self.labels_combo = LabelsCombo(self.viewer, self.image_combo)  # the chosen image's labels
         data_form.addRow("Image", self.image_combo)
         data_form.addRow("Labels", self.labels_combo)
         layout.addWidget(data)
@@ -159,6 +158,15 @@ class TrainWidget(QWidget):
         self.optimizer_combo.setToolTip("sgd: the paper's SGD Nesterov 0.99. adamw: learns a short CPU run "
                                         "several times faster (a learning rate around 0.003-0.01)")
         form.addRow("Optimizer", self.optimizer_combo)
+        self.validation_combo = QComboBox()
+        self.validation_combo.addItem("auto (patch sample on CPU)", "auto")
+        self.validation_combo.addItem("full volumes (sliding window)", "full")
+        self.validation_combo.addItem("patch sample", "patches")
+        self.validation_combo.setToolTip("Validation Dice after each epoch. Full: a sliding window over every "
+                                         "validation case (minutes a case on CPU). Patch sample: the same 16 "
+                                         "patches every time, seconds (docs/validation-sample.md). Stop "
+                                         "interrupts either.")
+        form.addRow("Validation", self.validation_combo)
         self.device_combo = QComboBox()
         self.device_combo.addItems(available_devices())
         form.addRow("Device", self.device_combo)
@@ -251,6 +259,7 @@ class TrainWidget(QWidget):
             lr=float(self.lr_spin.value()),
             optimizer=self.optimizer_combo.currentText(),
             device=self.device_combo.currentText(),
+            validation=str(self.validation_combo.currentData()),
         )
 
     def _layers_dataset(self):
@@ -351,7 +360,7 @@ class TrainWidget(QWidget):
         if self.busy and self.job is not None:
             self.job.cancel()
             self.stop_btn.setEnabled(False)
-            self.status_label.setText("Stopping after the current iteration…")
+            self.status_label.setText("Stopping after the current iteration (a validation is abandoned)…")
 
     # ------------------------------------------------------------------------------------------
     def _reset_history(self) -> None:

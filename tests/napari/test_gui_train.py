@@ -194,47 +194,146 @@ def test_train_stop_then_resume_continues(make_napari_viewer, qtbot, phantom_fil
     assert json.loads((train.run_dir / "config.json").read_text())["optimizer"] == "adamw"  # resumed as chosen
 
 
-def test_screenshot_viewer_with_overlay_and_widgets(make_napari_viewer, qtbot, tmp_path, screenshot_dir):
-    """The README picture: the MNI sample, its tissue overlay, the three widgets docked."""
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1600, 1000)
-    _image, reference = viewer.open_sample("napari-e2enet", "mni152")
-    reference.visible = True
-    reference.opacity = 0.45
-    from napari_e2enet._napari.connectivity_widget import ConnectivityWidget
-    from napari_e2enet._napari.runs import registry_for
-    from napari_e2enet._napari.segment_widget import SegmentWidget
-    from napari_e2enet._napari.train_widget import TrainWidget
+def test_all_three_docks_fit_a_1366x768_screen_and_readme_screenshots(make_napari_viewer, qtbot, tmp_path,
+                                                                      screenshot_dir):
+    """The three widgets docked as a user docks them (Plugins menu: all on the right) fit a 1366×768
+    laptop screen; the README pictures are taken at that size."""
+    from napari_e2enet._napari._qt_util import DOCK_MIN_HEIGHT
 
-    registry = registry_for(viewer)
-    segment, train, conn = (SegmentWidget(viewer, registry), TrainWidget(viewer, registry),
-                            ConnectivityWidget(viewer, registry))
-    viewer.window.add_dock_widget(segment, name="Segment (napari-e2enet)", area="right")
-    viewer.window.add_dock_widget(train, name="Train (napari-e2enet)", area="left")
-    viewer.window.add_dock_widget(conn, name="Connectivity (napari-e2enet)", area="left", tabify=True)
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    _image, reference = viewer.open_sample("napari-e2enet", "mni152")
+    segment, train, conn = (_dock(viewer, name) for name in ("Segment", "Train", "Connectivity"))
+    qtbot.wait(50)
+    minimum = window.minimumSizeHint().height()
+    print(f"\nminimum window height with the three docks: {minimum} px")
+    assert minimum <= 768
+    window.resize(1366, 768)
+    qtbot.waitUntil(lambda: window.height() <= 768, timeout=5_000)
+    assert window.width() == 1366
+    docks = [w.parentWidget() for w in (segment, train, conn)]
+    while not all(hasattr(d, "isFloating") for d in docks):  # the QDockWidget around each widget
+        docks = [d if hasattr(d, "isFloating") else d.parentWidget() for d in docks]
+    for dock in docks:
+        assert dock.isVisible() and not dock.isFloating()
+        assert not dock.visibleRegion().isEmpty()
+        assert dock.height() >= DOCK_MIN_HEIGHT
+    # every control can be scrolled into view, and the per-label list shows several rows at once
+    for widget, control in ((segment, segment.finetune_btn), (train, train.stop_btn), (conn, conn.csv_btn)):
+        widget.scroll_area.ensureWidgetVisible(control)
+        qtbot.wait(20)
+        assert not control.visibleRegion().isEmpty(), control.text()
+    segment.labels_combo.set_layer(reference)
+    assert segment.volumes_table.rowCount() == 3  # CSF/other, grey matter, white matter (mL)
+    segment.scroll_area.ensureWidgetVisible(segment.volumes_table)
+    qtbot.wait(20)
+    row = segment.volumes_table.rowHeight(0)
+    assert segment.volumes_table.visibleRegion().boundingRect().height() >= 4 * row
+
+    # the README picture: the MNI sample, its tissue overlay, the three widgets docked
+    reference.visible = True
+    reference.opacity = 0.5
     run = tmp_path / "runs" / "demo-run"
     _write_record(run)
     conn.load(run)
-    segment.labels_combo.set_layer(reference)
-    assert segment.volumes_table.rowCount() == 3  # CSF/other, grey matter, white matter (mL)
+    segment.scroll_area.ensureWidgetVisible(segment.segment_btn)
+    for widget in (train, conn):
+        widget.scroll_area.verticalScrollBar().setValue(0)
     viewer.dims.set_point(0, float(np.mean(viewer.dims.range[0][:2])) + 10)
     viewer.reset_view()
     qtbot.wait(200)
     shot = viewer.screenshot(str(screenshot_dir / "viewer_widgets.png"), canvas_only=False)
-    assert shot.shape[0] > 500 and shot.shape[1] > 1000
+    assert shot.shape[0] <= 768 + 40 and shot.shape[1] >= 1366  # (the frame's own pixels aside)
     canvas = viewer.screenshot(canvas_only=True)
     assert canvas[..., :3].std() > 5  # the slice and its overlay were drawn
-    # the CT phantom with its organ overlay (AMOS colours) and organ volumes
+    # the CT phantom with its organ overlay (AMOS colours) and the per-label list
     viewer.layers.clear()
     _ct, organs = viewer.open_sample("napari-e2enet", "abdomen_phantom")
     organs.opacity = 0.6
-    segment.labels_combo.set_layer(organs)
+    assert segment.labels_combo.layer() == organs
     assert segment.volumes_table.rowCount() == 15
+    segment.scroll_area.ensureWidgetVisible(segment.volumes_table)
     viewer.dims.set_point(0, float(np.mean(viewer.dims.range[0][:2])))
     viewer.reset_view()
     qtbot.wait(200)
     viewer.screenshot(str(screenshot_dir / "viewer_phantom.png"), canvas_only=False)
-    del train
+
+
+def test_stop_during_a_slow_validation_returns_within_one_iteration(make_napari_viewer, qtbot, tmp_path, notes):
+    """Stop clicked while a (deliberately slow: ~400 tiles) full validation runs: the validation is
+    abandoned within one tile, the state is saved, and Resume validates that epoch first."""
+    import time
+
+    import torch
+    from qtpy.QtCore import QTimer
+
+    from napari_e2enet.data import make_phantom, write_volume
+
+    image_v, labels_v = make_phantom(4, shape=(80, 80, 48), spacing=(1.5, 1.5, 1.5))
+    labels_v.array = np.where(labels_v.array > 2, 0, labels_v.array).astype(np.uint8)
+    viewer = make_napari_viewer()
+    image, labels = viewer.open([str(write_volume(image_v, tmp_path / "big.nii.gz")),
+                                 str(write_volume(labels_v, tmp_path / "big_seg.nii.gz"))], plugin="napari-e2enet")
+    train = _dock(viewer, "Train")
+    train.image_combo.set_layer(image)
+    assert train.labels_combo.layer() == labels  # follows the image
+    _tiny_options(train, iterations=4, per_epoch=2)
+    train.validation_combo.setCurrentIndex(train.validation_combo.findData("full"))
+    assert train.config().validation == "full"
+
+    tiles = {"before": 0, "after": 0, "clicked": None}
+
+    def count_tiles(module, inputs, output):  # the worker thread: validation forward passes
+        if type(module).__name__ == "E2ENet" and not module.training:
+            tiles["after" if train.job.stop.is_set() else "before"] += 1
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count_tiles)
+    events = []
+    poll = QTimer()
+    poll.setInterval(20)
+
+    def click_stop_mid_validation():
+        if tiles["before"] >= 20 and tiles["clicked"] is None:  # well inside the validation
+            tiles["clicked"] = time.perf_counter()
+            _click(qtbot, train.stop_btn)
+
+    poll.timeout.connect(click_stop_mid_validation)
+    try:
+        _click(qtbot, train.start_btn)
+        job = train.job
+        job.worker.yielded.connect(lambda e: events.append((e, tiles["clicked"] is not None)))
+        poll.start()
+        _wait_idle(qtbot, train)
+        done = time.perf_counter()
+        poll.stop()
+    finally:
+        hook.remove()
+    assert tiles["clicked"] is not None, "the validation ended before Stop could be clicked"
+    print(f"\nStop → stopped and saved in {done - tiles['clicked']:.2f} s ({tiles['before']} validation tiles "
+          f"before the click, {tiles['after']} after)")
+    after_stop = [e.kind for e, late in events if late]
+    assert "validation" not in [e.kind for e, _ in events]  # abandoned, never reported
+    assert after_stop.count("iteration") <= 1
+    assert tiles["after"] <= 1  # at most the tile in flight when Stop came
+    assert train.last_event.kind == "stopped" and train.last_event.iteration == 2
+    state = torch.load(train.run_dir / "training_state.pt", weights_only=True)
+    assert state["iteration"] == 2
+    assert list(csv.DictReader((train.run_dir / "metrics.csv").open())) == []  # that epoch is not over yet
+    assert train.registry.runs()[0].label.endswith("(stopped)")
+
+    # Resume: the abandoned validation first, then iterations 3 and 4
+    _click(qtbot, train.resume_btn)
+    resumed, stamps = [], []
+    train.job.worker.yielded.connect(lambda e: resumed.append(e) or stamps.append(time.perf_counter()))
+    _wait_idle(qtbot, train)
+    kinds = [e.kind for e in resumed]
+    print(f"the whole validation (what Stop used to wait for, plus a checkpoint): {stamps[1] - stamps[0]:.1f} s")
+    assert kinds[1] == "validation" and resumed[1].iteration == 2
+    assert [e.iteration for e in resumed if e.kind == "iteration"] == [3, 4]
+    assert train.last_event.kind == "done" and train.last_event.iteration == 4
+    rows = list(csv.DictReader((train.run_dir / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [2, 4]
+    assert not _errors(notes), _errors(notes)
 
 
 def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot, phantom_files):
