@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._json import json_safe
-from .config import MIRROR_MODES, OPTIMIZERS
+from .config import MIRROR_MODES, OPTIMIZERS, VALIDATION_MODES
 from .errors import InputError
 
 EXIT_BAD_INPUT = 2
@@ -101,6 +101,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="axes mirrored by augmentation and TTA (auto: none along left-right when labels are "
                         "lateralised)")
     p.add_argument("--foreground-oversample", type=float, help="share of patches centred on a labelled voxel")
+    p.add_argument("--validation", choices=VALIDATION_MODES,
+                   help="validation Dice: auto (a fixed patch sample on CPU, whole volumes on a GPU), full, patches")
+    p.add_argument("--validation-patches", type=int, help="patches in the validation sample (default 16)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", choices=("fp32", "bf16", "amp"))
@@ -122,7 +125,8 @@ def train_config_from_args(args: argparse.Namespace):
         raise InputError(str(exc)) from None
     top = {k: v for k, v in {"model": args.model, "iterations": args.iterations, "seed": args.seed,
                              "device": args.device, "precision": args.precision, "lr": args.lr,
-                             "optimizer": args.optimizer,
+                             "optimizer": args.optimizer, "validation": args.validation,
+                             "validation_patches": args.validation_patches,
                              "iterations_per_epoch": args.iterations_per_epoch}.items() if v is not None}
     sparsity = {k: v for k, v in {"sparsity": args.sparsity, "update_every": args.update_every,
                                   "regrow": args.regrow}.items() if v is not None}

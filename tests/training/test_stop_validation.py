@@ -99,3 +99,17 @@ def test_validation_options_are_checked():
         TrainConfig(validation="sometimes")
     with pytest.raises(ValueError, match="validation_patches"):
         TrainConfig(validation_patches=0)
+
+
+def test_train_cli_chooses_the_validation():
+    import argparse
+
+    from napari_e2enet.cli import _train_args, train_config_from_args
+
+    parser = argparse.ArgumentParser()
+    _train_args(parser)
+    cfg = train_config_from_args(parser.parse_args(["--out", "run", "--validation", "full",
+                                                    "--validation-patches", "4"]))
+    assert (cfg.validation, cfg.validation_patches) == ("full", 4)
+    cfg = train_config_from_args(parser.parse_args(["--out", "run"]))
+    assert (cfg.validation, cfg.validation_patches) == ("auto", 16)
