@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceCELoss
 from torch import nn
 
 
@@ -31,6 +30,8 @@ class DeepSupervisionLoss(nn.Module):
     """
 
     def __init__(self) -> None:
+        from monai.losses import DiceCELoss  # here, not at import: fine-tuning and inference never load MONAI
+
         super().__init__()
         self.loss = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True,
                                smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=1.0, lambda_ce=1.0)
