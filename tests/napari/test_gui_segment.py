@@ -283,9 +283,11 @@ def test_save_refuses_labels_from_another_grid(make_napari_viewer, qtbot, tmp_pa
     from napari_e2enet.bundled import sample_files
 
     viewer = make_napari_viewer()
-    viewer.open(str(phantom_files["labels"]), plugin="napari-e2enet")
+    (organs,) = viewer.open(str(phantom_files["labels"]), plugin="napari-e2enet")
     viewer.open(str(sample_files()["image"]), plugin="napari-e2enet")
     widget = _segment_widget(viewer)
+    assert widget.labels_combo.layer() is None  # the picker offers no labels of another image...
+    widget.labels_combo.set_layer(organs)  # ...but the user may still choose them
     widget.ask_save_path = lambda default: str(tmp_path / "never.nii.gz")
     _click(qtbot, widget.save_btn)
     assert not (tmp_path / "never.nii.gz").exists()
