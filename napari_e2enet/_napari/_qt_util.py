@@ -206,15 +206,15 @@ def package_folders() -> list[Path]:
 
 
 def save_start_folder(*candidates: Any) -> Path:
-    """Where a Save dialog starts: the first candidate (a file or folder path; a file counts by
-    its folder) that exists and lies outside the package, else the home folder. Never inside the
-    package (a pip user's site-packages, or the bundled models' folder)."""
+    """Where a Save dialog starts: the folder holding the first candidate (a source file, or a
+    DICOM series folder, or a file saved before) that exists and lies outside the package, else
+    the home folder. Never inside the package (a pip user's site-packages, or the bundled models'
+    folder)."""
     inside = package_folders()
     for candidate in candidates:
         if not candidate:
             continue
-        path = Path(candidate).expanduser()
-        folder = path if path.is_dir() else path.parent
+        folder = Path(candidate).expanduser().parent
         try:
             resolved = folder.resolve()
         except OSError:

@@ -196,4 +196,11 @@ def test_save_dialogs_start_next_to_the_source_or_at_home(make_napari_viewer, qt
     _click(qtbot, conn.png_btn)
     _click(qtbot, conn.csv_btn)
     assert [p.parent for p in asked] == [home, home]
+    # a DICOM series folder: next to the folder, not inside it; a relative or missing path: home
+    from napari_e2enet._napari._qt_util import save_start_folder
+
+    series = tmp_path / "series"
+    series.mkdir()
+    assert save_start_folder(series) == tmp_path
+    assert save_start_folder("relative/file.nii.gz", tmp_path / "gone" / "x.nii") == home
     assert not _errors(notes), _errors(notes)
