@@ -156,7 +156,7 @@ def test_train_from_layers_live_curves_registry_and_connectivity(make_napari_vie
     qtbot.wait(100)
     floating.grab().save(str(screenshot_dir / "connectivity_widget.png"))
     floating.close()
-    train.grab().save(str(screenshot_dir / "train_widget.png"))
+    train.scroll_area.widget().grab().save(str(screenshot_dir / "train_widget.png"))  # all of it, unscrolled
 
 
 def test_train_stop_then_resume_continues(make_napari_viewer, qtbot, phantom_files, notes):
