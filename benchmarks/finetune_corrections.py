@@ -83,7 +83,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         scratch_file = Path(tmp) / "scratch.safetensors"
         meta = read_metadata(base_file)
-        model = create_model(predictor.model.config, sparsity=predictor.model.sparsity, seed=0)
+        sparsity = float(meta["train_config"]["sparsity"]["sparsity"])
+        model = create_model(predictor.model.config, sparsity=sparsity, seed=0)
         save_model(model, scratch_file, metadata={k: meta[k] for k in ("plan", "labels", "train_config",
                                                                        "intended_input") if k in meta})
         for k in args.k:

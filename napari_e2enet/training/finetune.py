@@ -279,8 +279,11 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
         # ΔT = 40, the floor a regrown (zero) kernel needs to earn its weight: a topology update every
         # 3 iterations, as the run-scaled default would give a 30-iteration run, only destroys.
         sparsity = float(((meta.get("train_config") or {}).get("sparsity") or {}).get("sparsity", model.sparsity))
-        updater = DSFFUpdater(model, optimizer, SparsityConfig(sparsity=sparsity, update_every=MIN_UPDATE_EVERY),
-                              config.iterations, seed=config.seed)
+        try:
+            updater = DSFFUpdater(model, optimizer, SparsityConfig(sparsity=sparsity, update_every=MIN_UPDATE_EVERY),
+                                  config.iterations, seed=config.seed)
+        except ValueError:  # masks that no sparsity setting reproduces (hand-made): keep them, no updates
+            updater = None
     total = config.iterations
     yield FinetuneEvent("start", 0, total, seconds=time.perf_counter() - t0,
                         message=f"{int(region.sum())} voxels in the corrected region; patch {patch}, "
@@ -300,6 +303,8 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
         optimizer.step()
         if updater is not None:
             updater.after_step(it + 1)  # re-applies the masks; prunes/regrows on the DSFF schedule
+        else:
+            model.apply_masks()
         loss_value = float(loss.detach())
         if not np.isfinite(loss_value):
             raise FloatingPointError(f"fine-tune loss became {loss_value} at iteration {it + 1}")
