@@ -14,9 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .data.intended_input import IntendedInput, ScanStatistics
+    from .data.volume import Volume
 
 DEFAULT_MODEL = "mni152-tissue"
 
@@ -39,6 +43,16 @@ class BundledModel:
     def sha256(self) -> str:
         return str(self.card["sha256"])
 
+    @property
+    def intended(self) -> IntendedInput | None:
+        """The card's ``intended_input`` (what the model expects), None when the card has none."""
+        from .data.intended_input import IntendedInput
+
+        try:
+            return IntendedInput.from_dict(self.card["intended_input"])
+        except (KeyError, ValueError):
+            return None
+
 
 def list_bundled_models() -> list[str]:
     root = resources_dir() / "models"
@@ -58,6 +72,37 @@ def bundled_model(name: str = DEFAULT_MODEL) -> BundledModel:
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"unreadable model card ({exc})", card_path) from None
     return BundledModel(name, folder, card)
+
+
+def rank_bundled_models(scan: Volume | ScanStatistics) -> list[tuple[str, list[str]]]:
+    """Every bundled model with the warnings it would give for ``scan``, the best fit first.
+
+    Cheap: reads each model card's ``intended_input`` (no weights) and looks at the scan once
+    (:func:`~napari_e2enet.data.intended_input.scan_statistics`). Order: models whose modality fits
+    (a CT model for a scan with air in HU, an MR model for one without), then fewer warnings, then the
+    default model, then by name. A card without ``intended_input`` comes last.
+    """
+    from .data.intended_input import ScanStatistics, input_warnings, modality_fits, scan_statistics
+
+    stats = scan if isinstance(scan, ScanStatistics) else scan_statistics(scan)
+    ranked = []
+    for name in list_bundled_models():
+        intended = bundled_model(name).intended
+        if intended is None:
+            key: tuple = (2, 0, name != DEFAULT_MODEL, name)
+            warnings = ["its model card does not say what input it expects"]
+        else:
+            warnings = input_warnings(intended, stats)
+            key = (0 if modality_fits(intended, stats) else 1, len(warnings), name != DEFAULT_MODEL, name)
+        ranked.append((key, name, warnings))
+    return [(name, warnings) for _, name, warnings in sorted(ranked)]
+
+
+def best_bundled_model(scan: Volume | ScanStatistics) -> str:
+    """The bundled model that fits ``scan`` best (:func:`rank_bundled_models`); the default model
+    when nothing is bundled but it, or on a tie (e.g. an all-background image)."""
+    ranked = rank_bundled_models(scan)
+    return ranked[0][0] if ranked else DEFAULT_MODEL
 
 
 def sample_files() -> dict[str, Path]:

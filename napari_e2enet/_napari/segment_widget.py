@@ -121,6 +121,7 @@ class SegmentWidget(QWidget):
         self._predictors: dict[tuple, Any] = {}
         self._predictor_lock = threading.Lock()
         self._custom_models: list[str] = []
+        self._model_by_hand = False  # until the user picks a model, Segment follows the image (fit_model)
         self._finetune_run: Path | None = None
         self._volume_timer = QTimer(self)
         self._volume_timer.setSingleShot(True)
@@ -236,7 +237,10 @@ class SegmentWidget(QWidget):
         self.runs_edit.editingFinished.connect(self._runs_edited)
         self.labels_combo.currentIndexChanged.connect(self._watch_labels)
         self.registry.changed.connect(self.refresh_models)
+        self.model_combo.activated.connect(self._model_picked)
+        self.image_combo.currentIndexChanged.connect(self.fit_model)
         self.refresh_models()
+        self.fit_model()
         self._watch_labels()
 
     # ------------------------------------------------------------------------------------------
@@ -274,12 +278,39 @@ class SegmentWidget(QWidget):
             self.select_model(spec)
 
     def select_model(self, spec: str | Path) -> bool:
+        """Choose a model as the user would: it then stays chosen when the image changes."""
         for candidate in (str(spec), str(Path(spec).resolve())):
             index = self.model_combo.findData(candidate)
             if index >= 0:
                 self.model_combo.setCurrentIndex(index)
+                self._model_by_hand = True
                 return True
         return False
+
+    def _model_picked(self, *_: Any) -> None:
+        self._model_by_hand = True
+
+    def fit_model(self, *_: Any) -> str | None:
+        """Select the bundled model that fits the chosen image (core ``best_bundled_model``: the
+        model cards' intended input against cheap scan statistics), unless the user picked a model.
+        Returns the bundled model's name, or None when nothing was changed."""
+        from ..bundled import best_bundled_model, bundled_model
+
+        layer = self.image_combo.layer()
+        if self._model_by_hand or layer is None:
+            return None
+        try:
+            name = best_bundled_model(layer_to_volume(layer, check=False))
+        except (InputError, ValueError):  # not a 3D volume: Segment will say so
+            return None
+        index = self.model_combo.findData(name)
+        if index < 0:
+            return None
+        self.model_combo.setCurrentIndex(index)
+        intended = bundled_model(name).intended
+        expects = f": it expects {intended.summary()}" if intended is not None else ""
+        self.status_label.setText(f"Model {name} chosen for {layer.name}{expects}")
+        return name
 
     def model_spec(self) -> str | None:
         return self.model_combo.currentData()

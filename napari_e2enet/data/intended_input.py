@@ -32,7 +32,7 @@ from scipy import ndimage as ndi
 from .preprocess import Plan, foreground_mask
 from .volume import Volume
 
-__all__ = ["IntendedInput", "ScanStatistics", "input_warnings", "scan_statistics"]
+__all__ = ["IntendedInput", "ScanStatistics", "input_warnings", "looks_like_ct", "modality_fits", "scan_statistics"]
 
 _MAX_VOXELS = 2_000_000
 _AIR_HU = -500.0
@@ -161,13 +161,23 @@ def scan_statistics(volume: Volume) -> ScanStatistics:
     return ScanStatistics(float(np.mean(small <= _AIR_HU)), border, rim_brightness, not mask.any(), spacing)
 
 
+def looks_like_ct(stats: ScanStatistics) -> bool:
+    """True when the scan has air in HU (>= 1 % of its voxels at or below -500): a CT."""
+    return stats.air_share >= _CT_AIR_SHARE
+
+
+def modality_fits(intended: IntendedInput, stats: ScanStatistics) -> bool:
+    """CT model and a scan that looks like a CT, or a non-CT model and a scan that does not."""
+    return intended.is_ct == looks_like_ct(stats)
+
+
 def input_warnings(intended: IntendedInput, stats: ScanStatistics) -> list[str]:
     """One-line warnings (what is off, and what to do) when the scan is not what the model expects."""
     expects = f"this model expects {intended.summary()}"
     if stats.empty:
         return ["the image holds only its background value: nothing to segment (all labels are background)"]
     out: list[str] = []
-    looks_ct = stats.air_share >= _CT_AIR_SHARE
+    looks_ct = looks_like_ct(stats)
     if intended.is_ct and not looks_ct:
         out.append(f"{expects}, but this scan has no air (no voxel at or below {_AIR_HU:g}): it does not look like "
                    "a CT in HU; use a model trained on this modality")

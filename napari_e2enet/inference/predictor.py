@@ -180,7 +180,25 @@ class Predictor:
         if volume.num_channels != expected:
             raise InputError(f"image has {volume.num_channels} channel(s) but the model expects {expected}",
                              volume.name or None)
-        return input_warnings(self.intended, scan_statistics(volume))
+        stats = scan_statistics(volume)
+        warnings = input_warnings(self.intended, stats)
+        if warnings and not stats.empty:
+            better = self._fitting_bundled_model(stats)
+            if better is not None:
+                name, summary = better
+                warnings[0] += (f"; the bundled model '{name}' ({summary}) fits this scan: --model {name}, or "
+                                "choose it in the Segment widget")
+        return warnings
+
+    def _fitting_bundled_model(self, stats: Any) -> tuple[str, str] | None:
+        """(name, what it expects) of a bundled model that would give no warning, other than this one."""
+        from ..bundled import rank_bundled_models
+
+        for name, warnings in rank_bundled_models(stats):
+            intended = bundled_model(name).intended
+            if not warnings and intended is not None and intended != self.intended:
+                return name, intended.summary()
+        return None
 
     def iter_predict(self, volume: Volume, stop: threading.Event | None = None
                      ) -> Iterator[InputWarning | PredictProgress | Prediction]:

@@ -312,7 +312,9 @@ def test_a_ct_segmented_with_the_brain_model_says_so_in_a_notification(make_napa
                                                                        notes):
     viewer = make_napari_viewer()
     viewer.open(str(phantom_files["image"]), plugin="napari-e2enet")
-    widget = _segment_widget(viewer)  # the bundled MNI152 brain model is the default
+    widget = _segment_widget(viewer)
+    assert widget.model_spec() == "phantom-abdomen-ct"  # the bundled model that fits a CT
+    assert widget.select_model("mni152-tissue")  # the user picks the brain model by hand
     _click(qtbot, widget.segment_btn)
     _wait_idle(qtbot, widget)
     warnings = [str(n.message) for n in notes if str(n.severity).lower().endswith("warning")]
