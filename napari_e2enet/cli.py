@@ -400,6 +400,86 @@ _COMMANDS["predict"] = (_predict_args, _predict,
                         "segment volumes (NIfTI, NRRD, MHA, a DICOM series; file or folder) with a trained model")
 
 
+# -- finetune -----------------------------------------------------------------------------------
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    from .training.finetune import TRAINABLE, FinetuneConfig
+
+    default = FinetuneConfig()
+    p.add_argument("--model", help="bundled model name, model.safetensors file or run folder (default: bundled)")
+    p.add_argument("--image", required=True, help="the image (any readable format, a DICOM folder too)")
+    p.add_argument("--labels", required=True, help="the corrected labels on the image's grid")
+    p.add_argument("--edited", help="mask of the voxels the user changed (1 = edited); without it every voxel of "
+                                    "--labels is taken as correct")
+    p.add_argument("--out", required=True, help="run folder to write (model.safetensors, finetune.json)")
+    p.add_argument("--series", help="DICOM series UID when --image holds several")
+    p.add_argument("--iterations", type=int, default=default.iterations)
+    p.add_argument("--lr", type=float, default=default.lr, help="AdamW learning rate")
+    p.add_argument("--train", choices=TRAINABLE, default=default.train, help="decoder: encoder frozen (default)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--json", action="store_true", help="print a summary as one JSON object")
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from .data import read_image, read_labels, read_volume
+    from .inference import Predictor
+    from .training.finetune import FinetuneConfig, iter_finetune
+
+    out = Path(args.out)
+    if (out / "model.safetensors").exists() and not args.overwrite:
+        raise InputError("already holds a model; choose another --out or add --overwrite", out)
+    config = FinetuneConfig(iterations=args.iterations, lr=args.lr, train=args.train, device=args.device)
+    model_file = Predictor.from_any(args.model).source  # resolves bundled names; verifies bundled checksums
+    image = read_image(args.image, series=args.series)
+    labels = read_labels(args.labels)
+    edited = None
+    if args.edited:
+        mask = read_volume(args.edited)
+        if mask.spatial_shape != image.spatial_shape:
+            raise InputError(f"edit mask shape {mask.spatial_shape} differs from the image's {image.spatial_shape}",
+                             args.edited)
+        edited = np.asarray(mask.array) != 0
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    bar = None  # made at "start": a refusal before it must not land on the end of a progress bar
+    last = None
+    try:
+        for event in iter_finetune(model_file, image, labels, out, edited=edited, config=config, stop=stop):
+            last = event
+            if event.kind == "start":
+                bar = tqdm(total=config.iterations, unit="it", desc="finetune", file=sys.stderr, dynamic_ncols=True)
+                bar.write(event.message, file=sys.stderr)
+            elif event.kind == "iteration" and bar is not None:
+                bar.update(event.iteration - bar.n)
+                bar.set_postfix(loss=f"{event.loss:.3f}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+        signal.signal(signal.SIGINT, previous)
+    if last is None or last.kind == "stopped":
+        sys.stderr.write("napari-e2enet finetune: stopped; nothing written\n")
+        return EXIT_INTERRUPTED
+    summary = {"run_dir": str(last.run_dir), "iterations": last.iteration, "seconds": round(last.seconds, 1),
+               "final_loss": last.loss, "base_model": model_file}
+    if args.json:
+        emit_json(summary)
+    else:
+        sys.stderr.write(f"finetune done: {last.iteration} iterations in {last.seconds:.0f} s, loss {last.loss:.4f} "
+                         f"-> {last.run_dir} (segment with: napari-e2enet predict --model {last.run_dir} ...)\n")
+    return 0
+
+
+_COMMANDS["finetune"] = (_finetune_args, _finetune,
+                         "fine-tune a model on one volume's corrected labels (the edited slices)")
+
+
 # -- evaluate -----------------------------------------------------------------------------------
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pred", required=True, help="predicted labels: NIfTI/NRRD/.seg.nrrd/MHA file or folder")

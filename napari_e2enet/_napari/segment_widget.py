@@ -49,6 +49,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import InputError
 from ..labels import LabelTable
+from ..training.finetune import FinetuneConfig
 from . import edits
 from ._qt_util import (
     LabelsCombo,
@@ -204,13 +205,13 @@ class SegmentWidget(QWidget):
         fix_form.addRow(self.save_btn)
         self.finetune_iters = QSpinBox()
         self.finetune_iters.setRange(1, 100_000)
-        self.finetune_iters.setValue(50)
+        self.finetune_iters.setValue(FinetuneConfig().iterations)
         fix_form.addRow("Fine-tune iterations", self.finetune_iters)
         self.finetune_lr = QDoubleSpinBox()
         self.finetune_lr.setDecimals(4)
         self.finetune_lr.setRange(0.0001, 0.1)
         self.finetune_lr.setSingleStep(0.001)
-        self.finetune_lr.setValue(0.002)
+        self.finetune_lr.setValue(FinetuneConfig().lr)
         fix_form.addRow("Fine-tune learning rate", self.finetune_lr)
         runs = QHBoxLayout()
         self.runs_edit = QLineEdit(str(self.registry.runs_root))
@@ -577,10 +578,10 @@ class SegmentWidget(QWidget):
     # ------------------------------------------------------------------------------------------
     # fine-tuning
     def fine_tune(self) -> Job | None:
-        """Train the current model briefly on this image + corrected labels, then segment again."""
-        from ..config import DataConfig, SparsityConfig, TrainConfig
-        from ..data import Dataset
-        from ..training.checkpoint import read_metadata
+        """Fine-tune the current model on the slices the user corrected (``training.finetune``: the
+        edited planes only, encoder frozen, no validation), then segment again with the result."""
+        from ..training.finetune import iter_finetune
+        from .edits import edited_mask
 
         if self.busy:
             show_warning("napari-e2enet: a job is already running")
@@ -589,29 +590,20 @@ class SegmentWidget(QWidget):
             labels, image = self._labels_and_image()
             if image is None:
                 raise InputError("choose the image the labels belong to")
-            spec = self.model_spec()
-            model_file = model_file_for(spec)
-            meta = read_metadata(model_file)
-            table = LabelTable.from_dict(meta["labels"]) if "labels" in meta else None
-            if table is None:
-                raise InputError("model file has no label table", model_file)
-            train_meta = meta.get("train_config") or {}
-            patch = tuple((train_meta.get("data") or {}).get("patch") or meta.get("patch") or (64, 64, 64))
-            sparsity = float(((train_meta.get("sparsity") or {}).get("sparsity")) or 0.8)
+            model_file = model_file_for(self.model_spec())
             image_volume = layer_to_volume(image)
             labels_volume = layer_to_volume(labels)
-            dataset = Dataset.from_arrays([image_volume], [labels_volume], label_names=table.names,
-                                          names=[image.name.replace(" ", "_")], name="napari correction")
+            edits = edited_mask(labels)
+            edited = None
+            if edits is not None:  # a Segment result: learn from what the user changed
+                if not edits.any():
+                    raise InputError("no corrections yet: paint or erase labels on a few slices, then fine-tune")
+                edited = layer_to_volume(labels, data=edits.astype(np.uint8)).array.astype(bool)
+            config = FinetuneConfig(iterations=int(self.finetune_iters.value()), lr=float(self.finetune_lr.value()),
+                                    device=self.device_combo.currentText())
         except (InputError, KeyError, ValueError) as err:
             show_error(error_message(err))
             return None
-        iterations = int(self.finetune_iters.value())
-        config = TrainConfig(
-            model=str((meta.get("model_config") or {}).get("name", "e2enet")),
-            sparsity=SparsityConfig(sparsity=min(max(sparsity, 0.0), 0.99)),
-            data=DataConfig(source="napari layers", patch=patch, batch=1, num_validation=0),
-            iterations=iterations, iterations_per_epoch=iterations, lr=float(self.finetune_lr.value()),
-            device=self.device_combo.currentText(), seed=0)
         self._runs_edited()
         run_dir = self.registry.new_run_dir(f"finetune-{image.name}")
         try:
@@ -623,22 +615,16 @@ class SegmentWidget(QWidget):
         image_name = image.name
 
         def run(stop: threading.Event) -> Iterator[Any]:
-            from ..training import Trainer
-
-            trainer = Trainer(config, run_dir, dataset=dataset, init_from=model_file, stop=stop)
-            events = trainer.iter_fit()
-            try:
-                yield from events
-            finally:
-                events.close()
+            yield from iter_finetune(model_file, image_volume, labels_volume, run_dir, edited=edited, config=config,
+                                     stop=stop)
 
         self._job_kind = "finetune"
-        self.status_label.setText(f"Fine-tuning on {image_name} → {run_dir}")
-        self.progress_bar.setRange(0, iterations)
+        self.status_label.setText(f"Fine-tuning on the corrected slices of {image_name} → {run_dir}")
+        self.progress_bar.setRange(0, config.iterations)
         self.progress_bar.setValue(0)
         self.job = Job(run, on_event=self._on_train_event,
                        on_done=lambda job: self._on_finetune_done(job, run_dir, image_name),
-                       description=f"Fine-tuning on {image_name} (iterations)", total=iterations)
+                       description=f"Fine-tuning on {image_name} (iterations)", total=config.iterations)
         self._set_busy(True)
         return self.job
 
@@ -651,9 +637,8 @@ class SegmentWidget(QWidget):
                 self.job.set_progress(event.iteration, event.total)
             self.status_label.setText(f"Fine-tuning: iteration {event.iteration}/{event.total}, "
                                       f"loss {event.loss:.3f}")
-        elif kind == "validation" and event.dice:
-            mean = float(np.mean(list(event.dice.values())))
-            self.status_label.setText(f"Fine-tuning: Dice on this volume {mean:.3f}")
+        elif kind == "start" and getattr(event, "message", ""):
+            self.status_label.setText(f"Fine-tuning: {event.message}")
         if self._finetune_run is not None:
             self.registry.training_event.emit(self._finetune_run, event)
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage as ndi
 
 from ..config import MIN_UPDATE_EVERY, SparsityConfig
 from ..data import Plan, Volume, preprocess, preprocess_labels
@@ -264,6 +265,11 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
     grid = Volume(labels.array, image.affine, None, labels.name)
     net_labels = preprocess_labels(grid, plan)
     net_region = preprocess_labels(grid.with_array(region.astype(np.uint8)), plan).astype(bool)
+    for _ in range(4):  # a plane thinner than the network's voxels can vanish when resampled: thicken it
+        if net_region.any():
+            break
+        region = ndi.binary_dilation(region)
+        net_region = preprocess_labels(grid.with_array(region.astype(np.uint8)), plan).astype(bool)
     patch = _patch_size(config, meta, _pools_product(model))
     sampler = _RegionSampler(array, net_labels, net_region, patch, config.seed, config.centre_sigma)
     if sampler.centres is None:
