@@ -581,7 +581,6 @@ class SegmentWidget(QWidget):
         """Fine-tune the current model on the slices the user corrected (``training.finetune``: the
         edited planes only, encoder frozen, no validation), then segment again with the result."""
         from ..training.finetune import iter_finetune
-        from .edits import edited_mask
 
         if self.busy:
             show_warning("napari-e2enet: a job is already running")
@@ -593,12 +592,12 @@ class SegmentWidget(QWidget):
             model_file = model_file_for(self.model_spec())
             image_volume = layer_to_volume(image)
             labels_volume = layer_to_volume(labels)
-            edits = edited_mask(labels)
+            changed = edits.edited_mask(labels)
             edited = None
-            if edits is not None:  # a Segment result: learn from what the user changed
-                if not edits.any():
+            if changed is not None:  # a Segment result: learn from what the user changed
+                if not changed.any():
                     raise InputError("no corrections yet: paint or erase labels on a few slices, then fine-tune")
-                edited = layer_to_volume(labels, data=edits.astype(np.uint8)).array.astype(bool)
+                edited = layer_to_volume(labels, data=changed.astype(np.uint8)).array.astype(bool)
             config = FinetuneConfig(iterations=int(self.finetune_iters.value()), lr=float(self.finetune_lr.value()),
                                     device=self.device_combo.currentText())
         except (InputError, KeyError, ValueError) as err:

@@ -74,6 +74,17 @@ def _save_tiny_model(path: Path, target_spacing: tuple[float, float, float], lab
     return save_model(model, path, metadata=metadata)
 
 
+@pytest.fixture
+def notes():
+    """Notifications dispatched during the test (napari's notification manager)."""
+    from napari.utils.notifications import notification_manager
+
+    seen: list = []
+    notification_manager.notification_ready.connect(seen.append)
+    yield seen
+    notification_manager.notification_ready.disconnect(seen.append)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-class tiny E2ENet whose plan resamples to 8 mm (the MNI sample → 25×29×24 voxels)."""

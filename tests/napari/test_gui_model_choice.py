@@ -16,16 +16,6 @@ BRAIN_MODEL = "mni152-tissue"
 MIN_ORGAN_DICE = 0.90
 
 
-@pytest.fixture
-def notes():
-    from napari.utils.notifications import notification_manager
-
-    seen: list = []
-    notification_manager.notification_ready.connect(seen.append)
-    yield seen
-    notification_manager.notification_ready.disconnect(seen.append)
-
-
 def _warnings(notes) -> list[str]:
     return [str(n.message) for n in notes if str(n.severity).lower().endswith("warning")]
 

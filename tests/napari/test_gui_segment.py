@@ -13,17 +13,6 @@ pytestmark = pytest.mark.gui
 TIMEOUT = 120_000  # ms; generous for the shared 2-core CI machine
 
 
-@pytest.fixture
-def notes():
-    """Notifications dispatched during the test (napari's notification manager)."""
-    from napari.utils.notifications import notification_manager
-
-    seen: list = []
-    notification_manager.notification_ready.connect(seen.append)
-    yield seen
-    notification_manager.notification_ready.disconnect(seen.append)
-
-
 def _errors(notes) -> list[str]:
     return [str(n.message) for n in notes if str(n.severity).lower().endswith("error")]
 

@@ -14,16 +14,6 @@ TIMEOUT = 180_000
 TINY = '{"widths": [4, 8, 8], "pools": [[2, 2, 2], [2, 2, 2]]}'
 
 
-@pytest.fixture
-def notes():
-    from napari.utils.notifications import notification_manager
-
-    seen: list = []
-    notification_manager.notification_ready.connect(seen.append)
-    yield seen
-    notification_manager.notification_ready.disconnect(seen.append)
-
-
 def _errors(notes) -> list[str]:
     return [str(n.message) for n in notes if str(n.severity).lower().endswith("error")]
 
