@@ -21,6 +21,16 @@ _CHUNK = 1 << 22  # 4 MiB of compressed input per step
 MAX_DEFLATE_RATIO = 1032
 
 
+def matching_suffix(path: Path, suffixes: tuple[str, ...]) -> str | None:
+    """The first of ``suffixes`` (lower case) that ``path``'s name ends with, any case, and that is
+    not the whole name; None when none does."""
+    lower = path.name.lower()
+    for suffix in suffixes:
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return suffix
+    return None
+
+
 def why(exc: BaseException) -> str:
     """``ExcType: first line`` of an exception, at most 160 characters (for one-line messages)."""
     text = str(exc).strip().splitlines()

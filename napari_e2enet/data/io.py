@@ -29,6 +29,8 @@ import numpy as np
 from ..errors import InputError
 from ..fileio import atomic_output
 from ..labels import LabelTable
+from ._payload import matching_suffix
+from ._payload import why as _why
 from .volume import Volume
 
 __all__ = [
@@ -89,20 +91,8 @@ def _quiet() -> Iterator[None]:
         _QUIET.local.depth -= 1
 
 
-def _why(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    name = type(exc).__name__
-    msg = f"{name}: {first}" if first else name
-    return msg if len(msg) <= 160 else msg[:157] + "..."
-
-
 def _nifti_suffix(path: Path) -> str | None:
-    lower = path.name.lower()
-    for suffix in NIFTI_SUFFIXES:
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return suffix
-    return None
+    return matching_suffix(path, NIFTI_SUFFIXES)
 
 
 def case_name(path: str | Path) -> str:

@@ -49,6 +49,7 @@ from ._payload import (
     MAX_DEFLATE_RATIO,
     data_file_inside,
     inflate,
+    matching_suffix,
     read_ascii,
     read_exact,
     voxels_for_writing,
@@ -80,11 +81,7 @@ _SYNONYMS = {"position": "offset", "origin": "offset", "rotation": "transformmat
 
 
 def _suffix(path: Path) -> str | None:
-    lower = path.name.lower()
-    for suffix in METAIMAGE_SUFFIXES:
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return suffix
-    return None
+    return matching_suffix(path, METAIMAGE_SUFFIXES)
 
 
 def is_metaimage_path(path: str | Path) -> bool:

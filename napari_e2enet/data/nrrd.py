@@ -60,6 +60,7 @@ from ._payload import (
     MAX_DEFLATE_RATIO,
     data_file_inside,
     inflate,
+    matching_suffix,
     read_ascii,
     read_exact,
     voxels_for_writing,
@@ -131,11 +132,7 @@ def _pynrrd(path: Path):
 
 
 def _suffix(path: Path) -> str | None:
-    lower = path.name.lower()
-    for suffix in NRRD_SUFFIXES:
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return suffix
-    return None
+    return matching_suffix(path, NRRD_SUFFIXES)
 
 
 def is_nrrd_path(path: str | Path) -> bool:
