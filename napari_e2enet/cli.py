@@ -229,26 +229,49 @@ def _output_suffix(name: str) -> str | None:
     return None
 
 
-def collect_cases(path) -> list[tuple[str, list]]:
+def collect_cases(path, *, channels: bool = True) -> list[tuple[str, list]]:
     """(case name, inputs) for a file (NIfTI, NRRD, MetaImage, a DICOM .zip), a DICOM series folder
-    (one case) or a folder of NIfTI/NRRD/MetaImage cases, where ``CASE_0000``, ``CASE_0001`` … group
-    into one case. Suffixes count in any case; hidden files (``.NAME.*.tmp`` leftovers) are skipped."""
+    (one case) or a folder of NIfTI/NRRD/MetaImage cases.
+
+    ``channels``: ``CASE_0000``, ``CASE_0001`` … are one case's channels, put in the order of their
+    number (not of the file names); a missing number (``_0000`` and ``_0002`` only), a number given
+    twice (``a_0000.nii.gz`` and ``a_0000.nrrd``) or a plain ``CASE`` file next to ``CASE_0000`` is
+    refused in one line naming the case. With ``channels=False`` (label maps: ``evaluate``) every
+    file is its own case, ``liver_0001`` included. Suffixes count in any case; hidden files
+    (``.NAME.*.tmp`` leftovers) are skipped; an entry named like a volume that is not a regular file
+    (a folder, a broken link, a FIFO) is refused rather than skipped.
+    """
     import re
     from pathlib import Path
 
     from .data.io import case_name, is_volume_file
+    from .pathcheck import special_kind
 
     path = Path(path)
+    kind = special_kind(path)
+    if kind is not None:
+        raise InputError(f"not a regular file or folder ({kind})", path)
     if path.is_file():
         return [(case_name(path), [path])]
     if not path.is_dir():
         raise InputError("no such file or folder", path)
-    groups: dict[str, list] = {}
+    groups: dict[str, dict[int | None, Path]] = {}
     for f in sorted(path.iterdir()):
-        if f.is_file() and is_volume_file(f.name) and not f.name.startswith("."):
-            stem = case_name(f)
-            match = re.fullmatch(r"(.+)_(\d{4})", stem)
-            groups.setdefault(match.group(1) if match else stem, []).append(f)
+        if f.name.startswith(".") or not is_volume_file(f.name):
+            continue
+        kind = special_kind(f)
+        if kind is not None:
+            raise InputError(f"not a regular file ({kind}); remove it or move it out of {path}", f)
+        if not f.is_file():
+            raise InputError(f"is a folder named like a volume file; rename it or move it out of {path}", f)
+        stem = case_name(f)
+        match = re.fullmatch(r"(.+)_(\d{4})", stem) if channels else None
+        name, index = (match.group(1), int(match.group(2))) if match else (stem, None)
+        slot = groups.setdefault(name, {})
+        if index in slot:
+            what = f"channel _{index:04d}" if index is not None else "it"
+            raise InputError(f"case {name!r} has two files for {what}: {slot[index].name} and {f.name}", path)
+        slot[index] = f
     if not groups:
         from .data.dicom import is_dicom_source
 
@@ -256,14 +279,40 @@ def collect_cases(path) -> list[tuple[str, list]]:
             return [(case_name(path), [path])]
         raise InputError("folder contains no .nii, .nii.gz, .nrrd, .nhdr, .mha or .mhd files and no DICOM series",
                          path)
-    return sorted(groups.items())
+    cases = []
+    for name, slot in sorted(groups.items()):
+        numbers = sorted(i for i in slot if i is not None)
+        if None in slot and numbers:
+            raise InputError(f"case {name!r}: {slot[None].name} and the channel file(s) "
+                             f"{', '.join(slot[i].name for i in numbers)} both claim it", path)
+        if numbers != list(range(len(numbers))):
+            missing = next(i for i in range(numbers[-1] + 1) if i not in slot)
+            raise InputError(f"case {name!r}: channel files {', '.join(f'_{i:04d}' for i in numbers)}; _{missing:04d} "
+                             "is missing (channels are matched by their _NNNN number, starting at _0000)", path)
+        cases.append((name, [slot[i] for i in (numbers or [None])]))
+    return cases
+
+
+def _parts(num_parts: int | None, part_id: int | None, source: str = "--num-parts/--part-id") -> tuple[int, int] | None:
+    """(num_parts, part_id) checked, or None for no sharding; before any folder is made."""
+    if num_parts is None:
+        if part_id is not None:
+            raise InputError("--part-id needs --num-parts")
+        return None
+    if num_parts < 1:
+        raise InputError(f"{source}: the number of parts must be >= 1 (got {num_parts})")
+    part_id = 0 if part_id is None else part_id
+    if not 0 <= part_id < num_parts:
+        raise InputError(f"{source}: part {part_id} does not exist; with {num_parts} part(s) it must be in "
+                         f"0..{num_parts - 1}")
+    return num_parts, part_id
 
 
 def shard(items: list, num_parts: int, part_id: int) -> list:
     """Every ``num_parts``-th item starting at ``part_id`` (nnU-Net's --num_parts/--part_id)."""
-    if num_parts < 1 or not 0 <= part_id < num_parts:
-        raise InputError(f"--part-id must be in 0..{num_parts - 1} and --num-parts >= 1")
-    return items[part_id::num_parts]
+    checked = _parts(num_parts, part_id)
+    assert checked is not None
+    return items[checked[1]::checked[0]]
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
@@ -288,6 +337,21 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a summary as one JSON object")
 
 
+def _check_targets(targets: list, suffix: str) -> None:
+    """Before any computing: no output path may be a folder, FIFO or device (a folder named
+    ``case.nii.gz`` is not an existing prediction), and the folder must take a file now (probed
+    with the longest name, as the atomic writer names its temporary)."""
+    from .pathcheck import check_writable, special_kind
+
+    for target in targets:
+        kind = special_kind(target)
+        if target.is_dir() or (kind is not None and not kind.startswith("a broken")):
+            raise InputError(f"exists and is {kind or 'a folder'}, not a prediction file; remove it or choose "
+                             "another output", target)
+    if targets:
+        check_writable(max(targets, key=lambda t: len(t.name)), suffix)
+
+
 def _predict(args: argparse.Namespace) -> int:
     import os
     import signal
@@ -304,6 +368,13 @@ def _predict(args: argparse.Namespace) -> int:
 
     if not 0 <= args.overlap < 1:
         raise InputError("--overlap must be in [0, 1)")
+    parts = _parts(args.num_parts, args.part_id)  # before any folder is made
+    if parts is None and "WORLD_SIZE" in os.environ:  # torchrun: shard by rank, no process group needed
+        try:
+            world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", 0))
+        except ValueError:
+            raise InputError("WORLD_SIZE and RANK must be integers") from None
+        parts = _parts(world, rank, "WORLD_SIZE/RANK")
     cases = collect_cases(args.input)
     out = Path(args.output)
     one_input = Path(args.input).is_file() or [f for _, files in cases for f in files] == [Path(args.input)]
@@ -332,11 +403,9 @@ def _predict(args: argparse.Namespace) -> int:
             raise InputError(f"cannot create output folder ({exc.strerror})", out) from None
     if not os.access(out if out.is_dir() else (out.parent if str(out.parent) else Path(".")), os.W_OK):
         raise InputError("output location is not writable", out)
-    num_parts, part_id = args.num_parts, args.part_id
-    if num_parts is None and "WORLD_SIZE" in os.environ:  # torchrun: shard by rank, no process group needed
-        num_parts, part_id = int(os.environ["WORLD_SIZE"]), int(os.environ.get("RANK", 0))
-    if num_parts is not None:
-        cases = shard(cases, num_parts, part_id or 0)
+    if parts is not None:
+        cases = shard(cases, *parts)
+    _check_targets([out] if single_file else [out / f"{name}{suffix}" for name, _ in cases], suffix)
 
     config = InferenceConfig(overlap=args.overlap, tta=args.tta, precision=args.precision, device=args.device,
                              accelerate=not args.no_accelerate)
@@ -491,6 +560,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import math
     from pathlib import Path
 
     import numpy as np
@@ -498,17 +568,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .data import read_labels
     from .labels import LabelTable
     from .metrics import MetricAccumulator
+    from .pathcheck import require_file, special_kind
 
     pred, ref = Path(args.pred), Path(args.ref)
     for path in (pred, ref):
+        kind = special_kind(path)
+        if kind is not None:
+            raise InputError(f"not a regular file or folder ({kind})", path)
         if not path.exists():
             raise InputError("no such file or folder", path)
     if pred.is_file() != ref.is_file():
-        raise InputError("--pred and --ref must both be files or both be folders")
+        what = {True: "a file", False: "a folder"}
+        raise InputError(f"is {what[pred.is_file()]} but --ref {ref} is {what[ref.is_file()]}; give two label "
+                         "files or two folders of them", pred)
+    if not math.isfinite(args.tolerance) or args.tolerance < 0:
+        raise InputError(f"--tolerance must be a finite number of mm >= 0 (got {args.tolerance:g})")
+    if args.labels:
+        require_file(args.labels)  # a FIFO would block the JSON reader
     pairs = [(pred, ref)] if pred.is_file() else []
     if not pairs:
-        preds = dict(collect_cases(pred))
-        for name, files in collect_cases(ref):
+        preds = dict(collect_cases(pred, channels=False))  # label maps: liver_0001 is a case, not a channel
+        for name, files in collect_cases(ref, channels=False):
             if name not in preds:
                 raise InputError(f"no prediction for reference case {name!r}", pred)
             pairs.append((preds[name][0], files[0]))
@@ -522,12 +602,24 @@ def _evaluate(args: argparse.Namespace) -> int:
         table = LabelTable.from_dataset_json(Path(args.labels)) if Path(args.labels).name == "dataset.json" \
             else LabelTable.from_json(args.labels)
         names = {k: v for k, v in table.names.items() if k != 0}
+        if not names:
+            raise InputError("the label table names no class besides background (0); nothing to score",
+                             args.labels)
     else:
         ids = sorted({int(v) for pv, rv in volumes for v in np.union1d(np.unique(pv.array), np.unique(rv.array))} - {0})
         names = {k: str(k) for k in ids}
-    acc = MetricAccumulator(names, tolerance=args.tolerance)
+        if not names:
+            raise InputError("every voxel is background (0) in the predictions and the references; nothing to score "
+                             "(give --labels to score the classes anyway)", pred)
+    try:
+        acc = MetricAccumulator(names, tolerance=args.tolerance)
+    except InputError as exc:  # e.g. two classes with one name: the table is at fault
+        raise InputError(str(exc), args.labels or pred) from None
     for (p, _), (pv, rv) in zip(pairs, volumes):
-        acc.update(pv.array, rv.array, rv.spacing, case=p.name)
+        try:
+            acc.update(pv.array, rv.array, rv.spacing, case=p.name)
+        except InputError as exc:
+            raise InputError(str(exc), p) from None
     result = json_safe(acc.aggregate())
     if args.json:
         emit_json(result)

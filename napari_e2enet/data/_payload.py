@@ -1,18 +1,22 @@
-"""Voxel payloads of header + data formats (NRRD, MetaImage): bounded reads, one-line errors.
+"""Voxel payloads: bounded reads, compressed data verified end to end, one-line errors.
 
-The readers parse a text header and then need exactly ``nbytes`` of voxel data from a file, either
+The readers parse a header and then need exactly ``nbytes`` of voxel data from a file, either
 stored raw or compressed (zlib / gzip / bzip2). Everything here reads at most what the header
-promises: a compressed stream that would inflate beyond it (a decompression bomb) stops there, a
-stream or file that ends early is a one-line ``InputError`` ("truncated"), never a half-filled
-array. Detached data files must sit inside the header's folder.
+promises: a compressed stream that would inflate far beyond it (a decompression bomb) is refused,
+a stream or file that ends early is a one-line ``InputError`` ("truncated"), never a half-filled
+array. Every compressed payload — ``.nii.gz`` (:mod:`.io`), gzip/bzip2 NRRD, compressed MetaImage —
+goes through :class:`CheckedStream`, which streams the file through the decompressor once and
+refuses it unless every member's checksum and length match and nothing but zero padding follows.
+Detached data files must sit inside the header's folder.
 """
 
 from __future__ import annotations
 
 import bz2
+import io
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import InputError
 
@@ -55,7 +59,11 @@ def data_file_inside(header_path: Path, name: str) -> Path:
     if candidate.is_absolute() or not target.is_relative_to(folder):
         raise InputError(f"data file {name!r} lies outside the header's folder (refused)", header_path)
     if not target.is_file():
-        raise InputError(f"data file {name!r} not found next to the header", header_path)
+        from ..pathcheck import special_kind
+
+        kind = special_kind(folder / candidate) or ("a folder" if target.is_dir() else None)
+        problem = f"is not a regular file ({kind})" if kind else "not found next to the header"
+        raise InputError(f"data file {name!r} {problem}", header_path)
     return target
 
 
@@ -72,48 +80,194 @@ def read_exact(fh: BinaryIO, nbytes: int, where: Path) -> bytearray:
     return buf
 
 
-def inflate(fh: BinaryIO, nbytes: int, where: Path, *, codec: str) -> bytearray:
-    """Decompress ``fh`` from its current position until ``nbytes`` are out, never more.
+# Extra decompressed bytes beyond what a header declares that are still accepted (CRC-checked, then
+# dropped): some writers pad. More than this is refused rather than inflated just to reach the checksum.
+EXTRA_ALLOWED = 1 << 20
+_MAGIC = {"gzip": b"\x1f\x8b", "zlib": b"\x1f\x8b", "bzip2": b"BZh"}
+_WBITS = {"gzip": 31, "zlib": 47}  # 31: gzip only; 47: zlib or gzip, auto-detected
+_OUT_STEP = 1 << 22  # at most 4 MiB of decompressed output per step
 
-    ``codec``: ``"zlib"`` (zlib or gzip stream, auto-detected; concatenated gzip members are
-    followed) or ``"bzip2"``. A stream that ends before ``nbytes`` is "truncated"; bytes that do not
-    decode are "corrupt". Extra data after ``nbytes`` is ignored, unread.
+
+class CheckedStream(io.RawIOBase):
+    """The decompressed bytes of a compressed payload, read once from ``fh``, forward only, and
+    verified end to end.
+
+    ``codec``: ``"gzip"`` (gzip members only, as in ``.nii.gz``), ``"zlib"`` (a zlib or gzip stream,
+    auto-detected) or ``"bzip2"``. zlib itself checks each gzip member's CRC-32 and ISIZE (a zlib
+    stream's Adler-32; bzip2 its block and stream CRCs) when it reaches that member's end;
+    :meth:`finish` drives the stream there, so nothing counts as read until every checksum has
+    matched. Concatenated members are followed; zero bytes after the last member are padding; any
+    other trailing byte, a member cut before its trailer, or a checksum mismatch is a one-line
+    ``InputError`` naming ``where``. Only the bytes in flight are held (a few MiB), so a caller can
+    ``readinto`` its own buffer and the file is read from disk exactly once.
     """
 
-    def new():
-        return zlib.decompressobj(47) if codec == "zlib" else bz2.BZ2Decompressor()
+    def __init__(self, fh: BinaryIO, where: Path, *, codec: str = "gzip") -> None:
+        super().__init__()
+        if codec not in _MAGIC:
+            raise ValueError(f"unknown codec {codec!r}")
+        self._fh, self._where, self._codec = fh, where, codec
+        self._dec: Any = None
+        self._pending = b""
+        self._members = 0
+        self._ended = False
+        self._pos = 0  # decompressed bytes handed out so far
 
-    out = bytearray()
-    dec = new()
-    pending = b""
-    try:
-        while len(out) < nbytes:
-            if not pending:
-                pending = fh.read(_CHUNK)
-                if not pending:
-                    break
-            if codec == "zlib":
-                out += dec.decompress(pending, nbytes - len(out))
-                pending = dec.unconsumed_tail
-                if dec.eof:
-                    pending = dec.unused_data
-                    dec = new()
+    # -- io.RawIOBase ------------------------------------------------------------------------
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True  # forward only (what nibabel's array reader needs: seek to the voxel offset)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        target = offset if whence == 0 else self._pos + offset if whence == 1 else -1
+        if target < self._pos:
+            raise OSError(f"{self._where}: a compressed stream can only be read forward")
+        while self._pos < target:
+            if not self._produce(min(target - self._pos, _OUT_STEP)):
+                break
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        """Fill ``buffer`` completely unless the stream ends first; returns the bytes written."""
+        view = memoryview(buffer).cast("B")
+        got = 0
+        while got < len(view):
+            out = self._produce(min(len(view) - got, _OUT_STEP))
+            if not out:
+                break
+            view[got:got + len(out)] = out
+            got += len(out)
+        return got
+
+    # -- verification ------------------------------------------------------------------------
+    def finish(self, extra_allowed: int = EXTRA_ALLOWED) -> int:
+        """Read the stream to its end so every member's checksum and length are verified.
+
+        Up to ``extra_allowed`` decompressed bytes after what was read are accepted and dropped;
+        more is refused (a header that declares less than the stream holds). Returns the total
+        number of decompressed bytes.
+        """
+        declared, extra = self._pos, 0
+        while True:
+            out = self._produce(min(_OUT_STEP, extra_allowed - extra + 1))
+            if not out:
+                return self._pos
+            extra += len(out)
+            if extra > extra_allowed:
+                raise InputError(f"the compressed data hold more than the {declared} bytes the header declares "
+                                 f"(over {extra_allowed} bytes more); refused", self._where)
+
+    def _read(self) -> bytes:
+        try:
+            return self._fh.read(_CHUNK)
+        except OSError as exc:
+            raise InputError(f"cannot read ({exc.strerror or why(exc)})", self._where) from None
+
+    def _new(self) -> Any:
+        return bz2.BZ2Decompressor() if self._codec == "bzip2" else zlib.decompressobj(_WBITS[self._codec])
+
+    def _start_member(self) -> bool:
+        """Open the next member; False at the (verified) end of the data."""
+        if self._ended:
+            return False
+        if self._members == 0:  # the decompressor judges the first member's magic itself
+            self._dec = self._new()
+            return True
+        magic = _MAGIC[self._codec]
+        while len(self._pending) < len(magic):
+            more = self._read()
+            if not more:
+                break
+            self._pending += more
+        if self._pending[:len(magic)] == magic:
+            self._dec = self._new()
+            return True
+        trailing = len(self._pending)
+        nonzero = self._pending.strip(b"\0") != b""
+        while not nonzero:  # zero padding to the end of the file is allowed (gzip ignores it too)
+            more = self._read()
+            if not more:
+                break
+            trailing += len(more)
+            nonzero = more.strip(b"\0") != b""
+        if nonzero:
+            raise InputError("unexpected bytes after the end of the compressed data (the file is damaged or "
+                             "something was appended)", self._where)
+        self._ended = True
+        self._pending = b""
+        return False
+
+    def _produce(self, limit: int) -> bytes:
+        """Up to ``limit`` (> 0) further decompressed bytes; b"" only at the verified end."""
+        try:
+            while True:
+                if self._dec is None and not self._start_member():
+                    return b""
+                dec = self._dec
+                if self._codec == "bzip2":
+                    data = b""
+                    if dec.needs_input:
+                        if not self._pending:
+                            self._pending = self._read()
+                            if not self._pending:
+                                self._truncated()
+                        data, self._pending = self._pending, b""
+                    out = dec.decompress(data, limit)
+                else:
+                    if not self._pending:
+                        self._pending = self._read()
+                        if not self._pending:
+                            self._truncated()
+                    out = dec.decompress(self._pending, limit)
+                    self._pending = dec.unconsumed_tail
+                if dec.eof:  # this member's checksum and length matched
+                    self._pending = dec.unused_data + self._pending
+                    self._dec = None
+                    self._members += 1
+                if out:
+                    self._pos += len(out)
+                    return out
+        except InputError:
+            raise
+        except zlib.error as exc:
+            text = str(exc)
+            if "incorrect data check" in text:
+                problem = "checksum (CRC) mismatch"
+            elif "incorrect length check" in text:
+                problem = "length check (ISIZE) mismatch"
             else:
-                if dec.eof:
-                    pending, dec = dec.unused_data + pending, new()
-                    continue
-                out += dec.decompress(pending, nbytes - len(out))
-                pending = b""
-                while len(out) < nbytes and not dec.eof and not dec.needs_input:
-                    out += dec.decompress(b"", nbytes - len(out))
-                if dec.eof and dec.unused_data:
-                    pending = dec.unused_data
-                    dec = new()
-    except (zlib.error, OSError, EOFError, ValueError) as exc:
-        raise InputError(f"corrupt compressed voxel data ({why(exc)})", where) from None
-    if len(out) < nbytes:
-        raise InputError(f"truncated voxel data: {len(out)} of {nbytes} bytes after decompression", where)
-    return out
+                problem = f"corrupt data ({why(exc)})"
+            raise InputError(f"compressed data fail verification: {problem}; the file is damaged",
+                             self._where) from None
+        except (OSError, EOFError, ValueError) as exc:  # bz2: "Invalid data stream"
+            raise InputError(f"compressed data fail verification: corrupt data ({why(exc)}); the file is damaged",
+                             self._where) from None
+
+    def _truncated(self) -> None:
+        raise InputError(f"truncated: the compressed data end after {self._pos} bytes, before their end marker and "
+                         "checksum", self._where)
+
+
+def inflate(fh: BinaryIO, nbytes: int, where: Path, *, codec: str) -> bytearray:
+    """Decompress ``fh`` from its current position: exactly ``nbytes``, verified end to end.
+
+    ``codec``: ``"gzip"``, ``"zlib"`` (zlib or gzip, auto-detected) or ``"bzip2"``; see
+    :class:`CheckedStream`. A stream that ends before ``nbytes`` is "truncated"; a checksum
+    mismatch, a member cut before its trailer or appended garbage is refused; more than
+    ``EXTRA_ALLOWED`` bytes past ``nbytes`` are refused without inflating them all.
+    """
+    stream = CheckedStream(fh, where, codec=codec)
+    buf = bytearray(nbytes)
+    got = stream.readinto(buf)
+    if got < nbytes:
+        raise InputError(f"truncated voxel data: {got} of {nbytes} bytes after decompression", where)
+    stream.finish()
+    return buf
 
 
 def read_ascii(fh: BinaryIO, count: int, dtype, where: Path):

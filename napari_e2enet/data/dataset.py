@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..pathcheck import require_file
 from .io import NIFTI_SUFFIXES, _same_geometry, as_label_array, read_geometry, read_image, read_labels
 from .volume import Volume
 
@@ -462,17 +463,42 @@ def _relative_entry(root: Path, value: Any, json_path: Path, what: str) -> Path:
     return _inside(root, root / rel, json_path, value)
 
 
+def _entries(folder: Path, cache: dict[Path, dict[str, Path]]) -> dict[str, Path]:
+    """The non-hidden entries of ``folder`` by lower-case name (file names match in any case:
+    ``CASE_0000.NII.GZ`` is found for ``.nii.gz``), listed once per folder."""
+    if folder not in cache:
+        try:
+            cache[folder] = {e.name.lower(): e for e in folder.iterdir() if not e.name.startswith(".")}
+        except OSError:
+            cache[folder] = {}
+    return cache[folder]
+
+
 def _channel_files(
-    root: Path, images_dir: Path, case_id: str, ending: str, channels: int
+    root: Path, images_dir: Path, case_id: str, ending: str, channels: int,
+    cache: dict[Path, dict[str, Path]] | None = None,
 ) -> tuple[Path, ...]:
-    files = tuple(images_dir / f"{case_id}_{c:04d}{ending}" for c in range(channels))
-    if all(f.exists() or f.is_symlink() for f in files):
-        return tuple(_inside(root, f, f, f.name) for f in files)
-    single = images_dir / f"{case_id}{ending}"  # MSD: one (possibly 4D) file per case
-    if single.exists():
+    """The image files of a case, matched by channel number: ``CASE_0000<ending>`` … one per
+    declared channel (any case), or one ``CASE<ending>`` (MSD: a 4D series). A channel file beyond
+    the declared channels is refused: it would otherwise be left out without a word."""
+    entries = _entries(images_dir, {} if cache is None else cache)
+
+    def find(name: str) -> Path | None:
+        return entries.get(name.lower())
+
+    files = [find(f"{case_id}_{c:04d}{ending}") for c in range(channels)]
+    extra = find(f"{case_id}_{channels:04d}{ending}")
+    if all(f is not None for f in files):
+        if extra is not None:
+            raise InputError(f"channel file beyond the {channels} channel(s) dataset.json declares (channel_names); "
+                             "declare it or move it away", extra)
+        return tuple(_inside(root, f, f, f.name) for f in files if f is not None)
+    single = find(f"{case_id}{ending}")  # MSD: one (possibly 4D) file per case
+    if single is not None and not any(files):
         return (_inside(root, single, single, single.name),)
-    missing = next(f for f in files if not f.exists())
-    raise InputError("image file not found", missing)
+    missing = next(c for c, f in enumerate(files) if f is None)
+    raise InputError(f"image file not found (case {case_id!r} has {sum(f is not None for f in files)} of the "
+                     f"{channels} channel file(s) dataset.json declares)", images_dir / f"{case_id}_{missing:04d}{ending}")
 
 
 def _parse_channels(data: dict, json_path: Path) -> tuple[str, ...]:
@@ -545,8 +571,7 @@ def _load_folder(root_in: Path, check: bool) -> Dataset:
         raise InputError("expected a dataset folder (with dataset.json) or phantom:N", root_in)
     root = root_in.resolve()
     json_path = root_in / "dataset.json"
-    if not json_path.is_file():
-        raise InputError("no dataset.json in the dataset folder", json_path)
+    require_file(json_path, "no dataset.json in the dataset folder")
     _inside(root, json_path, json_path, "dataset.json")
     try:
         text = json_path.read_text(encoding="utf-8")
@@ -564,6 +589,7 @@ def _load_folder(root_in: Path, check: bool) -> Dataset:
     if ending not in NIFTI_SUFFIXES:
         raise InputError(f"file_ending {ending!r} is not supported (only .nii.gz and .nii)", json_path)
     cases: list[tuple[str, tuple[Path, ...], Path]] = []
+    listed: dict[Path, dict[str, Path]] = {}  # folder listings, read once
     training = data.get("training")
     custom = data.get("dataset")
     if training is not None:  # MSD / nnU-Net v1: [{"image": "./imagesTr/x.nii.gz", "label": ...}]
@@ -583,7 +609,7 @@ def _load_folder(root_in: Path, check: bool) -> Dataset:
                 if image.exists():
                     images = (image,)
                 else:  # nnU-Net v1 lists 'x.nii.gz' while the files are 'x_0000.nii.gz', ...
-                    images = _channel_files(root, image.parent, _stem(image), ending, len(channel_names))
+                    images = _channel_files(root, image.parent, _stem(image), ending, len(channel_names), listed)
             cases.append((_stem(label), images, label))
     elif custom is not None:  # nnU-Net v2 explicit: {"case": {"images": [...], "label": "..."}}
         if not isinstance(custom, dict) or not custom:
@@ -609,19 +635,19 @@ def _load_folder(root_in: Path, check: bool) -> Dataset:
                 raise InputError(f"no {d.name} folder (and no 'training' list in dataset.json)", d)
             _inside(root, d, d, d.name)
         for label in sorted(labels_dir.iterdir()):
-            if label.name.startswith(".") or not label.name.endswith(ending):
-                continue
+            lower = label.name.lower()
+            if label.name.startswith(".") or not lower.endswith(ending) or len(lower) == len(ending):
+                continue  # any case: LIVER_001.NII.GZ is a label file too
             _inside(root, label, label, label.name)
             case_id = label.name[: -len(ending)]
-            images = _channel_files(root, images_dir, case_id, ending, len(channel_names))
+            images = _channel_files(root, images_dir, case_id, ending, len(channel_names), listed)
             cases.append((case_id, images, label))
         if not cases:
             raise InputError(f"no label files ending in {ending} in labelsTr", labels_dir)
     built: list[Case] = []
     for case_id, images, label in cases:
         for p in (*images, label):
-            if not p.exists():
-                raise InputError("file not found", p)
+            require_file(p)  # a folder, FIFO or broken link named like a case file is said to be one
         if check:
             channels = _check_case_files(images, label)
             if channels != len(channel_names):

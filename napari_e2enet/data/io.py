@@ -25,11 +25,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.arrayproxy import ArrayProxy
 
 from ..errors import InputError
 from ..fileio import atomic_output
 from ..labels import LabelTable
-from ._payload import matching_suffix
+from ..pathcheck import special_kind
+from ._payload import CheckedStream, matching_suffix
 from ._payload import why as _why
 from .volume import Volume
 
@@ -38,6 +40,7 @@ __all__ = [
     "OUTPUT_FORMATS",
     "VOLUME_SUFFIXES",
     "case_name",
+    "float32_voxels",
     "is_volume_file",
     "volume_format",
     "read_geometry",
@@ -130,6 +133,13 @@ def volume_format(path: str | Path) -> str:
     return "unknown"
 
 
+def _refuse_special(path: str | Path) -> None:
+    """A FIFO, device, socket or broken link is named as what it is (reading a FIFO would block)."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise InputError(f"not a regular file ({kind})", path)
+
+
 def _read_other(path: Path, kind: str, allow_channels: bool, series: str | None) -> Volume:
     """read_volume for NRRD, MetaImage and DICOM (the optional libraries are imported inside)."""
     if series is not None and kind != "dicom":
@@ -149,6 +159,23 @@ def _read_other(path: Path, kind: str, allow_channels: bool, series: str | None)
     if not path.exists():
         raise InputError("file not found", path)
     raise InputError(_UNKNOWN_TYPE, path)
+
+
+def _load_nifti(path: Path) -> nib.Nifti1Image | nib.Nifti2Image:
+    """``nib.load`` (lazy, header only), for names in any case: nib.load itself rewrites a
+    mixed-case name such as ``scan.Nii.Gz`` into one that does not exist, so a file whose first
+    four bytes give a NIfTI-1/-2 header size is opened through a file map naming the real file."""
+    from nibabel.fileholders import FileHolder
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as fh:  # picks gzip from the suffix in any case
+        head = fh.read(4)
+    sizes = {int.from_bytes(head, "little"), int.from_bytes(head, "big")} if len(head) == 4 else set()
+    klass = nib.Nifti1Image if 348 in sizes else nib.Nifti2Image if 540 in sizes else None
+    if klass is None:  # not a NIfTI header: nib.load words the error
+        return nib.load(str(path), mmap=False)
+    holder = {"header": FileHolder(filename=str(path)), "image": FileHolder(filename=str(path))}
+    return klass.from_file_map(holder, mmap=False)
 
 
 def _load_header(path: str | Path, allow_channels: bool) -> tuple[Path, nib.Nifti1Image, int]:
@@ -173,7 +200,7 @@ def _load_header(path: str | Path, allow_channels: bool) -> tuple[Path, nib.Nift
         raise InputError("empty file", path)
     try:
         with _quiet():
-            img = nib.load(str(path), mmap=False)
+            img = _load_nifti(path)
     except Exception as exc:  # any parse error is a bad file
         raise InputError(f"not a readable NIfTI file ({_why(exc)})", path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
@@ -228,6 +255,7 @@ def read_geometry(
 ) -> tuple[tuple[int, int, int], np.ndarray, int]:
     """((X, Y, Z), affine (4, 4), channels) of a volume: header-only for NIfTI, NRRD and MetaImage;
     a DICOM series is read whole (its geometry needs every slice's position)."""
+    _refuse_special(path)
     kind = volume_format(path)
     if kind == "nrrd" and series is None:
         from .nrrd import read_nrrd_geometry
@@ -245,6 +273,29 @@ def read_geometry(
     return (int(shape[0]), int(shape[1]), int(shape[2])), np.asarray(img.affine, np.float64), max(channels, 1)
 
 
+def _checked_voxels(path: Path, img: nib.Nifti1Image) -> np.ndarray:
+    """The voxels of a ``.nii.gz``, scaled as nibabel scales them, with the gzip data verified.
+
+    nibabel stops inflating at the size the header declares and never reaches the gzip trailer, so a
+    flipped bit or a cut-off trailer would go unnoticed. Here the file is streamed once through
+    :class:`._payload.CheckedStream` straight into the voxel buffer, then to its end: every member's
+    CRC-32 and length must match and nothing but zero padding may follow.
+    """
+    proxy = img.dataobj
+    nbytes = int(np.prod(proxy.shape, dtype=np.int64)) * np.dtype(proxy.dtype).itemsize
+    with open(path, "rb") as fh:
+        stream = CheckedStream(fh, path, codec="gzip")
+        spec = (proxy.shape, proxy.dtype, proxy.offset, proxy.slope, proxy.inter)
+        checked = ArrayProxy(stream, spec, mmap=False, order=proxy.order)
+        try:
+            data = np.asanyarray(checked)
+        except OSError:  # a stream that ends cleanly but early (nibabel: "Expected n bytes, got m")
+            raise InputError(f"truncated voxel data: the header declares {nbytes} bytes of voxels after "
+                             f"{proxy.offset} header bytes; the compressed data hold {stream.tell()}", path) from None
+        stream.finish()
+    return data
+
+
 def read_volume(path: str | Path, *, allow_channels: bool = False, series: str | None = None) -> Volume:
     """Read one volume into a ``Volume``: a NIfTI file (.nii / .nii.gz), an NRRD (.nrrd, .nhdr,
     .seg.nrrd: its label map), a MetaImage (.mha, .mhd) or a DICOM series (a folder or .zip;
@@ -255,16 +306,19 @@ def read_volume(path: str | Path, *, allow_channels: bool = False, series: str |
     the file is a 4D series of C volumes.
     Raises ``InputError("<path>: <problem>")`` for every kind of bad file, never anything else.
     """
+    _refuse_special(path)
     kind = volume_format(path)
     if kind != "nifti" or series is not None:
         return _read_other(Path(path), kind, allow_channels, series)
     path, img, channels = _load_header(path, allow_channels)
     try:
         with _quiet():
-            data = np.asanyarray(img.dataobj)
+            data = _checked_voxels(path, img) if _nifti_suffix(path) == ".nii.gz" else np.asanyarray(img.dataobj)
+    except InputError:
+        raise
     except MemoryError:
         raise InputError(f"not enough memory to read {img.shape} voxels", path) from None
-    except Exception as exc:  # truncated gzip, short data, zlib errors...
+    except Exception as exc:  # short data, zlib errors...
         raise InputError(f"truncated or corrupt voxel data ({_why(exc)})", path) from None
     data = np.asarray(data)
     if data.dtype.kind not in "biuf":
@@ -301,7 +355,7 @@ def read_image(paths: str | Path | Sequence[str | Path], *, name: str | None = N
         raise InputError("read_image: no image files given")
     if len(paths) == 1:
         vol = read_volume(paths[0], allow_channels=True, series=series)
-        array = vol.channels().astype(np.float32, copy=False)
+        array = float32_voxels(vol.channels(), paths[0])
         return Volume(array, vol.affine, vol.header, name or _strip_channel(vol.name), vol.meta)
     if series is not None:
         raise InputError("a series UID only applies to one DICOM folder or .zip", paths[0])
@@ -318,9 +372,30 @@ def read_image(paths: str | Path | Sequence[str | Path], *, name: str | None = N
             if not _same_geometry(vol.affine, first.affine):
                 raise InputError(f"channel affine differs from that of {paths[0].name}", path)
         volumes.append(vol)
-    array = np.stack([v.array.astype(np.float32, copy=False) for v in volumes])
+    array = np.stack([float32_voxels(v.array, p) for v, p in zip(volumes, paths, strict=True)])
     first = volumes[0]
     return Volume(array, first.affine, first.header, name or _strip_channel(first.name), first.meta)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def float32_voxels(array: np.ndarray, where: str | Path | None) -> np.ndarray:
+    """``array`` as float32 (no copy when it already is), refused when a voxel is not finite *after*
+    the conversion: a float64 1e300 (or a scaled integer beyond ±3.4e38) passes a NaN/Inf check in
+    its own dtype but becomes Inf in float32, and the network would see it."""
+    array = np.asarray(array)
+    with np.errstate(over="ignore", invalid="ignore"):  # counted below, not warned on stderr
+        out = array.astype(np.float32, copy=False)
+    bad = ~np.isfinite(out)
+    if bad.any():
+        source = array[bad]
+        overflow = source[np.isfinite(source)]
+        if overflow.size:
+            raise InputError(f"{overflow.size} voxels (e.g. {float(overflow.flat[0]):g}) lie beyond the float32 "
+                             f"range (±{_FLOAT32_MAX:.4g}) and would become Inf", where)
+        raise InputError(f"{int(bad.sum())} voxels are NaN or Inf", where)
+    return out
 
 
 def _strip_channel(name: str) -> str:

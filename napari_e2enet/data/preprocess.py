@@ -39,6 +39,7 @@ from nibabel import orientations
 from scipy import ndimage as ndi
 
 from ..errors import InputError
+from .io import float32_voxels
 from .volume import Volume
 
 __all__ = [
@@ -482,6 +483,9 @@ def preprocess(image: Volume, plan: Plan) -> tuple[np.ndarray, Inverse]:
     """Image Volume ((X, Y, Z) or (C, X, Y, Z)) → (float32 (C, D, H, W) network input, Inverse)."""
     image, to_storage = canonical_orientation(image, plan.orientation)
     arr, order, spacing = _network_view(image, plan)
+    # The network sees float32: a voxel that is NaN/Inf there (a float64 1e300 too) is refused, not
+    # normalised into an all-background result. read_image checks the same; this covers API Volumes.
+    float32_voxels(arr, image.name or None)
     arr = normalise(arr, plan)
     new_shape = _target_shape(arr.shape[1:], spacing, plan.target_spacing)  # type: ignore[arg-type]
     if tuple(arr.shape[1:]) != new_shape:

@@ -135,6 +135,11 @@ class Predictor:
 
         if str(spec) in list_bundled_models():
             return cls.from_bundled(str(spec), config)
+        from ..pathcheck import special_kind
+
+        kind = special_kind(spec)
+        if kind is not None:
+            raise InputError(f"not a model file, run folder or bundled model name ({kind})", spec)
         if not Path(spec).exists():
             raise InputError("no such model file, run folder or bundled model name", spec)
         return cls.from_checkpoint(spec, config)

@@ -79,9 +79,9 @@ def sha256_of(path: str | Path) -> str:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The metadata of a model file, JSON values decoded. Raises InputError for non-model files."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("model file not found", path)
+    from ..pathcheck import require_file
+
+    path = require_file(path, "model file not found")  # a FIFO or /dev/zero: said so, never read
     try:
         from safetensors import safe_open
 
@@ -91,6 +91,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise InputError(f"not a safetensors model file ({exc})", path) from None
     if raw.get("format") != FORMAT:
         raise InputError("not a napari-e2enet model file (no napari-e2enet metadata)", path)
+    version = str(raw.get("format_version", FORMAT_VERSION)).strip()
+    if not version.isdigit():
+        raise InputError(f"unreadable model format_version {version[:40]!r} (this napari-e2enet reads version "
+                         f"{FORMAT_VERSION})", path)
+    if int(version) > int(FORMAT_VERSION):  # written by a newer napari-e2enet: fields may mean something else
+        raise InputError(f"model format_version {version} is newer than this napari-e2enet reads ({FORMAT_VERSION}); "
+                         "update napari-e2enet to use this model", path)
     out: dict[str, Any] = {}
     for key, value in raw.items():
         try:

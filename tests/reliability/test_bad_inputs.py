@@ -212,7 +212,7 @@ def p_truncated_gz(c):
     path = c.tmp / "truncated.nii.gz"
     raw = c.assets.image.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
-    return Row(_predict(c, path), path, "truncated or corrupt", _predict_api(c, path))
+    return Row(_predict(c, path), path, "truncated", _predict_api(c, path))
 
 
 def p_text_named_nii(c):
@@ -522,7 +522,7 @@ def e_truncated(c):
     pred = c.tmp / "pred.nii.gz"
     raw = c.assets.labels.read_bytes()
     pred.write_bytes(raw[: len(raw) // 2])
-    return Row(_evaluate(pred, c.assets.labels), pred, "truncated or corrupt", lambda: read_labels(pred))
+    return Row(_evaluate(pred, c.assets.labels), pred, "truncated", lambda: read_labels(pred))
 
 
 def e_fractional(c):
