@@ -1,15 +1,21 @@
 """The ``napari-e2enet`` console script.
 
 Each subcommand parses its options into config objects and calls the core; no maths here.
-Bad input: one line on stderr, exit code 2. ``--json``: exactly one JSON object on stdout.
+Bad input (a file or an option): one line on stderr, exit code 2. ``--json``: exactly one JSON object
+on stdout. Ctrl-C (SIGINT) exits 130 and SIGTERM 143, after train/predict/finetune stopped cleanly.
+Anything unforeseen: one line naming the exception and a log file holding its traceback, exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from ._json import json_safe
@@ -18,6 +24,7 @@ from .errors import InputError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what shells and schedulers expect
 
 # name -> (add_arguments, run, help); each subcommand registers itself below its functions.
 _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
@@ -31,16 +38,87 @@ def emit_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+# -- option types: a bad value is refused by argparse, in one line naming the option ---------------
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {f'>= {low}' if high is None else f'in {low}..{high}'}, "
+                                             f"got {value}")
+        return value
+
+    parse.__name__ = "whole number"
+    return parse
+
+
+def _real(low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
+          ) -> Callable[[str], float]:
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low) \
+                or (high_open and value == high):
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+_POSITIVE = _whole(1)
+_COUNT = _whole(0)
+_SEED = _whole(0, 2**63 - 1)
+_SPARSITY = _real(0.0, 1.0, high_open=True)
+_FRACTION = _real(0.0, 1.0)
+_OVERLAP = _real(0.0, 1.0, high_open=True)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM where the command has no clean stop of its own (and a second SIGTERM anywhere)."""
+
+
+def _signal_exit(signum: int | None) -> int:
+    return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[dict[str, int | None]]:
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler, ``docker stop``, a closing terminal) set ``stop``: the
+    work ends at its next safe point and saves; a second signal aborts at once. Yields a dict whose
+    ``"signal"`` is the first signal's number (None when there was none)."""
+    got: dict[str, int | None] = {"signal": None}
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise _Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        got["signal"] = signum
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 # -- info ---------------------------------------------------------------------------------------
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="e2enet", help="registered model name (see --list)")
-    p.add_argument("--in-channels", type=int, default=1)
-    p.add_argument("--classes", type=int, default=16, help="output classes including background")
-    p.add_argument("--sparsity", type=float, default=0.8, help="S = 1 - density of the fusion kernels")
-    p.add_argument("--patch", type=int, nargs=3, default=(128, 128, 128), metavar=("D", "H", "W"))
-    p.add_argument("--pools", type=int, nargs="+", metavar="P",
+    p.add_argument("--in-channels", type=_whole(1, 4096), default=1)
+    p.add_argument("--classes", type=_whole(1, 32767), default=16, help="output classes including background")
+    p.add_argument("--sparsity", type=_SPARSITY, default=0.8, help="S = 1 - density of the fusion kernels")
+    p.add_argument("--patch", type=_POSITIVE, nargs=3, default=(128, 128, 128), metavar=("D", "H", "W"))
+    p.add_argument("--pools", type=_POSITIVE, nargs="+", metavar="P",
                    help="down-sampling factors, 3 per transition (D H W D H W ...)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the uniform random masks")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the uniform random masks")
     p.add_argument("--list", action="store_true", help="list the registered models and exit")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -87,32 +165,37 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="nnU-Net/MSD dataset folder, or phantom:N for N synthetic abdomen cases")
     p.add_argument("--out", required=True, help="run directory (created; holds model, metrics, state)")
     p.add_argument("--model", help="registered model name (default e2enet_small)")
-    p.add_argument("--sparsity", type=float, help="DSFF sparsity S (0 = dense fusion)")
-    p.add_argument("--iterations", type=int, help="total training iterations")
-    p.add_argument("--iterations-per-epoch", type=int, help="iterations between validations/checkpoints")
-    p.add_argument("--update-every", type=int, help="DSFF topology update every K iterations (0 = auto)")
+    p.add_argument("--sparsity", type=_SPARSITY, help="DSFF sparsity S (0 = dense fusion)")
+    p.add_argument("--iterations", type=_POSITIVE, help="total training iterations")
+    p.add_argument("--iterations-per-epoch", type=_POSITIVE, help="iterations between validations/checkpoints")
+    p.add_argument("--update-every", type=_COUNT, help="DSFF topology update every K iterations (0 = auto)")
     p.add_argument("--regrow", choices=("random", "gradient"), help="DSFF regrowth rule (paper: random)")
-    p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"))
-    p.add_argument("--batch", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--patch", type=_POSITIVE, nargs=3, metavar=("D", "H", "W"))
+    p.add_argument("--batch", type=_POSITIVE)
+    p.add_argument("--lr", type=_real(0.0, low_open=True))
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="sgd (the paper's, default) or adamw (learns a short CPU run faster; try --lr 0.003)")
     p.add_argument("--mirror", choices=MIRROR_MODES,
                    help="axes mirrored by augmentation and TTA (auto: none along left-right when labels are "
                         "lateralised)")
-    p.add_argument("--foreground-oversample", type=float, help="share of patches centred on a labelled voxel")
+    p.add_argument("--foreground-oversample", type=_FRACTION, help="share of patches centred on a labelled voxel")
     p.add_argument("--validation", choices=VALIDATION_MODES,
                    help="validation Dice: auto (a fixed patch sample on CPU, whole volumes on a GPU), full, patches")
-    p.add_argument("--validation-patches", type=int, help="patches in the validation sample (default 16)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--validation-patches", type=_POSITIVE, help="patches in the validation sample (default 16)")
+    p.add_argument("--seed", type=_SEED)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--precision", choices=("fp32", "bf16", "amp"))
-    p.add_argument("--num-validation", type=int, help="number of randomly held-out validation cases")
+    p.add_argument("--num-validation", type=_COUNT, help="number of randomly held-out validation cases")
     p.add_argument("--validation-cases", nargs="+", metavar="CASE", help="explicit held-out case names")
     p.add_argument("--no-augment", action="store_true", help="switch training augmentation off")
     p.add_argument("--init-from", help="model file or run folder to fine-tune from")
     p.add_argument("--config", help="TrainConfig as JSON/YAML; command-line options override it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one: the old run's files move to --out/replaced-TIME/")
+    p.add_argument("--checkpoint-every", type=_real(0.0), metavar="SECONDS",
+                   help="also save the training state after this much training time (default 60; 0 = only "
+                        "per epoch): a kill -9 loses at most this much work")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
@@ -127,6 +210,7 @@ def train_config_from_args(args: argparse.Namespace):
                              "device": args.device, "precision": args.precision, "lr": args.lr,
                              "optimizer": args.optimizer, "validation": args.validation,
                              "validation_patches": args.validation_patches,
+                             "checkpoint_every_s": args.checkpoint_every,
                              "iterations_per_epoch": args.iterations_per_epoch}.items() if v is not None}
     sparsity = {k: v for k, v in {"sparsity": args.sparsity, "update_every": args.update_every,
                                   "regrow": args.regrow}.items() if v is not None}
@@ -151,28 +235,27 @@ def _model_file(path: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    import signal
-    import threading
+    from pathlib import Path
 
     from tqdm import tqdm
 
     from .training import Trainer
     from .training.distributed import cleanup_distributed, init_distributed
+    from .training.loop import STATE_FILE
 
     if not args.resume and not args.data and not args.config:
         raise InputError("--data is required (a dataset folder or phantom:N)")
+    if args.resume and args.overwrite:
+        raise InputError("--resume continues the run in --out and --overwrite replaces it: choose one")
     config = train_config_from_args(args)
     dist = init_distributed(config.device)
     stop = threading.Event()
-
-    def on_sigint(signum, frame):  # first Ctrl-C: stop at the next iteration and save; second: abort
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    trainer = Trainer(config, args.out, resume=args.resume, stop=stop, rank=dist.rank,
-                      world_size=dist.world_size, init_from=_model_file(args.init_from) if args.init_from else None)
+    # first Ctrl-C or SIGTERM: stop at the next iteration and save; a second: abort
+    signals = _stop_on_signals(stop)
+    got = signals.__enter__()
+    trainer = Trainer(config, args.out, resume=args.resume, stop=stop, rank=dist.rank, overwrite=args.overwrite,
+                      world_size=dist.world_size, init_from=_model_file(args.init_from) if args.init_from else None,
+                      command=" ".join(["napari-e2enet", *sys.argv[1:]]))
     bar = None
     last_loss = float("nan")  # validation events carry no loss: show the last iteration's
     try:
@@ -196,7 +279,7 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-        signal.signal(signal.SIGINT, previous)
+        signals.__exit__(None, None, None)
         cleanup_distributed()
     summary = trainer.summary
     if not dist.is_main or summary is None:
@@ -207,11 +290,15 @@ def _train(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(result)
     else:
-        verb = "stopped (resume with --resume)" if summary.stopped else "done"
+        verb = "done"
+        if summary.stopped:
+            resumable = (Path(args.out) / STATE_FILE).is_file()
+            verb = "stopped (resume with --resume)" if resumable else "stopped before anything was saved"
+        loss = summary.final_loss if summary.final_loss is not None else float("nan")
         sys.stderr.write(f"train {verb}: {summary.iterations} iterations in {summary.seconds:.0f} s, "
-                         f"loss {summary.final_loss or float('nan'):.4f}, validation Dice "
+                         f"loss {loss:.4f}, validation Dice "
                          f"{'n/a' if mean is None else f'{mean:.4f}'} -> {summary.run_dir}\n")
-    return EXIT_INTERRUPTED if summary.stopped else 0
+    return _signal_exit(got["signal"]) if summary.stopped else 0
 
 
 _COMMANDS["train"] = (_train_args, _train, "train E2ENet with DSFF on a dataset (torchrun for DDP)")
@@ -328,7 +415,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="bundled model name, model.safetensors file or run folder (default: bundled)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (up to 8 flips, one pass each; only the axes the model was trained to mirror)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--overlap", type=_OVERLAP, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--no-accelerate", action="store_true", help="run the model as trained (no fast sparse path)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
@@ -354,8 +441,6 @@ def _check_targets(targets: list, suffix: str) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     import os
-    import signal
-    import threading
     import time
     from pathlib import Path
 
@@ -405,13 +490,19 @@ def _predict(args: argparse.Namespace) -> int:
         raise InputError("output location is not writable", out)
     if parts is not None:
         cases = shard(cases, *parts)
+    _refuse_output_on_input(cases, out, single_file, suffix)
+    from .fileio import remove_stale_temporaries
+
+    # a writer killed by kill -9 leaves a hidden temporary; only those of dead processes are deleted
+    remove_stale_temporaries(out.parent if single_file else out, [out.name] if single_file else None)
     _check_targets([out] if single_file else [out / f"{name}{suffix}" for name, _ in cases], suffix)
 
     config = InferenceConfig(overlap=args.overlap, tta=args.tta, precision=args.precision, device=args.device,
                              accelerate=not args.no_accelerate)
     predictor = Predictor.from_any(args.model, config)
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signals = _stop_on_signals(stop)
+    got = signals.__enter__()
     results, t0 = [], time.perf_counter()
     cases_bar = tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=len(cases) < 2)
     bar = None
@@ -443,18 +534,19 @@ def _predict(args: argparse.Namespace) -> int:
             results.append({"case": name, "output": str(target), "status": "ok",
                             "seconds": round(prediction.seconds, 2), "tiles": prediction.tiles,
                             "warnings": list(prediction.warnings)})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if bar is not None:
             bar.close()
         cases_bar.close()
-        sys.stderr.write(f"napari-e2enet predict: interrupted; {sum(r['status'] == 'ok' for r in results)} "
-                         "case(s) written, no partial output\n")
-        return EXIT_INTERRUPTED
+        signum = signal.SIGTERM if isinstance(exc, _Terminated) else got["signal"]
+        sys.stderr.write(f"napari-e2enet predict: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; "
+                         f"{sum(r['status'] == 'ok' for r in results)} case(s) written, no partial output\n")
+        return _signal_exit(signum)
     finally:
         if bar is not None:
             bar.close()  # an error line must not land on the end of a progress bar
         cases_bar.close()
-        signal.signal(signal.SIGINT, previous)
+        signals.__exit__(None, None, None)
     summary = {"model": predictor.describe(), "cases": results, "seconds": round(time.perf_counter() - t0, 2)}
     if args.json:
         emit_json(summary)
@@ -463,6 +555,25 @@ def _predict(args: argparse.Namespace) -> int:
         sys.stderr.write(f"predict: {done} case(s) segmented, {len(results) - done} skipped, "
                          f"{summary['seconds']:.1f} s -> {out}\n")
     return 0
+
+
+def _refuse_output_on_input(cases: list[tuple[str, list]], out, single_file: bool, suffix: str) -> None:
+    """No output may be an input: ``predict -i a.nii.gz -o a.nii.gz --overwrite`` would replace the
+    image with its labels (a hard link or symlink to an input counts as the input)."""
+    import os
+    from pathlib import Path
+
+    inputs = {}
+    for _, files in cases:
+        for f in files:
+            inputs[os.path.realpath(f)] = Path(f)
+    for name, files in cases:
+        target = Path(out) if single_file else Path(out) / f"{name}{suffix}"
+        same = inputs.get(os.path.realpath(target))
+        if same is None and target.exists():
+            same = next((Path(f) for f in files if Path(f).exists() and os.path.samefile(f, target)), None)
+        if same is not None:
+            raise InputError(f"the output would replace the input image {same}; choose another output", target)
 
 
 _COMMANDS["predict"] = (_predict_args, _predict,
@@ -481,8 +592,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                                     "--labels is taken as correct")
     p.add_argument("--out", required=True, help="run folder to write (model.safetensors, finetune.json)")
     p.add_argument("--series", help="DICOM series UID when --image holds several")
-    p.add_argument("--iterations", type=int, default=default.iterations)
-    p.add_argument("--lr", type=float, default=default.lr, help="AdamW learning rate")
+    p.add_argument("--iterations", type=_POSITIVE, default=default.iterations)
+    p.add_argument("--lr", type=_real(0.0, low_open=True), default=default.lr, help="AdamW learning rate")
     p.add_argument("--train", choices=TRAINABLE, default=default.train, help="decoder: encoder frozen (default)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
@@ -490,8 +601,6 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    import signal
-    import threading
     from pathlib import Path
 
     import numpy as np
@@ -516,7 +625,8 @@ def _finetune(args: argparse.Namespace) -> int:
                              args.edited)
         edited = np.asarray(mask.array) != 0
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signals = _stop_on_signals(stop)
+    got = signals.__enter__()
     bar = None  # made at "start": a refusal before it must not land on the end of a progress bar
     last = None
     try:
@@ -531,10 +641,10 @@ def _finetune(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-        signal.signal(signal.SIGINT, previous)
+        signals.__exit__(None, None, None)
     if last is None or last.kind == "stopped":
         sys.stderr.write("napari-e2enet finetune: stopped; nothing written\n")
-        return EXIT_INTERRUPTED
+        return _signal_exit(got["signal"])
     summary = {"run_dir": str(last.run_dir), "iterations": last.iteration, "seconds": round(last.seconds, 1),
                "final_loss": last.loss, "base_model": model_file}
     if args.json:
@@ -689,18 +799,18 @@ _COMMANDS["demo"] = (_demo_args, _demo,
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parts", nargs="+", default=["patch", "volume", "train"], choices=["patch", "volume", "train"],
                    help="what to measure: per-patch latency, whole volumes (time, peak RSS), training steps")
-    p.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="cubic patch sizes")
-    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per candidate")
+    p.add_argument("--sizes", type=_POSITIVE, nargs="+", default=[64, 128], help="cubic patch sizes")
+    p.add_argument("--repeats", type=_POSITIVE, default=5, help="interleaved rounds per candidate")
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--models", nargs="+", default=None, help="candidates (default: all; see napari_e2enet.bench)")
     p.add_argument("--volume-shapes", nargs="+", default=["128x256x256", "300x512x512"], metavar="DxHxW")
     p.add_argument("--volume-models", nargs="+", default=None, help="whole-volume candidates")
-    p.add_argument("--volume-patch", type=int, default=128, help="sliding-window tile (cube) for the volumes")
-    p.add_argument("--volume-overlap", type=float, default=0.5)
+    p.add_argument("--volume-patch", type=_POSITIVE, default=128, help="sliding-window tile (cube) for the volumes")
+    p.add_argument("--volume-overlap", type=_OVERLAP, default=0.5)
     p.add_argument("--train-models", nargs="+", default=None, help="plain, e2enet_sNN, small_sNN (S = NN/10)")
-    p.add_argument("--train-patch", type=int, default=64)
-    p.add_argument("--train-batch", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--train-patch", type=_POSITIVE, default=64)
+    p.add_argument("--train-batch", type=_POSITIVE, default=2)
+    p.add_argument("--threads", type=_POSITIVE, default=2)
     p.add_argument("--json", action="store_true", help="print the machine line and results as one JSON object")
 
 
@@ -754,33 +864,93 @@ def _bench(args: argparse.Namespace) -> int:
 _COMMANDS["bench"] = (_bench_args, _bench, "latency, whole-volume memory and training speed against nnU-Net's PlainConvUNet")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An option error is one line naming the option, like every other bad input (no usage block)."""
+
+    def error(self, message: str) -> Any:  # argparse calls this on a bad option
+        text = " ".join(message.split())
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="napari-e2enet", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="napari-e2enet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"napari-e2enet {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, (add_arguments, _, help_text) in _COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
+
+
+def _traceback_log(args: argparse.Namespace, exc: BaseException) -> str:
+    """Write ``exc``'s traceback to a log and return its path: ``<run>/error.log`` (appended) for a
+    train whose run folder exists, else ``napari-e2enet/logs/`` in the user's cache folder
+    (``$XDG_CACHE_HOME`` or ``~/.cache``), else in the system's temporary folder."""
+    import os
+    import platform
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    from . import __version__
+
+    text = (f"=== {time.strftime('%Y-%m-%d %H:%M:%S')}  napari-e2enet {__version__}  python {platform.python_version()}"
+            f"  {platform.platform()}\n$ napari-e2enet {' '.join(sys.argv[1:])}\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    name = f"{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "napari-e2enet" / "logs"
+    candidates = [Path(tempfile.gettempdir()) / "napari-e2enet-logs" / name]
+    candidates.insert(0, cache / name)
+    run = getattr(args, "out", None)
+    if args.command == "train" and run and Path(run).is_dir():
+        candidates.insert(0, Path(run) / "error.log")
+    for path in candidates:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write(text)
+            return str(path)
+        except OSError:
+            continue
+    return "nowhere: no log folder is writable"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _, run, _ = _COMMANDS[args.command]
+
+    def on_sigterm(signum: int, frame: Any) -> None:  # commands with a clean stop install their own
+        raise _Terminated
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        previous = None
     try:
         return run(args)
     except InputError as exc:
         sys.stderr.write(f"napari-e2enet {args.command}: error: {exc}\n")
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        sys.stderr.write(f"napari-e2enet {args.command}: interrupted\n")
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        sys.stderr.write(f"napari-e2enet {args.command}: {'terminated' if terminated else 'interrupted'}\n")
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except FloatingPointError as exc:  # training diverged: say so in one line, the last checkpoint stays
         sys.stderr.write(f"napari-e2enet {args.command}: error: {exc}; try a lower --lr "
                          "(the last checkpoint in the run folder is intact)\n")
         return 1
+    except Exception as exc:  # a bug or an unforeseen failure: one line here, the traceback in a log
+        log = _traceback_log(args, exc)
+        detail = " ".join(str(exc).split())[:300] or ("out of memory" if isinstance(exc, MemoryError) else "")
+        sys.stderr.write(f"napari-e2enet {args.command}: error: unexpected {type(exc).__name__}"
+                         f"{': ' + detail if detail else ''} (traceback in {log})\n")
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,10 +18,37 @@ from .errors import InputError
 MIRROR_MODES = ("auto", "all", "none", "no-left-right")
 OPTIMIZERS = ("sgd", "adamw")
 VALIDATION_MODES = ("auto", "full", "patches")
+PRECISIONS = ("fp32", "bf16", "amp")
 
 T = TypeVar("T")
 
 Triple = tuple[int, int, int]
+
+
+def _whole(owner: str, name: str, value: Any, low: int, high: int | None = None) -> None:
+    """Refuse ``value`` unless it is a whole number in [low, high] (bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{owner}: {name} must be a whole number, got {value!r}")
+    if value < low or (high is not None and value > high):
+        limit = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{owner}: {name} must be {limit}, got {value}")
+
+
+def _real(owner: str, name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+          high_open: bool = False) -> None:
+    """Refuse ``value`` unless it is a finite number in the interval (open ends as flagged)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or value > high or (high_open and value == high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open or math.isinf(high) else ']'}"
+        raise ValueError(f"{owner}: {name} must be in {interval}, got {value:g}")
+
+
+def _triple_of(owner: str, name: str, value: Any, low: int = 1) -> None:
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        raise ValueError(f"{owner}: {name} must be three whole numbers, got {value!r}")
+    for v in value:
+        _whole(owner, name, v, low)
 
 
 def _tupleize(value: Any) -> Any:
@@ -72,6 +100,17 @@ class ModelConfig(_DictMixin):
     name: str = "e2enet"
 
     def __post_init__(self) -> None:
+        _whole("ModelConfig", "in_channels", self.in_channels, 1)
+        _whole("ModelConfig", "num_classes", self.num_classes, 1, 32767)  # labels are stored as int16 at most
+        if not isinstance(self.widths, (tuple, list)):
+            raise ValueError(f"ModelConfig: widths must be a list of whole numbers, got {self.widths!r}")
+        for w in self.widths:
+            _whole("ModelConfig", "widths", w, 1)
+        _whole("ModelConfig", "units_per_level", self.units_per_level, 1, 64)
+        _whole("ModelConfig", "last_stage_units", self.last_stage_units, 0, 64)
+        _triple_of("ModelConfig", "kernel", self.kernel)
+        if not isinstance(self.pools, (tuple, list)):
+            raise ValueError(f"ModelConfig: pools must be a list of (D, H, W) triples, got {self.pools!r}")
         if len(self.widths) < 2:
             raise ValueError("ModelConfig: at least two levels are needed")
         if len(self.pools) != len(self.widths) - 1:
@@ -79,7 +118,7 @@ class ModelConfig(_DictMixin):
                 f"ModelConfig: {len(self.widths)} levels need {len(self.widths) - 1} pools, "
                 f"got {len(self.pools)}"
             )
-        if any(len(p) != 3 or min(p) < 1 for p in self.pools):
+        if any(not isinstance(p, (tuple, list)) or len(p) != 3 or min(p) < 1 for p in self.pools):
             raise ValueError(f"ModelConfig: pools must be positive (D, H, W) triples: {self.pools}")
         if any(k % 2 != 1 for k in self.kernel):
             raise ValueError(f"ModelConfig: kernel sizes must be odd: {self.kernel}")
@@ -124,6 +163,8 @@ class SparsityConfig(_DictMixin):
             raise ValueError(f"SparsityConfig: regrow must be 'random' or 'gradient', got {self.regrow!r}")
         if not 0.0 <= self.prune_fraction_min <= self.prune_fraction <= 1.0:
             raise ValueError("SparsityConfig: need 0 <= prune_fraction_min <= prune_fraction <= 1")
+        _whole("SparsityConfig", "update_every", self.update_every, 0)
+        _real("SparsityConfig", "stop_updates_at", self.stop_updates_at, 0.0, 1.0)
 
     def resolved_update_every(self, total_iterations: int) -> int:
         """ΔT: the paper's share of the run (1200 of 250 000 iterations), but never below
@@ -165,6 +206,21 @@ class DataConfig(_DictMixin):
             raise ValueError(f"DataConfig: mirror must be one of {', '.join(MIRROR_MODES)}, got {self.mirror!r}")
         if not 0.0 <= self.foreground_oversample <= 1.0:
             raise ValueError(f"DataConfig: foreground_oversample must be in [0, 1], got {self.foreground_oversample}")
+        if not isinstance(self.source, str):
+            raise ValueError(f"DataConfig: source must be a folder path or phantom:N, got {self.source!r}")
+        _triple_of("DataConfig", "patch", self.patch)
+        _whole("DataConfig", "batch", self.batch, 1)
+        if self.target_spacing is not None:
+            if not isinstance(self.target_spacing, (tuple, list)) or len(self.target_spacing) != 3:
+                raise ValueError(f"DataConfig: target_spacing must be three sizes in mm, got {self.target_spacing!r}")
+            for v in self.target_spacing:
+                _real("DataConfig", "target_spacing", v, 0.0, low_open=True)
+        _real("DataConfig", "validation_fraction", self.validation_fraction, 0.0, 1.0, high_open=True)
+        if self.num_validation is not None:
+            _whole("DataConfig", "num_validation", self.num_validation, 0)
+        if not isinstance(self.validation_cases, (tuple, list)) or \
+                not all(isinstance(v, str) for v in self.validation_cases):
+            raise ValueError(f"DataConfig: validation_cases must be case names, got {self.validation_cases!r}")
 
 
 @dataclass(frozen=True)
@@ -195,15 +251,48 @@ class TrainConfig(_DictMixin):
     # on CPU, full on a GPU). docs/validation-sample.md compares the two curves.
     validation: str = "auto"
     validation_patches: int = 16
+    # Seconds of training between saves of the state (at an iteration boundary, besides the epoch
+    # checkpoints), so that a kill -9 loses at most about this much work; the first save follows the
+    # first iteration. 0 switches the timed saves off. Saving never changes the training result.
+    checkpoint_every_s: float = 60.0
 
     def __post_init__(self) -> None:
+        owner = "TrainConfig"
+        from .models.registry import list_models  # here: the registry imports this module
+
+        if self.model not in list_models():
+            raise ValueError(f"{owner}: unknown model {self.model!r}; choose from {', '.join(list_models())}")
+        if not isinstance(self.model_overrides, dict):
+            raise ValueError(f"{owner}: model_overrides must be a mapping, got {self.model_overrides!r}")
+        _whole(owner, "iterations", self.iterations, 1)
+        _whole(owner, "iterations_per_epoch", self.iterations_per_epoch, 1)
+        _real(owner, "lr", self.lr, 0.0, low_open=True)
+        _real(owner, "momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _real(owner, "weight_decay", self.weight_decay, 0.0)
+        _real(owner, "grad_clip", self.grad_clip, 0.0, low_open=True)
+        _whole(owner, "seed", self.seed, 0, 2**63 - 1)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{owner}: precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.device, str):
+            raise ValueError(f"{owner}: device must be a name such as cpu or cuda, got {self.device!r}")
+        _whole(owner, "validation_every_epochs", self.validation_every_epochs, 1)
+        _whole(owner, "checkpoint_every_epochs", self.checkpoint_every_epochs, 1)
+        _real(owner, "checkpoint_every_s", self.checkpoint_every_s, 0.0)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.validation not in VALIDATION_MODES:
             raise ValueError(f"TrainConfig: validation must be one of {', '.join(VALIDATION_MODES)}, "
                              f"got {self.validation!r}")
-        if self.validation_patches < 1:
-            raise ValueError(f"TrainConfig: validation_patches must be at least 1, got {self.validation_patches}")
+        _whole(owner, "validation_patches", self.validation_patches, 1)
+
+    def model_config(self, in_channels: int = 1, num_classes: int = 16) -> ModelConfig:
+        """The architecture ``model`` and ``model_overrides`` describe (ValueError naming what is wrong)."""
+        from .models.registry import model_config
+
+        try:
+            return model_config(self.model, in_channels=in_channels, num_classes=num_classes, **self.model_overrides)
+        except TypeError as exc:  # an override that is no ModelConfig field
+            raise ValueError(f"TrainConfig: model_overrides: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -216,6 +305,12 @@ class InferenceConfig(_DictMixin):
     device: str = "auto"
     tiles_per_batch: int = 1
     accelerate: bool = True
+
+    def __post_init__(self) -> None:
+        _real("InferenceConfig", "overlap", self.overlap, 0.0, 1.0, high_open=True)
+        _whole("InferenceConfig", "tiles_per_batch", self.tiles_per_batch, 1)
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"InferenceConfig: precision must be fp32 or bf16, got {self.precision!r}")
 
 
 _NESTED: dict[tuple[str, str], type[_DictMixin]] = {
@@ -246,6 +341,8 @@ def load_config(path: str | Path, cls: type[T]) -> T:
         return cls.from_dict(data)  # type: ignore[attr-defined]
     except (TypeError, ValueError) as exc:
         raise InputError(str(exc), path) from None
+    except RecursionError:
+        raise InputError("a value is nested too deeply", path) from None
 
 
 def save_config(config: _DictMixin, path: str | Path) -> None:

@@ -324,8 +324,8 @@ class LabelTable:
             parsed = _read_json(data)
             try:
                 return cls.from_dataset_json(parsed)
-            except ValueError as err:
-                raise InputError(str(err), data) from None
+            except ValueError as err:  # the path names the file: no second "dataset.json:" after it
+                raise InputError(str(err).removeprefix("dataset.json: "), data) from None
         if not isinstance(data, Mapping) or "labels" not in data:
             raise ValueError("dataset.json: no 'labels' entry")
         return cls(_names_from_labels(data["labels"], "dataset.json"))
@@ -371,6 +371,10 @@ def _read_json(path: str | Path) -> Any:
         raise InputError(f"cannot read ({err.__class__.__name__})", path) from None
     except json.JSONDecodeError as err:
         raise InputError(f"not valid JSON (line {err.lineno}: {err.msg})", path) from None
+    except RecursionError:
+        raise InputError("not valid JSON (nested too deeply)", path) from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise InputError(f"not valid JSON ({' '.join(str(err).split())[:120]})", path) from None
 
 
 # ---- presets ----------------------------------------------------------------------------------

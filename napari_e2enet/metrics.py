@@ -401,6 +401,25 @@ def _objects(a: np.ndarray, max_label: int) -> list[tuple[slice, ...] | None]:
     return ndimage.find_objects(a, max_label=max_label)
 
 
+def _label_boxes(a: np.ndarray, ids: list[int]) -> dict[int, tuple[slice, ...] | None]:
+    """Bounding box of each label id in ``ids`` (sorted, positive), from one scipy pass.
+
+    Sparse ids are first mapped to 1..len(ids), so time and memory follow how many labels there are,
+    not how large their ids are: a label id of 2·10⁹ would otherwise ask ``find_objects`` for a list of
+    2·10⁹ entries (a MemoryError).
+    """
+    if not ids:
+        return {}
+    if ids[-1] <= 4 * len(ids) + 1024:
+        boxes = _objects(a, ids[-1])
+        return {k: boxes[k - 1] for k in ids}
+    lookup = np.asarray(ids, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(lookup, a), len(ids) - 1)
+    compact = np.where(lookup[pos] == a, pos + 1, 0).astype(np.int32)
+    boxes = ndimage.find_objects(compact, max_label=len(ids))
+    return {k: boxes[i] for i, k in enumerate(ids)}
+
+
 def evaluate(
     pred: Any,
     ref: Any,
@@ -428,15 +447,14 @@ def evaluate(
     sp = _check_spacing(spacing, p_full.ndim)
     tol = _check_tolerance(tolerance)
     table = _label_table(labels)
-    max_label = max([k for k in table if k > 0], default=0)
-    boxes_p = _objects(p_full, max_label) if max_label > 0 else []
-    boxes_r = _objects(r_full, max_label) if max_label > 0 else []
+    ids = sorted(k for k in table if k > 0)
+    boxes_p, boxes_r = _label_boxes(p_full, ids), _label_boxes(r_full, ids)
 
     out: dict[str, Any] = {m: {"mean": math.nan, "per_class": {}} for m in METRIC_NAMES}
     present: dict[str, list[bool]] = {}
     for label, name in table.items():
         if label > 0:
-            box = _merge_boxes(boxes_p[label - 1], boxes_r[label - 1])
+            box = _merge_boxes(boxes_p[label], boxes_r[label])
         else:
             box = _union_box(p_full == label, r_full == label)
         if box is None:

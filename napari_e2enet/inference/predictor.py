@@ -216,6 +216,7 @@ class Predictor:
         box = self._field_of_view(volume)
         if box is not None:  # else: nothing but background, and no network call
             crop = _crop(volume, box)
+            self._check_memory(crop, volume.name)
             image, inverse = preprocess(crop, self.plan)
             result: SlidingWindowResult | None = None
             for item in iter_sliding_window(torch.from_numpy(image), self._tile_predictor(), patch=self.patch,
@@ -242,6 +243,19 @@ class Predictor:
         if all(float(c.min()) == float(c.max()) for c in channels):
             return None
         return tuple(slice(0, n) for n in volume.spatial_shape)  # type: ignore[return-value]
+
+    def _check_memory(self, crop: Volume, name: str | None) -> None:
+        """Refuse (one line naming the model file) a volume whose resampling to this model's voxel size
+        would need more memory than there is, before allocating any of it."""
+        from ..memory import check_memory, network_grid, prediction_bytes
+
+        grid = network_grid(crop, self.plan)
+        need = prediction_bytes(crop.spatial_shape, crop.num_channels, grid, self.model.config.num_classes,
+                                self.patch)
+        voxel = "x".join(f"{s:g}" for s in self.plan.target_spacing)
+        check_memory(need, f"segmenting {name or 'the image'} ({'x'.join(map(str, crop.spatial_shape))} voxels) "
+                           f"at this model's voxel size of {voxel} mm ({'x'.join(map(str, grid))} voxels)",
+                     self.source or None)
 
     def predict(self, volume: Volume, stop: threading.Event | None = None) -> Volume:
         """Labels on the source grid; raises :class:`PredictionCancelled` if ``stop`` was set."""

@@ -4,7 +4,8 @@
   (bool buffers ``<module>.kernel_mask``) — plus metadata (model config, preprocessing plan, label table, format version)
   in the safetensors header. Loading never executes code.
 - ``training_state.pt``: optimizer, DSFF updater, iteration and history; only plain tensors and
-  containers, loaded with ``torch.load(weights_only=True)`` so a pickle payload cannot run.
+  containers, loaded with ``torch.load(weights_only=True)`` so a pickle payload cannot run, and
+  verified against the SHA-256 of its content stored inside it (damage is refused, not resumed).
 Both are written to a temporary name and renamed, so a crash never leaves half a file.
 """
 
@@ -102,7 +103,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # kept as text; whoever needs it refuses it
             out[key] = value
     return out
 
@@ -189,9 +190,44 @@ def _check_shapes(config: ModelConfig, path: Path) -> None:
                          "described architecture)", path)
 
 
+DIGEST_KEY = "content_sha256"
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a training state's content: every tensor's dtype, shape and bytes, every key, number
+    and string, in a fixed order (``DIGEST_KEY`` itself left out). Independent of the file's zip
+    layout, so it proves that what was loaded is what was saved."""
+    digest = hashlib.sha256()
+
+    def feed(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            digest.update(f"D{len(obj)}".encode())
+            for key in sorted(obj, key=repr):
+                if key == DIGEST_KEY:
+                    continue
+                digest.update(f"K{key!r}".encode())
+                feed(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            digest.update(f"L{len(obj)}".encode())
+            for item in obj:
+                feed(item)
+        else:  # str, int, float, bool, None: repr is exact (floats round-trip)
+            digest.update(f"V{type(obj).__name__}:{obj!r}".encode())
+
+    feed(state)
+    return digest.hexdigest()
+
+
 def save_state(state: dict[str, Any], path: str | Path) -> Path:
-    """Atomically write a training state made of tensors, numbers, strings and containers."""
+    """Atomically write a training state made of tensors, numbers, strings and containers, with the
+    SHA-256 of its content (``DIGEST_KEY``) that :func:`load_state` verifies."""
     path = Path(path)
+    state = {**state, DIGEST_KEY: state_digest(state)}
     with atomic_output(path) as tmp:
         try:
             torch.save(state, tmp)
@@ -211,6 +247,12 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise InputError(f"refused to load training state ({_why_refused(exc)})", path) from None
     if not isinstance(state, dict):
         raise InputError(f"not a training state (holds a {type(state).__name__}, not a mapping)", path)
+    expected = state.pop(DIGEST_KEY, None)  # states saved before the checksum existed have none
+    if expected is not None:
+        actual = state_digest(state)
+        if actual != expected:
+            raise InputError(f"checksum mismatch (stored {str(expected)[:12]}…, content {actual[:12]}…): the "
+                             "training state is damaged; resume from a copy, or start again", path)
     return state
 
 

@@ -20,6 +20,14 @@ Run directory (written by rank 0 only, every file atomically):
 - ``training_state.pt``  optimizer, DSFF updater, iteration, history (``weights_only`` loadable)
 - ``metrics.csv``        one row per epoch: loss, LR, validation Dice per class, time
 - ``connectivity.json``  DSFF connectivity at every topology update and epoch end (docs/connectivity.md)
+- ``train.lock``         while a process trains here: its pid, host, start time and command line
+
+One run per folder: the run holds ``train.lock`` (an OS lock the kernel drops even on ``kill -9``) for
+its lifetime, so a second process is refused with one line naming the holder; a new run refuses a
+folder that holds a run unless ``overwrite=True``, which first moves the old run's files into
+``replaced-<time>/`` in the folder. Besides the epoch checkpoints the state is saved by wall time
+(``TrainConfig.checkpoint_every_s``, first after the first iteration), so a ``kill -9`` loses at most
+that much work; saving never changes the result. Temporaries a killed run left are deleted.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ import csv
 import io
 import json
 import math
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -55,7 +65,7 @@ from ..data import (
 from ..data.intended_input import IntendedInput
 from ..device import resolve_device
 from ..errors import InputError
-from ..fileio import atomic_write_text
+from ..fileio import FolderLock, atomic_write_text, describe_holder, remove_stale_temporaries
 from ..inference.sliding_window import SlidingWindowCancelled, sliding_window_argmax
 from ..labels import LabelTable
 from ..metrics import dice
@@ -69,7 +79,13 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 METRICS_FILE = "metrics.csv"
 CONNECTIVITY_FILE = "connectivity.json"
+LOCK_FILE = "train.lock"
+ERROR_LOG = "error.log"  # where the CLI puts the traceback of an unexpected error in this run
+# Files that make a folder hold a run (config.json alone is a run that never saved anything).
+RESULT_FILES = (MODEL_FILE, STATE_FILE, METRICS_FILE, CONNECTIVITY_FILE)
+RUN_FILES = (CONFIG_FILE, *RESULT_FILES, ERROR_LOG)
 _VALIDATION_STREAM = 0x7A11  # the PatchSampler "rank" of the validation patches (apart from training's)
+_clock = time.monotonic  # the wall clock of the timed saves (tests replace it)
 
 
 class _ValidationStopped(Exception):
@@ -137,8 +153,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: str | Path | None = None, *, dataset: Dataset | None = None,
                  resume: bool = False, init_from: str | Path | None = None, rank: int = 0, world_size: int = 1,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None, overwrite: bool = False, command: str | None = None) -> None:
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if resume and overwrite:
+            raise InputError("resume continues the run in the folder, overwrite replaces it: choose one",
+                             self.run_dir)
         if resume:
             if self.run_dir is None or not (self.run_dir / STATE_FILE).is_file():
                 raise InputError("no training state to resume from", self.run_dir / STATE_FILE if self.run_dir else None)
@@ -158,16 +177,81 @@ class Trainer:
         self.rank = rank
         self.world_size = world_size
         self.stop = stop or threading.Event()
+        self.overwrite = overwrite
+        # what the lock file tells a refused second process (the napari GUI: "napari")
+        self.command = command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
         self.model: E2ENet | None = None
         self.summary: TrainSummary | None = None
+        self._lock: FolderLock | None = None
         self._val_sampler: tuple[_Prepared, PatchSampler] | None = None  # the validation patches, made once
 
     @property
     def writes(self) -> bool:
         return self.rank == 0 and self.run_dir is not None
 
+    # -- the run folder --------------------------------------------------------------------------
+    def _take_folder(self) -> list[str]:
+        """Lock the (existing) run folder for this process's lifetime, delete temporaries a killed run
+        left, and for a new run refuse a folder holding a run, or (``overwrite``) move that run aside.
+        Returns notes for the start message."""
+        assert self.run_dir is not None
+        if self._lock is None:
+            self._lock = FolderLock(self.run_dir, LOCK_FILE, command=self.command).acquire()
+        notes = []
+        if self._lock.took_over:
+            notes.append(f"took over {LOCK_FILE} from {describe_holder(self._lock.took_over)}, which no longer runs")
+        removed = remove_stale_temporaries(self.run_dir, RUN_FILES, any_owner=True)
+        if removed:
+            notes.append(f"deleted {len(removed)} temporary file(s) a killed run left")
+        if self.resume:
+            return notes
+        present = [name for name in RESULT_FILES if (self.run_dir / name).exists()]
+        if not present:
+            return notes
+        if not self.overwrite:
+            raise InputError(f"already holds a training run ({', '.join(present)}); continue it (--resume), "
+                             "move it aside and start a new one (--overwrite), or choose another folder",
+                             self.run_dir)
+        aside = self._move_aside()
+        notes.append(f"the previous run was moved to {aside}")
+        return notes
+
+    def _move_aside(self) -> Path:
+        """Move the run files (not the lock, nothing else) into a new ``replaced-<time>`` subfolder."""
+        assert self.run_dir is not None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.run_dir / f"replaced-{stamp}"
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.run_dir / f"replaced-{stamp}-{n}"
+        try:
+            aside.mkdir()
+            for name in RUN_FILES:
+                if (self.run_dir / name).exists():
+                    os.replace(self.run_dir / name, aside / name)
+        except OSError as exc:
+            raise InputError(f"cannot move the previous run aside ({exc.strerror or exc})", self.run_dir) from None
+        if self.init_from is not None and self.init_from.resolve() == (self.run_dir / MODEL_FILE).resolve():
+            self.init_from = aside / MODEL_FILE  # fine-tuning from the run being replaced: it moved
+        return aside
+
+    def _check_patch(self, arch: Any, source: Path | str | None) -> None:
+        """The patch must be a multiple of what the network divides by, and leave the bottleneck more
+        than one voxel (instance norm needs two): refuse it before any data is loaded."""
+        patch, div = self.config.data.patch, arch.divisor()
+        ok = all(p % d == 0 for p, d in zip(patch, div)) and any(p // d > 1 for p, d in zip(patch, div))
+        if ok:
+            return
+        fixed = [max(d, -(-p // d) * d) for p, d in zip(patch, div)]
+        if all(f == d for f, d in zip(fixed, div)):
+            fixed[0] *= 2
+        raise InputError(f"patch {'x'.join(map(str, patch))} does not fit the {arch.name} network: each size must be "
+                         f"a multiple of {'x'.join(map(str, div))} (it halves the patch {arch.levels - 1} times) and "
+                         f"one at least twice that; e.g. {'x'.join(map(str, fixed))}", source)
+
     # -- set-up ----------------------------------------------------------------------------------
-    def _prepare_data(self, plan: Plan | None) -> _Prepared:
+    def _prepare_data(self, plan: Plan | None, plan_source: Path | str | None = None) -> _Prepared:
         cfg = self.config
         dataset = self.dataset if self.dataset is not None else load_dataset(cfg.data.source)
         if len(dataset.cases) == 0:
@@ -180,6 +264,7 @@ class Trainer:
         label_ids = list(dataset.labels.names if isinstance(dataset.labels, LabelTable) else dataset.labels)
         for case in dataset.cases:
             image, label = case.load(label_ids)  # unknown label values are refused even when no fingerprint runs
+            self._check_case_memory(image, plan, case.name, plan_source or cfg.data.source)
             array, inverse = preprocess(image, plan)
             arrays.append((array, preprocess_labels(label, plan)))
             affines.append(inverse.network_affine)
@@ -207,6 +292,29 @@ class Trainer:
                          [arrays[i] for i in val_idx], [dataset.cases[i].name for i in val_idx], mirror_axes,
                          IntendedInput.from_plan(plan, spacings))
 
+    @staticmethod
+    def _check_case_memory(image: Any, plan: Plan, name: str, source: Path | str | None) -> None:
+        """Refuse a case whose resampling to the plan's voxel size would not fit in memory."""
+        from ..memory import check_memory, network_grid, training_case_bytes
+
+        grid = network_grid(image, plan)
+        voxel = "x".join(f"{s:g}" for s in plan.target_spacing)
+        check_memory(training_case_bytes(grid, image.num_channels),
+                     f"preparing training case {name} at the voxel size {voxel} mm ({'x'.join(map(str, grid))} "
+                     "voxels)", source)
+
+    def _check_batch_memory(self, model: E2ENet, device: torch.device) -> None:
+        """Refuse a batch that cannot fit: the batch itself, and on CPU a floor on its activations."""
+        from ..memory import check_memory
+
+        cfg = self.config
+        voxels = float(np.prod(cfg.data.patch)) * cfg.data.batch
+        need = voxels * (4.0 * model.config.in_channels + 8.0)
+        if device.type == "cpu":  # level 0 alone keeps several widths[0]-channel maps for backward
+            need += voxels * 4.0 * model.config.widths[0] * 4
+        check_memory(need, f"a training batch of {cfg.data.batch} patch(es) of {'x'.join(map(str, cfg.data.patch))} "
+                           f"voxels", None)
+
     def _build_model(self, data: _Prepared) -> E2ENet:
         cfg = self.config
         num_classes = max(data.labels.names) + 1
@@ -222,24 +330,51 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def iter_fit(self) -> Iterator[TrainEvent]:
+        """The events of the run; the run folder is locked from the first event until the last."""
+        try:
+            yield from self._iter_fit()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _iter_fit(self) -> Iterator[TrainEvent]:
         cfg = self.config
         t_start = time.perf_counter()
         device = resolve_device(cfg.device)
+        notes: list[str] = []
+        if self.writes and self.run_dir.is_dir():  # a new folder is locked once it exists (below)
+            notes += self._take_folder()
         state_path = self.run_dir / STATE_FILE if self.run_dir is not None else None
         state = load_state(state_path) if self.resume else None
         plan = None
+        plan_source: Path | str | None = None
+        meta: dict[str, Any] = {}
         if state is not None:
             with _bad_content(state_path, "training state"):
                 plan = Plan.from_dict(json.loads(state["plan"]))
-        if plan is None and self.init_from is not None:
+            plan_source = state_path
+        if self.init_from is not None:
+            from ..config import ModelConfig
             from .checkpoint import read_metadata
 
             meta = read_metadata(self.init_from)
-            with _bad_content(self.init_from, "preprocessing plan in the model metadata"):
-                plan = Plan.from_dict(meta["plan"]) if "plan" in meta else None
-        data = self._prepare_data(plan)
+            if plan is None:
+                with _bad_content(self.init_from, "preprocessing plan in the model metadata"):
+                    plan = Plan.from_dict(meta["plan"]) if "plan" in meta else None
+                plan_source = self.init_from
+            with _bad_content(self.init_from, "model config in the model metadata"):
+                arch = ModelConfig.from_dict(meta["model_config"])
+            self._check_patch(arch, None)
+        else:
+            try:
+                self._check_patch(cfg.model_config(), None)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        data = self._prepare_data(plan, plan_source)
         model = self._build_model(data).to(device)
         self.model = model
+        self._check_batch_memory(model, device)
         total = cfg.iterations
         optimizer = make_optimizer(model, cfg)
         updater = DSFFUpdater(model, optimizer, cfg.sparsity, total, seed=cfg.seed) if model.masks() else None
@@ -274,11 +409,11 @@ class Trainer:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise InputError(f"cannot create the run folder ({exc.strerror or exc})", self.run_dir) from None
+            if self._lock is None:
+                notes += self._take_folder()
             save_config(cfg, self.run_dir / CONFIG_FILE)
             if start == 0:
                 record.record(model, "epoch", 0, epoch=0)  # the initial random topology
-        yield TrainEvent("start", start, total, start // cfg.iterations_per_epoch,
-                         message=f"{len(data.train)} training / {len(data.val)} validation case(s) on {device}")
 
         def snapshot_state(iteration: int) -> dict[str, Any]:
             return {"iteration": iteration, "model": model.state_dict(), "masks": model.masks(),
@@ -287,9 +422,12 @@ class Trainer:
                     "connectivity": json.dumps(record.to_dict()), "history": json.dumps(history),
                     "plan": json.dumps(data.plan.to_dict()), "epoch_losses": list(epoch_losses)}
 
+        saved = {"iteration": start if state is not None else -1, "at": _clock()}  # the last save
+
         def checkpoint(iteration: int) -> None:
             if not self.writes:
                 return
+            saved.update(iteration=iteration, at=_clock())
             save_model(model, self.run_dir / MODEL_FILE, metadata={
                 "plan": data.plan.to_dict(), "labels": data.labels.to_dict(), "iterations": iteration,
                 "train_config": cfg.to_dict(), "mirror_axes": list(data.mirror_axes),
@@ -304,8 +442,17 @@ class Trainer:
             with _bad_content(state_path, "training state"):
                 epoch_losses = [float(v) for v in state.get("epoch_losses", [])]
         last_dice: dict[str, float] = history[-1]["dice"] if history else {}
-        loss_value: float | None = None
+        # until an iteration runs here: the last loss the run recorded (a finished run resumed)
+        loss_value: float | None = epoch_losses[-1] if epoch_losses else (history[-1]["loss"] if history else None)
         stopped = False
+        if state is not None and self.writes and not (self.run_dir / MODEL_FILE).is_file():
+            checkpoint(start)  # the state holds the weights: restore the missing model file first
+            notes.append(f"{MODEL_FILE} was missing; rewritten from {STATE_FILE} (iteration {start})")
+        if state is not None and start == total:
+            notes.append(f"the run had already finished ({total} iterations); nothing to do")
+        message = f"{len(data.train)} training / {len(data.val)} validation case(s) on {device}"
+        yield TrainEvent("start", start, total, start // cfg.iterations_per_epoch,
+                         message="; ".join([message, *notes]))
 
         def end_epoch(completed: int, lr: float) -> Iterator[TrainEvent]:
             """Validation, metrics row, connectivity entry, checkpoint. Returns False (having saved
@@ -373,13 +520,17 @@ class Trainer:
                     if not finished:
                         stopped = True
                         break
+                # Timed save (kill -9 loses at most checkpoint_every_s of work): the first right after
+                # the first iteration of a new run, then by the clock, at this iteration boundary.
+                if (self.writes and cfg.checkpoint_every_s > 0 and completed < total and saved["iteration"] != completed
+                        and (saved["iteration"] < 0 or _clock() - saved["at"] >= cfg.checkpoint_every_s)):
+                    checkpoint(completed)
         except GeneratorExit:
             stopped = True
             raise
         finally:
             # Save at the last *completed* iteration, so resume continues exactly from there.
-            saved = history[-1]["iteration"] if history else -1
-            if (stopped or self.stop.is_set()) and completed != saved and completed > 0:
+            if (stopped or self.stop.is_set()) and completed != saved["iteration"] and completed > 0:
                 checkpoint(completed)
         elapsed = time.perf_counter() - t_start
         self.summary = TrainSummary(self.run_dir, completed, elapsed, loss_value, last_dice, stopped)

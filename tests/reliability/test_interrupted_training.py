@@ -44,9 +44,11 @@ def reference_run(tmp_path_factory, train_config) -> Path:
     return out
 
 
-def assert_run_folder_whole(run: Path, iteration: int, *, allow_temp: tuple[str, ...] = ()) -> None:
-    """Every file in the run folder is complete and loadable; the state is at ``iteration``."""
-    names = sorted(p.name for p in run.iterdir())
+def assert_run_folder_whole(run: Path, iteration: int, *, allow_temp: tuple[str, ...] = (),
+                            killed: bool = False) -> None:
+    """Every file in the run folder is complete and loadable; the state is at ``iteration``. After a
+    ``kill -9`` the dead process's ``train.lock`` is there too (the next run takes it over)."""
+    names = sorted(p.name for p in run.iterdir() if not (killed and p.name == "train.lock"))
     temps = [n for n in names if n.startswith(".")]
     assert [n for n in names if not n.startswith(".")] == RUN_FILES, names
     for name in temps:  # only a temporary sibling of a file whose write was cut short
@@ -89,18 +91,20 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, train_
     child.wait_for(r"GATE iteration 5")
     child.proc.send_signal(signal.SIGKILL)
     assert child.finish() == -signal.SIGKILL
-    assert_run_folder_whole(run, 4)
+    assert_run_folder_whole(run, 4, killed=True)
 
     # 2. resume, and kill -9 again in the middle of writing a checkpoint (iteration 8's state).
     child = Child(["train", "--resume", "--out", str(run)], driver=True, hooks={"E2E_CRASH_WRITE": "state:2"})
     assert child.finish() == -signal.SIGKILL
     assert "CRASH writing" in child.text_err and ".training_state.pt." in child.text_err
-    assert_run_folder_whole(run, 6, allow_temp=("training_state.pt",))  # the previous state, whole
+    assert_run_folder_whole(run, 6, allow_temp=("training_state.pt",), killed=True)  # the previous state, whole
 
     # 3. resume to the end: the same weights, masks, losses and topology history as without crashes.
     child = run_child(["train", "--resume", "--out", str(run)])
     assert child.proc.returncode == 0, child.text_err
+    assert "took over train.lock from pid" in child.text_err  # the note about the dead holder
     assert_same_result(run, reference_run)
+    assert sorted(p.name for p in run.iterdir()) == RUN_FILES  # its lock and the half temporary are gone
 
 
 def test_ctrl_c_stops_at_the_next_iteration_saves_and_resumes_exactly(tmp_path, train_config, reference_run):

@@ -149,5 +149,6 @@ def test_a_foreground_share_outside_0_1_is_a_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "napari_e2enet.cli", "train", "--data", "phantom:2", "--out",
                           str(tmp_path / "run"), "--foreground-oversample", "2"], capture_output=True, text=True)
     assert out.returncode == 2
-    assert "foreground_oversample must be in [0, 1]" in out.stderr and "Traceback" not in out.stderr
+    assert "--foreground-oversample: must be a finite number in [0, 1], got 2" in out.stderr
+    assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
