@@ -209,14 +209,15 @@ class Predictor:
                      ) -> Iterator[InputWarning | PredictProgress | Prediction]:
         t0 = time.perf_counter()
         warnings = tuple(self.check_input(volume))
+        box = self._field_of_view(volume)
+        if box is not None:  # what cannot fit is refused before anything else is said about the volume
+            self._check_memory(_crop(volume, box), volume.name)
         for message in warnings:
             yield InputWarning(message)
         labels = np.zeros(volume.spatial_shape, _label_dtype(self.model.config.num_classes))
         tiles = 0
-        box = self._field_of_view(volume)
         if box is not None:  # else: nothing but background, and no network call
             crop = _crop(volume, box)
-            self._check_memory(crop, volume.name)
             image, inverse = preprocess(crop, self.plan)
             result: SlidingWindowResult | None = None
             for item in iter_sliding_window(torch.from_numpy(image), self._tile_predictor(), patch=self.patch,
