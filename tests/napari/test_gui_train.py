@@ -343,3 +343,45 @@ def test_closing_the_viewer_stops_training(make_napari_viewer, qtbot, phantom_fi
     if job.running:
         qtbot.waitSignal(job.done, timeout=TIMEOUT).wait()
     assert job.cancelled and not job.worker.is_running
+
+
+def test_a_run_folder_in_use_or_holding_a_run_is_one_notification(make_napari_viewer, qtbot, phantom_files, notes):
+    """Issue 16: the Train widget goes through the same Trainer as the CLI, so it gets the run lock and
+    the "already holds a run" refusal, each as one error notification, with the folder untouched."""
+    import os
+
+    from napari_e2enet.fileio import FolderLock
+
+    viewer = make_napari_viewer()
+    image, labels = viewer.open([str(phantom_files["image"]), str(phantom_files["labels"])],
+                                plugin="napari-e2enet")
+    train = _dock(viewer, "Train")
+    train.image_combo.set_layer(image)
+    train.labels_combo.set_layer(labels)
+    _tiny_options(train, iterations=2, per_epoch=1)
+    _click(qtbot, train.start_btn)
+    _wait_idle(qtbot, train)
+    run = train.run_dir
+    assert not _errors(notes), _errors(notes)
+    train.run_name_edit.setText(str(run))
+
+    lock = FolderLock(run, command="napari-e2enet train --out elsewhere").acquire()  # another run holds it
+    try:
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        _click(qtbot, train.resume_btn)
+        _wait_idle(qtbot, train)
+        errors = _errors(notes)
+        assert len(errors) == 1, errors
+        assert errors[0].startswith(f"{run / 'train.lock'}: the folder is in use by another run: pid {os.getpid()}")
+        assert "(napari-e2enet train --out elsewhere)" in errors[0]
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    finally:
+        lock.release()
+
+    notes.clear()
+    (run / "training_state.pt").unlink()  # holds a run (its model, metrics) but nothing to resume
+    _click(qtbot, train.start_btn)
+    _wait_idle(qtbot, train)
+    errors = _errors(notes)
+    assert len(errors) == 1 and errors[0].startswith(f"{run}: already holds a training run (model.safetensors"), errors
+    assert not (run / "train.lock").exists()
