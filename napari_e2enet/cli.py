@@ -85,14 +85,19 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _signal_exit(signum: int | None) -> int:
-    return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+    """128 + the signal's number (shells' convention): 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP."""
+    return EXIT_INTERRUPTED if signum in (None, signal.SIGINT) else 128 + int(signum)
+
+
+# A closing terminal sends SIGHUP; schedulers and ``docker stop`` send SIGTERM.
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @contextmanager
 def _stop_on_signals(stop: threading.Event) -> Iterator[dict[str, int | None]]:
-    """Ctrl-C (SIGINT) and SIGTERM (a scheduler, ``docker stop``, a closing terminal) set ``stop``: the
-    work ends at its next safe point and saves; a second signal aborts at once. Yields a dict whose
-    ``"signal"`` is the first signal's number (None when there was none)."""
+    """Ctrl-C (SIGINT), SIGTERM (a scheduler, ``docker stop``) and SIGHUP (a closing terminal) set
+    ``stop``: the work ends at its next safe point and saves; a second signal aborts at once. Yields a
+    dict whose ``"signal"`` is the first signal's number (None when there was none)."""
     got: dict[str, int | None] = {"signal": None}
 
     def handler(signum: int, frame: Any) -> None:
@@ -101,7 +106,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[dict[str, int | None]]:
         got["signal"] = signum
         stop.set()
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
     try:
         yield got
     finally:
@@ -539,7 +544,7 @@ def _predict(args: argparse.Namespace) -> int:
             bar.close()
         cases_bar.close()
         signum = signal.SIGTERM if isinstance(exc, _Terminated) else got["signal"]
-        sys.stderr.write(f"napari-e2enet predict: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; "
+        sys.stderr.write(f"napari-e2enet predict: {'interrupted' if signum in (None, signal.SIGINT) else 'terminated'}; "
                          f"{sum(r['status'] == 'ok' for r in results)} case(s) written, no partial output\n")
         return _signal_exit(signum)
     finally:

@@ -259,16 +259,16 @@ def test_sigterm_stops_training_saves_and_resumes_exactly(tmp_path, assets):
     assert_same_result(run, reference, 6)
 
 
-@pytest.mark.slow
-def test_sigterm_stops_predict_within_a_tile_with_no_partial_output(tmp_path, assets):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_stops_predict_within_a_tile_with_no_partial_output(signum, code, tmp_path, assets):
     inputs, out = tmp_path / "images", tmp_path / "segs"
     write_phantom_cases(inputs, range(3))
     child = Child(["predict", "-i", str(inputs), "-o", str(out), "--model", str(assets.model3), "--device", "cpu"],
                   driver=True, hooks={"E2E_GATE_TILE": "2", "E2E_LOG_TILES": "1"})
     child.wait_for(r"GATE tile 2")
-    child.proc.send_signal(signal.SIGTERM)
+    child.proc.send_signal(signum)  # SIGHUP: what a closing terminal sends
     child.release_gate()
-    assert child.finish() == 143, child.text_err
+    assert child.finish() == code, child.text_err
     last = screen_lines(child.text_err)[-1]
     assert last == "napari-e2enet predict: terminated; 0 case(s) written, no partial output", last
     assert sorted(p.name for p in out.iterdir()) == []
