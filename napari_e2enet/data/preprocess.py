@@ -535,6 +535,19 @@ def foreground_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
     return (box[0], box[1], box[2])
 
 
+def field_of_view(volume: Volume, plan: Plan) -> tuple[slice, slice, slice] | None:
+    """Where a model with this plan runs, in ``volume``'s voxels: the foreground's bounding box for
+    a plan normalised over the foreground (nnU-Net's crop), else the whole volume; None when the
+    image is nothing but its background value. Inference and fine-tuning share it, so that the
+    network is taught on what it will be shown."""
+    channels = volume.channels()
+    if plan.norm_nonzero:
+        return foreground_box(channels)
+    if all(float(c.min()) == float(c.max()) for c in channels):
+        return None
+    return tuple(slice(0, n) for n in volume.spatial_shape)  # type: ignore[return-value]
+
+
 def _nonzero_box_fraction(array: np.ndarray) -> float:
     """Size of the foreground's bounding box (any channel) as a fraction of the image."""
     box = foreground_box(array)

@@ -91,6 +91,15 @@ class Volume:
             raise ValueError(f"with_array: spatial shape {array.shape[-3:]} != {self.spatial_shape}")
         return Volume(array, self.affine.copy(), self.header, self.name if name is None else name, dict(self.meta))
 
+    def crop(self, box: tuple[slice, slice, slice]) -> Volume:
+        """The part inside ``box`` (voxel slices, step 1) as a view, with the affine that keeps it in
+        place in world space."""
+        if all(b.start in (0, None) and b.stop in (n, None) for b, n in zip(box, self.spatial_shape, strict=True)):
+            return self
+        shift = np.eye(4)
+        shift[:3, 3] = [b.start or 0 for b in box]
+        return Volume(self.array[(..., *box)], self.affine @ shift, self.header, self.name, dict(self.meta))
+
     def __repr__(self) -> str:
         spacing = ", ".join(f"{s:.3g}" for s in self.spacing)
         return (

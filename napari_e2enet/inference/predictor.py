@@ -29,7 +29,7 @@ from ..bundled import DEFAULT_MODEL, bundled_model
 from ..config import InferenceConfig
 from ..data import Plan, Volume, preprocess
 from ..data.intended_input import IntendedInput, input_warnings, scan_statistics
-from ..data.preprocess import foreground_box
+from ..data.preprocess import field_of_view
 from ..device import resolve_device
 from ..errors import InputError
 from ..labels import LabelTable
@@ -209,15 +209,15 @@ class Predictor:
                      ) -> Iterator[InputWarning | PredictProgress | Prediction]:
         t0 = time.perf_counter()
         warnings = tuple(self.check_input(volume))
-        box = self._field_of_view(volume)
+        box = field_of_view(volume, self.plan)
         if box is not None:  # what cannot fit is refused before anything else is said about the volume
-            self._check_memory(_crop(volume, box), volume.name)
+            self._check_memory(volume.crop(box), volume.name)
         for message in warnings:
             yield InputWarning(message)
         labels = np.zeros(volume.spatial_shape, _label_dtype(self.model.config.num_classes))
         tiles = 0
         if box is not None:  # else: nothing but background, and no network call
-            crop = _crop(volume, box)
+            crop = volume.crop(box)
             image, inverse = preprocess(crop, self.plan)
             result: SlidingWindowResult | None = None
             for item in iter_sliding_window(torch.from_numpy(image), self._tile_predictor(), patch=self.patch,
@@ -234,16 +234,6 @@ class Predictor:
         out = Volume(labels, volume.affine.copy(), header=volume.header,
                      name=f"{volume.name}_labels" if volume.name else "labels", meta=dict(volume.meta))
         yield Prediction(out, time.perf_counter() - t0, str(self.device), tiles, self.labels, warnings)
-
-    def _field_of_view(self, volume: Volume) -> tuple[slice, slice, slice] | None:
-        """Where the network runs: the foreground's bounding box for models normalised over the
-        foreground, else the whole volume; None when the image is only its background value."""
-        channels = volume.channels()
-        if self.plan.norm_nonzero:
-            return foreground_box(channels)
-        if all(float(c.min()) == float(c.max()) for c in channels):
-            return None
-        return tuple(slice(0, n) for n in volume.spatial_shape)  # type: ignore[return-value]
 
     def _check_memory(self, crop: Volume, name: str | None) -> None:
         """Refuse (one line naming the model file) a volume whose resampling to this model's voxel size
@@ -271,15 +261,6 @@ class Predictor:
                 "classes": self.labels.names, "sparsity": round(self.model.sparsity, 4),
                 "precision": self.config.precision, "tta": self.config.tta, "overlap": self.config.overlap,
                 "orientation": orientation, "intended_input": self.intended.to_dict()}
-
-
-def _crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
-    """The part of ``volume`` inside ``box`` (a view), with the affine that keeps it in place."""
-    if all(b.start == 0 and b.stop == n for b, n in zip(box, volume.spatial_shape, strict=True)):
-        return volume
-    shift = np.eye(4)
-    shift[:3, 3] = [b.start for b in box]
-    return Volume(volume.array[(..., *box)], volume.affine @ shift, volume.header, volume.name, dict(volume.meta))
 
 
 def _label_dtype(num_classes: int) -> type:
