@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import InputError
+from .fileio import temporary_prefix
 
 __all__ = ["check_writable", "require_file", "special_kind"]
 
@@ -64,7 +65,7 @@ def check_writable(target: str | Path, suffix: str = "") -> None:
     """Raise InputError naming ``target`` unless a file can be created next to it now.
 
     Creates and removes a hidden temporary file named as :func:`.fileio.atomic_output` names its
-    temporaries (``.NAME.XXXXXXXX.tmp<suffix>``), so what will fail at the end fails here instead.
+    temporaries (``.NAME.PID-HOST.XXXXXXXX.tmp<suffix>``), so what will fail at the end fails here instead.
     A target that exists but is a folder, a FIFO or a device is refused too.
     """
     target = Path(target)
@@ -78,7 +79,9 @@ def check_writable(target: str | Path, suffix: str = "") -> None:
     if target.is_dir():
         raise InputError("exists and is a folder; choose another output name", target)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=folder)
+        # the atomic writer's own temporary name (it carries the writer's pid and host), so that a
+        # name too long for the file system fails here exactly when it would fail there
+        fd, name = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=".tmp" + suffix, dir=folder)
     except OSError as exc:
         raise InputError(f"cannot write ({exc.strerror or exc})", target) from None
     os.close(fd)

@@ -226,7 +226,11 @@ class CheckedStream(io.RawIOBase):
                     out = dec.decompress(self._pending, limit)
                     self._pending = dec.unconsumed_tail
                 if dec.eof:  # this member's checksum and length matched
-                    self._pending = dec.unused_data + self._pending
+                    # unused_data holds every input byte after the member's end. zlib may also leave
+                    # them in unconsumed_tail (when an earlier call stopped at ``limit``): adding the
+                    # two would read the rest of the file twice (a second member seen twice, zero
+                    # padding followed by a copy of the data refused as garbage).
+                    self._pending = dec.unused_data
                     self._dec = None
                     self._members += 1
                 if out:

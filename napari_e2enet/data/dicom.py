@@ -48,6 +48,7 @@ from __future__ import annotations
 import os
 import re
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -227,26 +228,59 @@ class _Source:
         try:
             with self.zip.open(member.name) as fh:
                 head = fh.read(_MAGIC_OFFSET + len(_MAGIC))
-        except (OSError, zipfile.BadZipFile, RuntimeError, ValueError, EOFError) as exc:
+        except (OSError, zipfile.BadZipFile, zlib.error, RuntimeError, ValueError, EOFError) as exc:
             raise self.error(member, f"cannot read from the zip ({_why(exc)})") from None
         return head[_MAGIC_OFFSET:] == _MAGIC
 
     def dicom_members(self) -> list[_Member]:
-        return [m for m in self.candidates() if self.has_magic(m)]
+        """The candidates with the ``DICM`` marker.
+
+        In a zip every other member (no marker, hidden, DICOMDIR, a folder entry) is read to its end
+        here, so that zipfile checks its name, CRC-32 and size: a bit flipped in a DICOM member's
+        marker, compression method or central-directory name is refused, never taken for a member
+        to leave out of the series (a missing end slice would be a silently smaller volume).
+        """
+        members = [m for m in self.candidates() if self.has_magic(m)]
+        if self.zip is not None:
+            used = {m.name for m in members}
+            for info in self.zip.infolist():
+                if info.filename not in used:
+                    self._verify(_Member(info.filename))
+        return members
+
+    def _verify(self, member: _Member) -> None:
+        """Read a zip member to its end (zipfile checks its CRC-32 and size there), keeping nothing."""
+        assert self.zip is not None
+        try:
+            with self.zip.open(member.name) as fh:
+                while fh.read(1 << 20):
+                    pass
+        except (OSError, zipfile.BadZipFile, zlib.error, RuntimeError, ValueError, EOFError) as exc:
+            raise self.error(member, f"cannot read from the zip ({_why(exc)}); the archive is damaged") from None
 
     def read(self, member: _Member, *, headers_only: bool) -> Any:
-        """The member as a pydicom dataset (without pixel data when ``headers_only``)."""
+        """The member as a pydicom dataset (without pixel data when ``headers_only``).
+
+        A zip member's header is streamed (only its first bytes leave the archive); its pixels are
+        read whole, which is when zipfile checks the member's CRC-32 and size: every member that
+        becomes voxels is verified, and none is read from the archive twice.
+        """
         pydicom = _import_pydicom()
         try:
             if member.file is not None:
                 return pydicom.dcmread(member.file, stop_before_pixels=headers_only)
             assert self.zip is not None
+            if headers_only:
+                with self.zip.open(member.name) as fh:
+                    return pydicom.dcmread(fh, stop_before_pixels=True)
             data = self.zip.read(member.name)
-            return pydicom.dcmread(BytesIO(data), stop_before_pixels=headers_only)
+            return pydicom.dcmread(BytesIO(data))
         except InputError:
             raise
         except MemoryError:
             raise self.error(member, "not enough memory to read it") from None
+        except (zipfile.BadZipFile, zlib.error) as exc:  # a CRC-32 or size mismatch, corrupt deflate data
+            raise self.error(member, f"cannot read from the zip ({_why(exc)}); the archive is damaged") from None
         except Exception as exc:  # truncated / corrupt files raise all kinds of errors in pydicom
             raise self.error(member, f"not a readable DICOM file ({_why(exc)})") from None
 

@@ -29,6 +29,7 @@ from ..bundled import DEFAULT_MODEL, bundled_model
 from ..config import InferenceConfig
 from ..data import Plan, Volume, preprocess
 from ..data.intended_input import IntendedInput, input_warnings, scan_statistics
+from ..data.io import float32_voxels
 from ..data.preprocess import field_of_view
 from ..device import resolve_device
 from ..errors import InputError
@@ -185,6 +186,10 @@ class Predictor:
         if volume.num_channels != expected:
             raise InputError(f"image has {volume.num_channels} channel(s) but the model expects {expected}",
                              volume.name or None)
+        if volume.array.dtype.kind == "f":  # (every integer fits float32's range)
+            # voxels that are Inf for the float32 network (a float64 1e300 from the API) are refused
+            # before the statistics below cast them (with an overflow warning) and warn about the scan
+            float32_voxels(volume.array, volume.name or None)
         stats = scan_statistics(volume)
         warnings = input_warnings(self.intended, stats)
         if warnings and not stats.empty:
