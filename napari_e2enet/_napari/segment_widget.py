@@ -412,7 +412,8 @@ class SegmentWidget(QWidget):
         elif isinstance(event, tuple) and event and event[0] == "model":
             info = event[1]
             self.status_label.setText(f"Model {Path(info.get('source', '')).parent.name or info.get('source')} on "
-                                      f"{info.get('device')}; {len(info.get('classes', {}))} classes")
+                                      f"{info.get('device')}; {len(info.get('classes', {}))} classes; "
+                                      f"backend {info.get('backend')} ({info.get('backend_reason')})")
 
     def _on_segment_done(self, job: Job, image_name: str, mode: str) -> None:
         prediction, self._pending = self._pending, None

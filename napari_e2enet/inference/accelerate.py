@@ -5,53 +5,14 @@ The returned module maps (N, in_channels, D, H, W) → full-resolution logits
 logit difference. It is built once from the weights and masks (later changes to ``model`` are not
 seen) and runs under ``torch.no_grad``.
 
-How (measured on the project's 2-core AVX-512 CPU, a shared machine: ratios of medians,
-interleaved in one process; the numbers and command are in ``benchmarks/patch_latency.py``):
-
-1. **2-D folding.** Every conv of E2ENet is (1, kh, kw) (the depth shift supplies the depth
-   context), i.e. a 2-D conv over (N·D, C, H, W). Features live as (D, C, H, W) tensors in
-   ``channels_last`` memory — byte-identical to ``channels_last_3d`` (N, C, D, H, W) — and every
-   conv is a oneDNN 2-D conv (the model's own 3-D convs in ``channels_last_3d`` were *slower* than
-   contiguous here, 8.4 s vs 5.1 s at 64³, because InstanceNorm, the shift and ``cat`` fall back to
-   slow strided paths). Conv biases are dropped (InstanceNorm removes them exactly); InstanceNorm
-   is one fused ``batch_norm`` in training mode over the sample's D·H·W voxels; LeakyReLU in place.
-   The depth shift is folded into the single copy that builds each conv input (no separate shift
-   tensor), the up ConvTranspose3d (kernel == stride) is one matmul whose output is scattered
-   straight into its shifted place in the fusion input, the max-pool writes straight into it too,
-   and the fusion ``cat`` is never materialised twice. Input channels no output uses are dropped
-   (compaction; only matters for structured/dead-channel masks: for random masks at S = 0.9 an
-   input of a 96 → 48 layer is unused with probability 0.9^48 ≈ 0.6 %).
-2. **Sparse decoder kernels** (``backend="sparse"``, default when the C kernels build and the
-   masked layers' mean density is < 0.5): the fusion convs and up ConvTransposes run in
-   :mod:`napari_e2enet.sparse.compact`'s kernels on a padded planar layout. Work is proportional to
-   the active kernels; the depth shift and the concat cost nothing (per-channel depth offsets and
-   pointers into the three sources); InstanceNorm statistics come out of the conv pass. The encoder
-   (dense by design) stays on oneDNN (step 1), converted once per level.
-3. **Rejected or optional** (numbers in the docstring of ``compact``): ``torch.sparse`` CSR/BSR
-   (MKL) is slower than dense even at 10 % density; regrouping dense pieces finds no shared input
-   sets in random masks and oneDNN's small/grouped convs run at 10–30 % efficiency; algebraic
-   fusion of the up ConvTranspose with the following (1,3,3) conv densifies the masks (product
-   density ≈ 1 − (1 − d²)^C ≈ 38 % at S = 0.9, C = 48) and loses. ``torch.compile`` is optional
-   (``compile=True``; dense path only; it needs a C++ compiler and compiles for tens of seconds).
-   ``precision="bf16"`` runs the oneDNN convs in bfloat16; it is a win only where the CPU has
-   native bf16 (``bf16_native()``: AVX512-BF16 or AMX); elsewhere oneDNN emulates it.
-   ``precision="auto"`` picks bf16 only where native.
-
-4. **Memory** (sparse backend; one 128³ forward of the paper network at S = 0.9, measured
-   with ``benchmarks/volume_memory_probe.py`` and a sampled RSS): every large buffer lives in the
-   pool's planned arena (:class:`~napari_e2enet.sparse.compact.BufferPool`) — the decoder's PP
-   tensors, the encoder's shifted inputs, and the encoder's conv outputs, which oneDNN computes
-   a few slices at a time into arena buffers (it has no output argument); each backbone feature
-   is converted to PP as soon as the next stage has read it; a node's up-sampled input is
-   computed in depth pieces right before the conv reads them (``_UP_PIECE_DEPTH`` slices plus the
-   depth shift's halo), so of the three full-resolution 48-channel tensors of a level-0 node only
-   two are whole. Arena 1678 → 1307 MiB, peak RSS of a forward above the idle process 784 →
-   128 MiB (the logits), whole process 2935 → 1843 MiB; time unchanged within the noise.
-
-Block masks (kernel masks constant over b × b (out, in) blocks, see ``compact.block_size``)
-run through the same kernels and the same compaction; they are not needed for speed on the
-sparse path. What a trainer would have to do to produce them (a ``block`` option of DSFF) is
-written down in the report with the benchmark; the inference side handles either.
+Why a second forward: the model's own 3-D convolutions, InstanceNorm, depth shift and ``cat``
+run at a fraction of oneDNN's speed on CPU, and they cannot skip pruned kernels. Here every
+(1, kh, kw) conv is a 2-D oneDNN conv on folded (D, C, H, W) channels_last features with the
+shift, norm and concat folded into the copies around it (backend ``dense``), and at a masked
+density below 0.5 the fusion decoder runs in the C kernels of :mod:`napari_e2enet.inference.cpu`
+(backend ``sparse-avx512`` / ``sparse-avx2`` / ``sparse-generic``, by CPU). The module says which
+backend it runs and why (:func:`backend_info`). Measurements, the memory plan and the rejected
+alternatives are in ``docs/cpu-fast-path.md``.
 
 Unsupported configurations (kernel depth ≠ 1, e.g. ``e2enet_k333``; non-InstanceNorm or
 non-LeakyReLU units) fall back to an evaluated copy of the model itself.
@@ -80,10 +41,10 @@ from ..sparse.compact import (
     convt_csr,
     depth_offsets,
     effective_mask,
-    load_kernels,
+    kernel_status,
 )
 
-__all__ = ["AcceleratedE2ENet", "accelerate", "bf16_native"]
+__all__ = ["AcceleratedE2ENet", "accelerate", "backend_info", "bf16_native"]
 
 Triple = tuple[int, int, int]
 _CL = torch.channels_last
@@ -719,12 +680,16 @@ class AcceleratedE2ENet(nn.Module):
     """Inference-only E2ENet; see the module docstring. ``backend`` is "sparse" or "dense",
     ``precision`` "fp32" or "bf16" (the dense oneDNN convs; the sparse kernels are fp32)."""
 
-    def __init__(self, model: nn.Module, precision: str, backend: str, kernels: Kernels | None) -> None:
+    def __init__(self, model: nn.Module, precision: str, backend: str, kernels: Kernels | None,
+                 reason: str = "") -> None:
         super().__init__()
         cfg = model.config
         self.config = cfg
         self.precision = precision
         self.backend = backend
+        # what the Predictor, `predict --json` and napari report: sparse-<family> or dense, and why
+        self.backend_name = f"sparse-{kernels.family}" if backend == "sparse" and kernels is not None else "dense"
+        self.backend_reason = reason
         self._kernels = kernels
         self._dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self._divisor = cfg.divisor()
@@ -773,7 +738,7 @@ class AcceleratedE2ENet(nn.Module):
         self._last_shape = ()
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, precision={self.precision!r}"
+        return f"backend={self.backend_name!r}, precision={self.precision!r}"
 
     # -- pieces -------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, *, lazy: bool = False,
@@ -906,6 +871,8 @@ class _Fallback(nn.Module):
         self.model = copy.deepcopy(model).eval()
         self.backend = "fallback"
         self.reason = reason
+        self.backend_name = "dense"
+        self.backend_reason = f"the PyTorch model as is ({reason})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -970,16 +937,14 @@ def accelerate(model: nn.Module, precision: str = "fp32", *, compile: bool = Fal
     if reason is not None:
         warnings.warn(f"accelerate: {reason}; using the model as is", RuntimeWarning, stacklevel=2)
         return _Fallback(model, reason)
-    kernels = load_kernels()
+    kernels, kernel_reason = kernel_status()
     if kernels is None and backend == "sparse":
-        raise RuntimeError("accelerate(backend='sparse'): the sparse CPU kernels could not be built")
+        raise RuntimeError(f"accelerate(backend='sparse'): the sparse CPU kernels cannot be used: {kernel_reason}")
     why_not = _sparse_unsupported(model)
     if backend == "sparse" and why_not:
         raise NotImplementedError(f"accelerate(backend='sparse'): {why_not}")
-    if backend == "auto":
-        sparse_ok = kernels is not None and not why_not
-        backend = "sparse" if sparse_ok and _masked_density(model) < SPARSE_DENSITY_THRESHOLD else "dense"
-    fast = AcceleratedE2ENet(model, precision, backend, kernels).eval()
+    backend, reason = _choose_backend(model, backend, kernels, kernel_reason, why_not)
+    fast = AcceleratedE2ENet(model, precision, backend, kernels, reason).eval()
     if compile:
         # Dynamo cannot trace the ctypes kernels: compile the pure-PyTorch pieces only (the whole
         # network on the dense backend, the encoder on the sparse one), with inductor freezing.
@@ -990,6 +955,33 @@ def accelerate(model: nn.Module, precision: str = "fp32", *, compile: bool = Fal
         else:
             fast._compiled = _compile(fast.forward_one)
     return fast
+
+
+def _choose_backend(model: nn.Module, requested: str, kernels: Kernels | None, kernel_reason: str,
+                    why_not: str | None) -> tuple[str, str]:
+    """("sparse" or "dense", why) for ``accelerate``'s ``backend`` argument."""
+    if requested == "dense":
+        return "dense", "backend='dense' requested"
+    density = _masked_density(model)
+    if requested == "sparse":
+        return "sparse", f"backend='sparse' requested (model density {density:.2f}); {kernel_reason}"
+    if kernels is None:
+        return "dense", kernel_reason
+    if why_not:
+        return "dense", why_not
+    if density >= SPARSE_DENSITY_THRESHOLD:
+        return "dense", f"model density {density:.2f} ≥ {SPARSE_DENSITY_THRESHOLD} (dense oneDNN is faster there)"
+    return "sparse", f"model density {density:.2f} < {SPARSE_DENSITY_THRESHOLD}; {kernel_reason}"
+
+
+def backend_info(net: nn.Module, default_reason: str = "the PyTorch model as is") -> dict[str, str]:
+    """``{"backend": ..., "backend_reason": ...}`` of a module that runs inference: what
+    ``accelerate`` chose (``sparse-avx512``, ``sparse-avx2``, ``sparse-generic`` or ``dense``) and
+    why; a module ``accelerate`` did not make is ``dense`` with ``default_reason``."""
+    name = getattr(net, "backend_name", None)
+    if isinstance(name, str):
+        return {"backend": name, "backend_reason": str(getattr(net, "backend_reason", ""))}
+    return {"backend": "dense", "backend_reason": default_reason}
 
 
 def _compile(fn: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:

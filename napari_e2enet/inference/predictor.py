@@ -261,8 +261,13 @@ class Predictor:
         raise PredictionCancelled("prediction was cancelled")
 
     def describe(self) -> dict[str, Any]:
+        """The model, its settings and the backend that runs the tiles (``sparse-avx512``,
+        ``sparse-avx2``, ``sparse-generic`` or ``dense``) with the reason (this builds the network)."""
+        from .accelerate import backend_info
+
         orientation = self.plan.orientation or "storage order (a model file from before orientation handling)"
         return {"source": self.source, "device": str(self.device), "patch": list(self.patch),
+                **backend_info(self.network, "InferenceConfig.accelerate is off: the PyTorch model as is"),
                 "classes": self.labels.names, "sparsity": round(self.model.sparsity, 4),
                 "precision": self.config.precision, "tta": self.config.tta, "overlap": self.config.overlap,
                 "orientation": orientation, "intended_input": self.intended.to_dict()}

@@ -1,0 +1,439 @@
+"""Typed ctypes bindings of ``kernels.c``: one signature table, and checks before any pointer crosses.
+
+:data:`SIGNATURES` spells every exported function exactly as ``kernels.h`` declares it (a test
+parses the header and compares), and the ctypes ``argtypes`` are derived from it, so the Python
+and C sides cannot drift apart silently. Every :class:`KernelLibrary` method checks the dtypes,
+shapes, contiguity, devices and alignment of what it is given, and the index arrays the C code
+follows (CSC/CSR pointers and indices), and raises ``ValueError`` before calling into C: a wrong
+argument must cost the caller an exception, not the process (and a napari user's unsaved labels).
+
+The one thing not checked is where the input-channel addresses of :meth:`KernelLibrary.sconv133`
+point (they may address channels of three different tensors, or a depth piece of one, see
+``PaddedPlanar.channel_ptrs``); they are checked to be non-null and 64-byte aligned.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from . import build as _build
+
+__all__ = [
+    "ABI_VERSION",
+    "PAD_FLOATS",
+    "SIGNATURES",
+    "KernelBuildError",
+    "KernelLibrary",
+    "PPLike",
+    "best_library",
+    "load",
+    "pp_slack",
+]
+
+ABI_VERSION = 3  # E2E_ABI_VERSION in kernels.h
+PAD_FLOATS = 16  # E2E_PAD_FLOATS: zero floats before a PP buffer's first plane
+ALIGN_BYTES = 64
+KernelBuildError = _build.KernelBuildError
+
+# (return type, ((parameter type, name), ...)) per exported function, spelled as in kernels.h with
+# pointer types written "T *".
+SIGNATURES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "e2e_abi_version": ("int", ()),
+    "e2e_row_block": ("int", ()),
+    "e2e_sconv133": ("void", (
+        ("int", "I"), ("int", "O"), ("int", "D"), ("int", "d0"), ("int", "d1"), ("int", "H"), ("int", "W"),
+        ("int", "P"), ("const int64_t *", "chan"), ("const int *", "dshift"),
+        ("const float *", "ia"), ("const float *", "ib"), ("const float *", "is"),
+        ("const int *", "colptr"), ("const int *", "rowidx"), ("const float *", "wts"),
+        ("float *", "out"), ("int64_t", "ostride"), ("double *", "stats"), ("int", "nt"), ("int", "nthreads"))),
+    "e2e_head": ("void", (
+        ("int", "C"), ("int", "D"), ("int", "H"), ("int", "W"), ("int", "P"), ("const float *", "x"),
+        ("int64_t", "cstride"), ("const float *", "ia"), ("const float *", "ib"), ("const float *", "is"),
+        ("int", "K"), ("const float *", "wh"), ("float *", "out"), ("int", "nthreads"))),
+    "e2e_convt": ("void", (
+        ("int", "Ci"), ("int", "O"), ("int", "Dl"), ("int", "Hl"), ("int", "Wl"), ("int", "Pl"),
+        ("int", "kd"), ("int", "kh"), ("int", "kw"), ("const float *", "in"), ("int64_t", "istride"),
+        ("const float *", "ia"), ("const float *", "iib"), ("const float *", "is"),
+        ("const int *", "rowptr"), ("const int *", "colidx"), ("const float *", "wts"),
+        ("float *", "out"), ("int", "P"), ("int64_t", "ostride"), ("int", "nt"), ("int", "nthreads"))),
+    "e2e_cl_to_pp": ("void", (
+        ("int", "D"), ("int", "H"), ("int", "W"), ("int", "C"), ("const float *", "x"), ("float *", "out"),
+        ("int", "P"), ("int64_t", "ostride"), ("int", "nthreads"))),
+    "e2e_cl_shift": ("void", (
+        ("int", "Dout"), ("int", "Din"), ("int64_t", "HW"), ("int", "C"), ("const float *", "x"),
+        ("float *", "out"), ("int", "nrun"), ("const int *", "rs"), ("const int *", "rdelta"), ("int", "sd"),
+        ("const float *", "scale"), ("const float *", "shift"), ("float", "slope"), ("int", "nthreads"))),
+    "e2e_cl_stats": ("void", (
+        ("int64_t", "P"), ("int", "C"), ("const float *", "x"), ("double *", "stats"), ("int", "nthreads"))),
+    "e2e_cl_norm_act": ("void", (
+        ("int64_t", "P"), ("int", "C"), ("float *", "x"), ("const float *", "scale"), ("const float *", "shift"),
+        ("float", "slope"), ("int", "nthreads"))),
+    "e2e_maxpool": ("void", (
+        ("int", "C"), ("int", "D"), ("int", "H"), ("int", "W"), ("int", "Pi"), ("int", "kd"), ("int", "kh"),
+        ("int", "kw"), ("const float *", "in"), ("int64_t", "istride"),
+        ("const float *", "ia"), ("const float *", "ib"), ("const float *", "is"),
+        ("float *", "out"), ("int", "P"), ("int64_t", "ostride"), ("int", "nthreads"))),
+}
+
+_CTYPES: dict[str, type | None] = {"void": None, "int": ctypes.c_int, "int64_t": ctypes.c_int64,
+                                    "float": ctypes.c_float}
+_INT_MAX = 2**31 - 1
+
+
+def _ctype(spelling: str) -> type | None:
+    return ctypes.c_void_p if spelling.endswith("*") else _CTYPES[spelling]
+
+
+class PPLike(Protocol):
+    """What the bindings read of a padded planar tensor (``napari_e2enet.sparse.compact.PaddedPlanar``):
+    its geometry and the float32 buffer holding ``PAD_FLOATS`` zeros, C·D·(H+2)·P floats and slack."""
+
+    C: int
+    D: int
+    H: int
+    W: int
+    P: int
+    buffer: torch.Tensor
+
+
+def pp_slack(pitch: int, row_block: int = 8) -> int:
+    """Floats a PP buffer needs after its last plane: a convolution tile reads ``row_block`` + 2
+    rows from its first row and 16 floats past a row's end (default: enough for every build)."""
+    return (row_block + 4) * pitch + 64
+
+
+# --------------------------------------------------------------------------------------------
+# Checks (each raises ValueError naming the function and the argument)
+# --------------------------------------------------------------------------------------------
+
+
+def _tensor(fn: str, name: str, t: object, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> int:
+    """Address of a contiguous CPU tensor of ``dtype`` (and ``shape``)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{fn}: {name} is on {t.device}, the kernels run on the CPU")
+    if t.dtype != dtype:
+        raise ValueError(f"{fn}: {name} must be {dtype}, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{fn}: {name} must be contiguous")
+    return t.data_ptr()
+
+
+def _channels_last(fn: str, name: str, t: object, shape: tuple[int, ...] | None = None) -> int:
+    """Address of a float32 4-D channels_last CPU tensor (rows of C contiguous channels)."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4:
+        raise ValueError(f"{fn}: {name} must be a float32 4-D CPU tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if not t.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"{fn}: {name} must be channels_last (N, C, H, W) memory")
+    if shape is not None and tuple(t.shape) != shape:
+        raise ValueError(f"{fn}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    return t.data_ptr()
+
+
+def _norm(fn: str, norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+          channels: int) -> tuple[int | None, int | None, int | None]:
+    """Addresses of a lazy norm's (a, b, s) vectors, or three NULLs."""
+    if norm is None:
+        return None, None, None
+    a, b, s = norm
+    return (_tensor(fn, "norm a", a, torch.float32, (channels,)), _tensor(fn, "norm b", b, torch.float32, (channels,)),
+            _tensor(fn, "norm s", s, torch.float32, (channels,)))
+
+
+def _pp(fn: str, name: str, x: PPLike, row_block: int, *, channels: int | None = None,
+        dims: tuple[int | None, int | None, int | None] = (None, None, None)) -> int:
+    """Address of a PP tensor's channel 0, plane 0, row 0 after checking its geometry and buffer."""
+    geometry = tuple(getattr(x, a, None) for a in ("C", "D", "H", "W", "P"))
+    if not all(isinstance(v, int) for v in geometry):
+        raise ValueError(f"{fn}: {name} is not a padded planar tensor (C, D, H, W, P ints)")
+    c, d, h, w, p = geometry  # type: ignore[misc]
+    if min(d, h, w) < 1 or c < 0 or p % 16 or p < w + 1:
+        raise ValueError(f"{fn}: {name} has an impossible PP geometry C={c} D={d} H={h} W={w} P={p}")
+    if channels is not None and c != channels:
+        raise ValueError(f"{fn}: {name} has {c} channels, expected {channels}")
+    for axis, have, want in zip("DHW", (d, h, w), dims):
+        if want is not None and have != want:
+            raise ValueError(f"{fn}: {name} has {axis}={have}, expected {want}")
+    buf = getattr(x, "buffer", None)
+    if buf is None:
+        raise ValueError(f"{fn}: {name} has no buffer (released to its pool)")
+    need = PAD_FLOATS + c * d * (h + 2) * p + pp_slack(p, row_block)
+    _tensor(fn, f"{name}.buffer", buf, torch.float32)
+    if buf.dim() != 1 or buf.numel() < need:
+        raise ValueError(f"{fn}: {name}.buffer holds {buf.numel()} floats, the layout needs a 1-D buffer of {need}")
+    if buf.data_ptr() % ALIGN_BYTES:
+        raise ValueError(f"{fn}: {name}.buffer is not {ALIGN_BYTES}-byte aligned")
+    if max(c * d * (h + 2) * p, d * h * w) > 2**62 or max(c, d, h, w, p) > _INT_MAX:
+        raise ValueError(f"{fn}: {name} is too large for the kernels' index types")
+    return buf.data_ptr() + 4 * PAD_FLOATS
+
+
+def _sparse_index(fn: str, ptr_name: str, ptr: torch.Tensor, idx_name: str, idx: torch.Tensor,
+                  rows: int, bound: int) -> int:
+    """Check a CSC/CSR structure: ``ptr`` (rows+1,) int32 from 0, non-decreasing, to nnz;
+    ``idx`` (nnz,) int32 in [0, bound). Returns nnz."""
+    _tensor(fn, ptr_name, ptr, torch.int32, (rows + 1,))
+    _tensor(fn, idx_name, idx, torch.int32)
+    nnz = idx.numel()
+    if idx.dim() != 1 or int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError(f"{fn}: {ptr_name} must rise from 0 to len({idx_name}) = {nnz}")
+    if nnz and (int(idx.min()) < 0 or int(idx.max()) >= bound):
+        raise ValueError(f"{fn}: {idx_name} holds indices outside [0, {bound})")
+    return nnz
+
+
+def _threads(fn: str, threads: int) -> int:
+    if not isinstance(threads, int) or not 1 <= threads <= 4096:
+        raise ValueError(f"{fn}: threads must be an int in [1, 4096], got {threads!r}")
+    return threads
+
+
+# --------------------------------------------------------------------------------------------
+# The library
+# --------------------------------------------------------------------------------------------
+
+
+class KernelLibrary:
+    """One compiled and loaded kernel library (a :class:`build.Build`) with checked methods.
+
+    Every method takes ``threads`` (OpenMP threads; ignored by a build without OpenMP) and
+    releases the GIL while the C code runs.
+    """
+
+    def __init__(self, built: _build.Build) -> None:
+        self.build = built
+        self.path: Path = built.path
+        self.family: str = built.family
+        self.flags: tuple[str, ...] = built.flags
+        self.openmp: bool = built.openmp
+        try:
+            lib = ctypes.CDLL(str(built.path))
+        except OSError as exc:
+            raise KernelBuildError(f"cannot load {built.path.name}: {exc}") from None
+        for name, (restype, params) in SIGNATURES.items():
+            try:
+                func = getattr(lib, name)
+            except AttributeError:
+                raise KernelBuildError(f"{built.path.name} does not export {name}") from None
+            func.restype = _ctype(restype)
+            func.argtypes = [_ctype(t) for t, _ in params]
+        version = lib.e2e_abi_version()
+        if version != ABI_VERSION:
+            raise KernelBuildError(f"{built.path.name} has kernel ABI {version}, these bindings need {ABI_VERSION}")
+        self._lib = lib
+        self.row_block: int = lib.e2e_row_block()
+
+    def describe(self) -> str:
+        """One line: family, compiler, OpenMP."""
+        return f"{self.family} kernels ({Path(self.build.compiler).name}, {'OpenMP' if self.openmp else 'one thread'})"
+
+    # -- padded planar kernels ---------------------------------------------------------------
+    def sconv133(self, *, chan: torch.Tensor, dshift: torch.Tensor, colptr: torch.Tensor, rowidx: torch.Tensor,
+                 weights: torch.Tensor, out: PPLike, depth_range: tuple[int, int],
+                 norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 stats: torch.Tensor | None = None, streaming: bool = False, threads: int = 1) -> None:
+        """Sparse (1,3,3) convolution into ``out`` (see kernels.h). ``chan`` (I,) int64 input
+        channel addresses (PP tensors shaped like ``out``), ``dshift`` (I,) int32 in {-1, 0, 1},
+        CSC ``colptr`` (I+1,) / ``rowidx`` (nnz,) int32, ``weights`` (nnz, 9) float32, ``norm``
+        (a, b, s) (I,) float32 each, ``stats`` (2·O,) float64 accumulated."""
+        fn = "sconv133"
+        i_count = chan.numel() if isinstance(chan, torch.Tensor) else -1
+        _tensor(fn, "chan", chan, torch.int64, (i_count,))
+        o_count = getattr(out, "C", -1)
+        out_base = _pp(fn, "out", out, self.row_block)
+        nnz = _sparse_index(fn, "colptr", colptr, "rowidx", rowidx, i_count, o_count)
+        _tensor(fn, "weights", weights, torch.float32, (nnz, 9))
+        _tensor(fn, "dshift", dshift, torch.int32, (i_count,))
+        if i_count and int(dshift.abs().max()) > 1:
+            raise ValueError(f"{fn}: dshift must be -1, 0 or 1 (the restricted depth shift)")
+        used = colptr[1:] > colptr[:-1]
+        if bool(((chan == 0) & used).any()) or bool(((chan % ALIGN_BYTES != 0) & used).any()):
+            raise ValueError(f"{fn}: an input channel with active kernels has a null or unaligned address")
+        d0, d1 = depth_range
+        if not 0 <= d0 <= d1 <= out.D:
+            raise ValueError(f"{fn}: depth range {depth_range} outside [0, {out.D}]")
+        stats_ptr = None if stats is None else _tensor(fn, "stats", stats, torch.float64, (2 * o_count,))
+        ia, ib, is_ = _norm(fn, norm, i_count)
+        self._lib.e2e_sconv133(i_count, o_count, out.D, d0, d1, out.H, out.W, out.P, chan.data_ptr(),
+                               dshift.data_ptr(), ia, ib, is_, colptr.data_ptr(), rowidx.data_ptr(),
+                               weights.data_ptr(), out_base, out.D * (out.H + 2) * out.P, stats_ptr,
+                               int(bool(streaming)), _threads(fn, threads))
+
+    def convt(self, *, x: PPLike, rowptr: torch.Tensor, colidx: torch.Tensor, weights: torch.Tensor,
+              kernel: tuple[int, int, int], out: PPLike, depth_range: tuple[int, int] | None = None,
+              norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+              streaming: bool = False, threads: int = 1) -> None:
+        """Sparse ConvTranspose3d, kernel == stride ∈ {1, 2}³, of input slices ``depth_range``
+        of ``x`` into planes 0 .. kd·(hi - lo) of ``out``. CSR by output: ``rowptr`` (O+1,),
+        ``colidx`` (nnz,) int32, ``weights`` (nnz, kd·kh·kw) float32."""
+        fn = "convt"
+        if len(kernel) != 3 or any(k not in (1, 2) for k in kernel):
+            raise ValueError(f"{fn}: kernel must be 3 factors of 1 or 2, got {kernel}")
+        kd, kh, kw = (int(k) for k in kernel)
+        in_base = _pp(fn, "x", x, self.row_block)
+        o_count = getattr(out, "C", -1)
+        nnz = _sparse_index(fn, "rowptr", rowptr, "colidx", colidx, o_count, x.C)
+        _tensor(fn, "weights", weights, torch.float32, (nnz, kd * kh * kw))
+        lo, hi = depth_range if depth_range is not None else (0, x.D)
+        if not 0 <= lo <= hi <= x.D:
+            raise ValueError(f"{fn}: depth range {depth_range} outside the input's [0, {x.D}]")
+        out_base = _pp(fn, "out", out, self.row_block, dims=(None, x.H * kh, x.W * kw))
+        if kd * (hi - lo) > out.D:
+            raise ValueError(f"{fn}: {kd * (hi - lo)} output planes do not fit out (D={out.D})")
+        ia, ib, is_ = _norm(fn, norm, x.C)
+        plane = (x.H + 2) * x.P
+        self._lib.e2e_convt(x.C, o_count, hi - lo, x.H, x.W, x.P, kd, kh, kw, in_base + 4 * lo * plane,
+                            x.D * plane, ia, ib, is_, rowptr.data_ptr(), colidx.data_ptr(), weights.data_ptr(),
+                            out_base, out.P, out.D * (out.H + 2) * out.P, int(bool(streaming)),
+                            _threads(fn, threads))
+
+    def maxpool(self, *, x: PPLike, kernel: tuple[int, int, int], out: PPLike,
+                norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, threads: int = 1) -> None:
+        """MaxPool3d(kernel, stride=kernel) of x (read through ``norm``) into ``out``."""
+        fn = "maxpool"
+        if len(kernel) != 3 or any(not isinstance(k, int) or k < 1 for k in kernel):
+            raise ValueError(f"{fn}: kernel must be 3 positive ints, got {kernel}")
+        kd, kh, kw = kernel
+        in_base = _pp(fn, "x", x, self.row_block)
+        out_base = _pp(fn, "out", out, self.row_block, channels=x.C, dims=(x.D // kd, x.H // kh, x.W // kw))
+        ia, ib, is_ = _norm(fn, norm, x.C)
+        self._lib.e2e_maxpool(x.C, x.D, x.H, x.W, x.P, kd, kh, kw, in_base, x.D * (x.H + 2) * x.P, ia, ib, is_,
+                              out_base, out.P, out.D * (out.H + 2) * out.P, _threads(fn, threads))
+
+    def head(self, *, x: PPLike, weight: torch.Tensor, out: torch.Tensor,
+             norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, threads: int = 1) -> None:
+        """out (K, D, H, W) float32 contiguous = 1×1×1 conv (``weight`` (K, C) float32) of x."""
+        fn = "head"
+        base = _pp(fn, "x", x, self.row_block)
+        k = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else -1
+        _tensor(fn, "weight", weight, torch.float32, (k, x.C))
+        _tensor(fn, "out", out, torch.float32, (k, x.D, x.H, x.W))
+        ia, ib, is_ = _norm(fn, norm, x.C)
+        self._lib.e2e_head(x.C, x.D, x.H, x.W, x.P, base, x.D * (x.H + 2) * x.P, ia, ib, is_, k,
+                           weight.data_ptr(), out.data_ptr(), _threads(fn, threads))
+
+    # -- channels-last kernels ---------------------------------------------------------------
+    def cl_to_pp(self, *, x: torch.Tensor, out: PPLike, threads: int = 1) -> None:
+        """A folded (D, C, H, W) channels_last float32 tensor into the PP tensor ``out`` (C, D, H, W)."""
+        fn = "cl_to_pp"
+        src = _channels_last(fn, "x", x)
+        d, c, h, w = x.shape
+        base = _pp(fn, "out", out, self.row_block, channels=c, dims=(d, h, w))
+        self._lib.e2e_cl_to_pp(d, h, w, c, src, base, out.P, out.D * (out.H + 2) * out.P, _threads(fn, threads))
+
+    def cl_shift(self, *, x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, deltas: torch.Tensor,
+                 stride: int = 1, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                 slope: float = 1.0, threads: int = 1) -> None:
+        """out[d, c] = f(x[stride·d + deltas[r], c]) for c in run r = [starts[r], starts[r+1])
+        (zero outside x), f the affine ``scale``/``shift`` + LeakyReLU(``slope``) or identity."""
+        fn = "cl_shift"
+        src = _channels_last(fn, "x", x)
+        d_in, c, h, w = x.shape
+        d_out = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() == 4 else -1
+        dst = _channels_last(fn, "out", out, (d_out, c, h, w))
+        runs = deltas.numel() if isinstance(deltas, torch.Tensor) else -1
+        _tensor(fn, "deltas", deltas, torch.int32, (runs,))
+        _tensor(fn, "starts", starts, torch.int32, (runs + 1,))
+        if int(starts[0]) != 0 or int(starts[-1]) != c or bool((starts[1:] < starts[:-1]).any()):
+            raise ValueError(f"{fn}: starts must rise from 0 to the channel count {c}")
+        if not isinstance(stride, int) or stride < 1:
+            raise ValueError(f"{fn}: stride must be a positive int, got {stride!r}")
+        if (scale is None) != (shift is None):
+            raise ValueError(f"{fn}: scale and shift go together")
+        sp = None if scale is None else _tensor(fn, "scale", scale, torch.float32, (c,))
+        hp = None if shift is None else _tensor(fn, "shift", shift, torch.float32, (c,))
+        self._lib.e2e_cl_shift(d_out, d_in, h * w, c, src, dst, runs, starts.data_ptr(), deltas.data_ptr(),
+                               stride, sp, hp, float(slope), _threads(fn, threads))
+
+    def cl_stats(self, *, x: torch.Tensor, stats: torch.Tensor, threads: int = 1) -> None:
+        """stats (2·C,) float64 = per-channel (sum, sum of squares) of a channels_last tensor."""
+        fn = "cl_stats"
+        src = _channels_last(fn, "x", x)
+        c = x.shape[1]
+        _tensor(fn, "stats", stats, torch.float64, (2 * c,))
+        self._lib.e2e_cl_stats(x.numel() // max(c, 1), c, src, stats.data_ptr(), _threads(fn, threads))
+
+    def cl_norm_act(self, *, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, slope: float,
+                    threads: int = 1) -> None:
+        """In place on a channels_last float32 tensor: x = leaky_relu(x · scale[c] + shift[c], slope)."""
+        fn = "cl_norm_act"
+        src = _channels_last(fn, "x", x)
+        c = x.shape[1]
+        sp = _tensor(fn, "scale", scale, torch.float32, (c,))
+        hp = _tensor(fn, "shift", shift, torch.float32, (c,))
+        self._lib.e2e_cl_norm_act(x.numel() // max(c, 1), c, src, sp, hp, float(slope), _threads(fn, threads))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load(family: str | None = None, *, compiler: str | None = None, cache_dir: Path | None = None,
+         warnings_as_errors: bool = False, sanitize: bool = False, source_dir: Path = _build.SOURCE_DIR,
+         openmp: bool | None = None) -> KernelLibrary:
+    """Build (or take from the cache) and load the kernels of ``family``; ``None``: the fastest
+    family this CPU runs whose build succeeds. ``openmp``: see :func:`build.build_library`.
+    Raises :class:`KernelBuildError`."""
+    families = (family,) if family is not None else _build.cpu_families()
+    first: KernelBuildError | None = None
+    for fam in families:
+        try:
+            built = _build.build_library(fam, compiler=compiler, cache_dir=cache_dir,
+                                         warnings_as_errors=warnings_as_errors, sanitize=sanitize,
+                                         source_dir=source_dir, openmp=openmp)
+            return KernelLibrary(built)
+        except KernelBuildError as exc:
+            if _build.find_compiler(compiler) is None:
+                raise
+            first = first or exc
+    assert first is not None
+    raise first
+
+
+@dataclass(frozen=True)
+class _Best:
+    library: KernelLibrary | None
+    reason: str
+
+
+_LOCK = threading.Lock()
+_BEST: dict[tuple[str, ...], _Best] = {}
+
+
+def best_library() -> tuple[KernelLibrary | None, str]:
+    """The process's kernel library (built once per compiler and cache folder) and a one-line
+    reason: how it was built, or why there is none ("no C compiler", "disabled by
+    NAPARI_E2ENET_NO_KERNELS=1", "kernel build failed: ..."). Never raises."""
+    if os.environ.get("NAPARI_E2ENET_NO_KERNELS", "") not in ("", "0"):
+        return None, f"disabled by NAPARI_E2ENET_NO_KERNELS={os.environ['NAPARI_E2ENET_NO_KERNELS']}"
+    key = (os.environ.get("CC", ""), str(_build.default_cache_dir()), os.environ.get("PATH", ""))
+    with _LOCK:
+        if key not in _BEST:
+            _BEST[key] = _find_best()
+        best = _BEST[key]
+    return best.library, best.reason
+
+
+def _find_best() -> _Best:
+    if _build.find_compiler() is None:
+        return _Best(None, "no C compiler (set $CC or install gcc or clang)")
+    try:
+        lib = load()
+    except KernelBuildError as exc:
+        return _Best(None, f"kernel build failed: {exc}")
+    except OSError as exc:  # e.g. a cache folder that cannot be created
+        return _Best(None, f"kernel build failed: {exc.strerror or exc}")
+    return _Best(lib, lib.describe())

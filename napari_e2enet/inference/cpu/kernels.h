@@ -1,0 +1,65 @@
+/* napari-e2enet CPU kernels: the exported functions and the layout they share with Python.
+
+   The Python bindings (bindings.py, SIGNATURES) declare the same parameter lists; a test parses
+   this header and compares them, so a change here that is not made there fails the test suite
+   instead of crashing a process. Bump E2E_ABI_VERSION whenever a signature or the layout changes.
+
+   Layout "PP" (padded planar), one sample: a channel is D planes of (H+2) rows x P floats,
+   P % 16 == 0, P >= W+1; voxel (d,h,w) sits at d*(H+2)*P + (h+1)*P + w; rows 0 and H+1 and
+   columns W..P-1 of every row are zero, so the left neighbour of column 0 is the zero padding of
+   the row above. Every PP buffer is 64-byte aligned, has E2E_PAD_FLOATS zero floats before its
+   first plane and slack after its last (read, never used). */
+#ifndef NAPARI_E2ENET_KERNELS_H
+#define NAPARI_E2ENET_KERNELS_H
+
+#include <stdint.h>
+
+#define E2E_ABI_VERSION 3
+#define E2E_PAD_FLOATS 16
+
+/* E2E_ABI_VERSION of the compiled library. */
+int e2e_abi_version(void);
+
+/* Rows per sconv133 tile in this build: 8 with AVX-512, else 4 (PP buffers carry slack for 8). */
+int e2e_row_block(void);
+
+/* Sparse (1,3,3) convolution with per-input-channel depth offsets (the restricted depth shift). */
+void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
+                  const int64_t *chan, const int *dshift,
+                  const float *ia, const float *ib, const float *is,
+                  const int *colptr, const int *rowidx, const float *wts,
+                  float *out, int64_t ostride, double *stats, int nt, int nthreads);
+
+/* 1x1x1 head (no bias) from a PP tensor into dense (K, D, H, W) logits. */
+void e2e_head(int C, int D, int H, int W, int P, const float *x, int64_t cstride,
+              const float *ia, const float *ib, const float *is, int K, const float *wh, float *out,
+              int nthreads);
+
+/* Sparse ConvTranspose3d with kernel == stride, PP in and out. */
+void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, int kw,
+               const float *in, int64_t istride, const float *ia, const float *iib, const float *is,
+               const int *rowptr, const int *colidx, const float *wts,
+               float *out, int P, int64_t ostride, int nt, int nthreads);
+
+/* Channels-last (D, H, W, C) float32 -> PP (C, D, H, W). */
+void e2e_cl_to_pp(int D, int H, int W, int C, const float *x, float *out, int P, int64_t ostride,
+                  int nthreads);
+
+/* Channels-last depth shift (and depth stride) with an optional fused affine + LeakyReLU. */
+void e2e_cl_shift(int Dout, int Din, int64_t HW, int C, const float *x, float *out, int nrun,
+                  const int *rs, const int *rdelta, int sd, const float *scale, const float *shift,
+                  float slope, int nthreads);
+
+/* Channels-last per-channel sum and sum of squares (double). */
+void e2e_cl_stats(int64_t P, int C, const float *x, double *stats, int nthreads);
+
+/* Channels-last, in place: x = leaky_relu(x * scale[c] + shift[c], slope). */
+void e2e_cl_norm_act(int64_t P, int C, float *x, const float *scale, const float *shift, float slope,
+                     int nthreads);
+
+/* Max pool with kernel == stride, PP in and out. */
+void e2e_maxpool(int C, int D, int H, int W, int Pi, int kd, int kh, int kw,
+                 const float *in, int64_t istride, const float *ia, const float *ib, const float *is,
+                 float *out, int P, int64_t ostride, int nthreads);
+
+#endif
