@@ -165,3 +165,29 @@ def test_installed_demo_segments_the_sample(venv: Path, outside: Path):
     assert values <= {0, 1, 2, 3} and {1, 2, 3} <= values
     assert (out_dir / "overlay.png").stat().st_size > 0
     assert not [p.name for p in out_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_installed_wheel_builds_and_runs_the_c_kernels(venv: Path, wheel: Path, outside: Path):
+    """The kernels ship as C source in the wheel and the installed copy compiles and runs them."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+    for name in ("kernels.c", "kernels.h", "build.py", "bindings.py"):
+        assert f"napari_e2enet/inference/cpu/{name}" in names, name
+    from napari_e2enet.inference.cpu import find_compiler
+
+    if find_compiler() is None:
+        pytest.skip("no C compiler here")
+    code = (
+        "import json, pathlib, sys, torch\n"
+        "from napari_e2enet.inference.cpu import bindings\n"
+        "lib = bindings.load(cache_dir=pathlib.Path(sys.argv[1]), warnings_as_errors=True)\n"
+        "x = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)\n"
+        "y = x.clone()\n"
+        "lib.cl_norm_act(x=y, scale=torch.full((4,), 2.0), shift=torch.ones(4), slope=0.1)\n"
+        "ref = torch.nn.functional.leaky_relu(2 * x + 1, 0.1)\n"
+        "print(json.dumps({'module': str(pathlib.Path(bindings.__file__).resolve()), 'family': lib.family,\n"
+        "  'library': str(lib.path), 'error': float((y - ref).abs().max())}))\n"
+    )
+    info = json.loads(_run([venv / BIN / f"python{EXE}", "-c", code, outside / "cache"], cwd=outside).stdout)
+    assert venv.resolve() in Path(info["module"]).parents, f"imported {info['module']}, not the installed wheel"
+    assert Path(info["library"]).parent == outside / "cache" and info["error"] < 1e-6
