@@ -599,7 +599,8 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", help="DICOM series UID when --image holds several")
     p.add_argument("--iterations", type=_POSITIVE, default=default.iterations)
     p.add_argument("--lr", type=_real(0.0, low_open=True), default=default.lr, help="AdamW learning rate")
-    p.add_argument("--train", choices=TRAINABLE, default=default.train, help="decoder: encoder frozen (default)")
+    p.add_argument("--train", choices=TRAINABLE, default=default.train,
+                   help="all: every layer (default); decoder: encoder frozen")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--json", action="store_true", help="print a summary as one JSON object")

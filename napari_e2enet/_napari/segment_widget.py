@@ -49,7 +49,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import InputError
 from ..labels import LabelTable
-from ..training.finetune import FinetuneConfig
+from ..training.finetune import FinetuneConfig, warm_up_finetune
 from . import edits
 from ._qt_util import (
     LabelsCombo,
@@ -124,6 +124,7 @@ class SegmentWidget(QWidget):
         self._custom_models: list[str] = []
         self._model_by_hand = False  # until the user picks a model, Segment follows the image (fit_model)
         self._finetune_run: Path | None = None
+        self._warmed_up = False
         self._volume_timer = QTimer(self)
         self._volume_timer.setSingleShot(True)
         self._volume_timer.setInterval(300)
@@ -430,8 +431,16 @@ class SegmentWidget(QWidget):
             self.status_label.setText(f"Image {image_name!r} was closed; result discarded.")
             return
         layer = self._put_result(self.viewer.layers[image_name], prediction, mode)
+        self._warm_up_finetune()
         self.status_label.setText(f"{layer.name}: {prediction.tiles} tiles in {prediction.seconds:.1f} s on "
                                   f"{prediction.device}")
+
+    def _warm_up_finetune(self) -> None:
+        """Once: load what a fine-tune's first step needs in a background thread while the user looks
+        at the result and paints corrections, so that Fine-tune starts within seconds of its click."""
+        if not self._warmed_up:
+            self._warmed_up = True
+            threading.Thread(target=warm_up_finetune, name="napari-e2enet warm-up", daemon=True).start()
 
     # ------------------------------------------------------------------------------------------
     # result layers

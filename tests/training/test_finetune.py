@@ -92,7 +92,8 @@ def test_finetune_learns_the_corrected_planes_keeps_the_encoder_and_the_topology
     learn = list(iter_finetune(path, image, labels, tmp_path / "all", edited=edited,
                                config=config.replace(train="all", lr=1e-2)))
     assert loss_of(tmp_path / "all" / "model.safetensors") < 0.8 * loss_of(path)
-    events = list(iter_finetune(path, image, labels, tmp_path / "run", edited=edited, config=config))
+    events = list(iter_finetune(path, image, labels, tmp_path / "run", edited=edited,
+                                config=config.replace(train="decoder")))
     for run in (learn, events):
         assert run[0].kind == "start" and run[-1].kind == "done"
         assert [e.iteration for e in run if e.kind == "iteration"] == list(range(1, config.iterations + 1))
@@ -148,3 +149,42 @@ def test_the_cli_fine_tunes_and_refuses_what_it_cannot_use(tmp_path, case, base_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not classes of the model" in err[0]
     assert not (tmp_path / "run2").exists()
+
+
+def test_patches_lie_inside_the_volume_and_hold_a_corrected_voxel():
+    """As the sliding window's tiles: no zero padding at the volume's edge (a picture the network never
+    sees at inference), and every patch teaches at least one corrected voxel."""
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 40, 30, 24), dtype=np.float32) + 1.0  # no zeros anywhere: padding would show
+    labels = rng.integers(0, 3, (40, 30, 24)).astype(np.int64)
+    region = np.zeros((40, 30, 24), bool)
+    region[0, :, :] = True  # the first plane: a centred patch would be half padding
+    region[39, 29, 23] = True  # and one corner voxel
+    sampler = _RegionSampler(image, labels, region, (16, 16, 16), seed=3)
+    images, patch_labels, weights = sampler.batch(64)
+    assert images.shape == (64, 1, 16, 16, 16) and patch_labels.shape == (64, 1, 16, 16, 16)
+    assert float(images.min()) >= 1.0  # nothing but image voxels
+    assert all(float(w.sum()) > 0 for w in weights)
+    # a volume smaller than the patch is padded symmetrically, as the sliding window pads it
+    small = _RegionSampler(image[:, :10, :30, :24], labels[:10], region[:10], (16, 16, 16), seed=3)
+    images, _, _ = small.batch(4)
+    assert (images[:, :, :3] == 0).all() and (images[:, :, 3:13] >= 1.0).all() and (images[:, :, 13:] == 0).all()
+
+
+def test_corrections_outside_the_foreground_are_refused_in_one_line(tmp_path, base_model):
+    image, labels = make_phantom(4, shape=(40, 36, 20), spacing=(2.0, 2.0, 4.0))
+    labels = labels.with_array(np.where(labels.array > 2, 0, labels.array).astype(np.uint8))
+    path, plan = base_model
+    meta = read_metadata(path)
+    model, _ = load_model(path)
+    fg_plan = Plan(plan.target_spacing, "MRI", norm_nonzero=True, orientation="RAS")
+    save_model(model, tmp_path / "mri.safetensors", metadata={**meta, "plan": fg_plan.to_dict()})
+    array = image.array.astype(np.float32) + 1100.0  # HU -> positive, then a zero border around it
+    array[:4], array[-4:] = 0, 0
+    mri = image.with_array(array)
+    edited = np.zeros(labels.spatial_shape, bool)
+    edited[:2, 5:10, 5:10] = True  # edits on two sagittal planes of the zero border: the model never predicts there
+    with pytest.raises(Exception, match="outside the image's foreground"):
+        list(iter_finetune(tmp_path / "mri.safetensors", mri, labels, tmp_path / "run", edited=edited,
+                           config=FinetuneConfig(iterations=1, device="cpu")))
+    assert not (tmp_path / "run").exists()
