@@ -160,8 +160,16 @@ class _Source:
                 raise InputError("expected a folder of DICOM files or a .zip of them", self.path)
             try:
                 self.zip = zipfile.ZipFile(self.path)
-            except (OSError, zipfile.BadZipFile, ValueError) as exc:
+                listed, declared = len(self.zip.infolist()), _declared_members(self.zip)
+            except (OSError, zipfile.BadZipFile, ValueError, RuntimeError) as exc:  # NotImplementedError: "zip file version"
                 raise InputError(f"not a readable zip file ({_why(exc)})", self.path) from None
+            # zipfile reads the central directory by its byte size and never counts its entries: a
+            # bit flipped in one entry's comment length hides the entries after it (slices missing,
+            # no error). Writers without ZIP64 store the count modulo 65536.
+            if declared is not None and listed % 65536 != declared % 65536:
+                self.zip.close()
+                raise InputError(f"the zip's central directory holds {listed} entries but its end record "
+                                 f"declares {declared}; the archive is damaged", self.path)
 
     def close(self) -> None:
         if self.zip is not None:
@@ -287,6 +295,17 @@ class _Source:
 
 def _skipped_name(name: str) -> bool:
     return name.startswith(".") or name.upper() == "DICOMDIR"
+
+
+def _declared_members(archive: zipfile.ZipFile) -> int | None:
+    """The member count the archive's end-of-central-directory record declares (ZIP64 included),
+    read with zipfile's own parser; None where this Python's zipfile no longer has it."""
+    end_record = getattr(zipfile, "_EndRecData", None)
+    index = getattr(zipfile, "_ECD_ENTRIES_TOTAL", None)
+    if end_record is None or index is None or archive.fp is None:
+        return None
+    record = end_record(archive.fp)
+    return None if not record else int(record[index])
 
 
 def _has_magic_file(path: Path) -> bool:

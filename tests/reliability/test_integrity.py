@@ -344,6 +344,29 @@ def dicom_zip_method_flipped(c):
                lambda: read_image(archive), checks=[_member_looks_like_no_dicom(archive, name)])
 
 
+def dicom_zip_entries_hidden(c):
+    archive, raw, _ = _dicom_zip(c, zipfile.ZIP_DEFLATED)
+    entry = raw.index(b"PK\x01\x02")  # the first central-directory entry's comment length: 0 -> 512
+    raw[entry + 33] ^= 0x02  # the entries after it become its "comment"
+    archive.write_bytes(bytes(raw))
+
+    def real():  # zipfile alone lists fewer members without complaint
+        with zipfile.ZipFile(archive) as zf:
+            assert 1 <= len(zf.infolist()) < 8
+    return Row("silent corruption", _predict(c, archive), archive,
+               r"central directory holds \d entries but its end record declares 8", lambda: read_image(archive),
+               checks=[real])
+
+
+def dicom_zip_version_from_the_future(c):
+    archive, raw, _ = _dicom_zip(c, zipfile.ZIP_DEFLATED)
+    entry = raw.index(b"PK\x01\x02")
+    raw[entry + 6] ^= 0x80  # "version needed to extract" 2.0 -> 14.8: zipfile raises NotImplementedError
+    archive.write_bytes(bytes(raw))
+    return Row("silent corruption", _predict(c, archive), archive, r"not a readable zip file \(NotImplementedError",
+               lambda: read_image(archive))
+
+
 def float64_beyond_float32(c):
     array, affine = _image_array(c)
     array = array.astype(np.float64)
@@ -661,7 +684,8 @@ def _named_once(path: Path) -> None:
 CASES: dict[str, Callable[[Ctx], Row]] = {f.__name__: f for f in (
     gz_deflate_bit_flip, gz_crc_field_flipped, gz_isize_field_flipped, gz_trailer_cut_off, gz_trailing_garbage,
     gz_second_member_damaged, gz_zero_padding_is_fine, nrrd_gzip_crc, nrrd_bzip2_bit_flip, mha_zlib_adler,
-    dicom_zip_member_damaged, dicom_zip_marker_flipped, dicom_zip_method_flipped, float64_beyond_float32, nrrd_float64_beyond_float32, scaled_int16_beyond_float32,
+    dicom_zip_member_damaged, dicom_zip_marker_flipped, dicom_zip_method_flipped, dicom_zip_entries_hidden,
+    dicom_zip_version_from_the_future, float64_beyond_float32, nrrd_float64_beyond_float32, scaled_int16_beyond_float32,
     api_volume_float64_beyond_float32,
     e_label_gz_crc, t_dataset_image_damaged,
     p_channel_gap, p_channel_twice, p_plain_file_next_to_channels, p_folder_named_like_a_volume,
@@ -968,6 +992,31 @@ def test_a_random_bit_flip_is_refused_or_changes_nothing(fmt, originals, tmp_pat
             assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc)
         else:  # only a flip that changes no voxel may pass (e.g. in the gzip header's MTIME)
             assert np.array_equal(got, voxels), f"byte {byte} bit {bit}: accepted with changed voxels"
+
+    flip()
+
+
+def test_a_bit_flip_in_a_zips_central_directory_is_refused_or_changes_nothing(originals, tmp_path):
+    """The central directory and end record are ~2 % of a DICOM zip, rarely hit by the uniform flips
+    above; here every flip lands there. (Exhaustively over 470 bytes x 8 bits, deflated and stored:
+    0 accepted with changed voxels; before, a comment length flipped from 0 hid the entries after it
+    and a 'version needed' flip raised NotImplementedError as a traceback.)"""
+    if "zip" not in originals:
+        pytest.skip("pydicom is not installed")
+    original, _, voxels = originals["zip"]
+    with zipfile.ZipFile(original) as zf:
+        start = zf.start_dir
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(position=st.floats(0, 1, exclude_max=True), bit=st.integers(0, 7))
+    def flip(position, bit):
+        path, byte = _flipped_copy(original, start, position, bit, tmp_path)
+        try:
+            got = read_image(path).array
+        except InputError as exc:
+            assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc)
+        else:
+            assert got.shape == voxels.shape and np.array_equal(got, voxels), f"byte {byte} bit {bit}: changed voxels"
 
     flip()
 
