@@ -206,7 +206,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def train_config_from_args(args: argparse.Namespace):
     from .config import TrainConfig, load_config
+    from .pathcheck import require_file
 
+    if args.config:  # a FIFO would block the reader; /dev/zero would fill the memory
+        require_file(args.config, "config file not found")
     try:
         config = load_config(args.config, TrainConfig) if args.config else TrainConfig()
     except ValueError as exc:  # the message names the file

@@ -256,14 +256,15 @@ def read_metaimage(path: str | Path, *, allow_channels: bool = False) -> Volume:
         if not layout.binary:
             with open(layout.data_path, "rb") as fh:
                 fh.seek(layout.start)
-                data = read_ascii(fh, count, layout.dtype.newbyteorder("="), path)
+                data = read_ascii(fh, count, layout.dtype.newbyteorder("="), layout.data_path)
         elif layout.compressed:
             if nbytes > available * MAX_DEFLATE_RATIO + 65536:
                 raise InputError(f"header declares {nbytes} bytes of voxels, far more than {available} compressed "
                                  "bytes can hold", path)
             with open(layout.data_path, "rb") as fh:
                 fh.seek(layout.start + max(layout.header_size, 0))
-                data = np.frombuffer(inflate(fh, nbytes, path, codec="zlib"), layout.dtype)
+                # errors name the file that holds the damage: a detached .zraw, not its .mhd
+                data = np.frombuffer(inflate(fh, nbytes, layout.data_path, codec="zlib"), layout.dtype)
         else:
             if nbytes > available:
                 raise InputError(f"truncated voxel data: header declares {layout.dims} {layout.dtype.name} voxels "
@@ -271,7 +272,7 @@ def read_metaimage(path: str | Path, *, allow_channels: bool = False) -> Volume:
             with open(layout.data_path, "rb") as fh:
                 skip = size - nbytes if layout.header_size == -1 else layout.start + layout.header_size
                 fh.seek(skip)
-                data = np.frombuffer(read_exact(fh, nbytes, path), layout.dtype)
+                data = np.frombuffer(read_exact(fh, nbytes, layout.data_path), layout.dtype)
     except MemoryError:
         raise InputError(f"not enough memory to read {layout.dims} voxels", path) from None
     except OSError as exc:

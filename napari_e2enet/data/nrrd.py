@@ -391,13 +391,13 @@ def _read_voxels(header: _Header) -> np.ndarray:
                     fh.seek(size - nbytes)
                 else:
                     fh.seek(byte_skip, 1)
-                buf = read_exact(fh, nbytes, path)
+                buf = read_exact(fh, nbytes, header.data_path)  # the file that holds the damage
                 data = np.frombuffer(buf, header.dtype)
             elif header.encoding == "ascii":
-                data = read_ascii(fh, count, header.dtype.newbyteorder("="), path)
+                data = read_ascii(fh, count, header.dtype.newbyteorder("="), header.data_path)
             else:
                 codec = "zlib" if header.encoding == "gzip" else "bzip2"
-                buf = inflate(fh, nbytes + byte_skip, path, codec=codec)
+                buf = inflate(fh, nbytes + byte_skip, header.data_path, codec=codec)
                 data = np.frombuffer(buf, header.dtype, offset=byte_skip, count=count)
     except MemoryError:
         raise InputError(f"not enough memory to read {list(header.sizes)} voxels", path) from None

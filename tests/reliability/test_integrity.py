@@ -37,6 +37,7 @@ import signal
 import socket
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,6 +277,33 @@ def mha_zlib_adler(c):
     path = write_metaimage(read_image(c.assets.image).with_array(_image_array(c)[0]), c.tmp / "image.mha")
     _flip(path, path.stat().st_size - 1)  # the zlib stream's Adler-32
     return Row("silent corruption", _predict(c, path), path, r"checksum \(CRC\) mismatch", lambda: read_image(path))
+
+
+def nhdr_detached_gzip_crc(c):
+    array = _image_array(c)[0]
+    data = c.tmp / "image.raw.gz"
+    data.write_bytes(gzip.compress(array.astype("<f4").tobytes(order="F")))
+    _flip(data, data.stat().st_size - 6)
+    header = c.tmp / "image.nhdr"
+    header.write_text("NRRD0004\ntype: float\ndimension: 3\nspace: left-posterior-superior\nsizes: 32 32 16\n"
+                      "space directions: (3,0,0) (0,3,0) (0,0,6)\nendian: little\nencoding: gzip\n"
+                      "data file: image.raw.gz\n\n")
+    # the message names the data file that is damaged, not only the header that points to it
+    return Row("silent corruption", _predict(c, header), data.resolve(), r"checksum \(CRC\) mismatch",
+               lambda: read_image(header))
+
+
+def mhd_detached_zraw_adler(c):
+    array = _image_array(c)[0]
+    data = c.tmp / "image.zraw"
+    data.write_bytes(zlib.compress(array.astype("<f4").tobytes(order="F")))
+    _flip(data, data.stat().st_size - 1)
+    header = c.tmp / "image.mhd"
+    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 32 32 16\nElementType = MET_FLOAT\n"
+                      "ElementSpacing = 3 3 6\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+                      "CompressedData = True\nElementDataFile = image.zraw\n")
+    return Row("silent corruption", _predict(c, header), data.resolve(), r"checksum \(CRC\) mismatch",
+               lambda: read_image(header))
 
 
 def dicom_zip_member_damaged(c):
@@ -671,6 +699,19 @@ def t_dataset_label_dangling(c):
                lambda: load_dataset(ds))
 
 
+def t_config_fifo(c):
+    pipe = _fifo(c.tmp / "config.json")
+    argv = ["train", "--config", str(pipe), "--out", str(c.tmp / "run_out"), "--data", str(c.assets.dataset)]
+    return Row("misleading messages", argv, pipe, r"not a regular file \(a FIFO\)",
+               checks=[lambda: _assert_absent(c.tmp / "run_out")])
+
+
+def t_init_from_fifo(c):
+    pipe = _fifo(c.tmp / "model.safetensors")
+    return Row("misleading messages", [*_train(c, c.assets.dataset), "--init-from", str(pipe)], pipe,
+               r"not a regular file \(a FIFO\)", checks=[lambda: _assert_absent(c.tmp / "run_out")])
+
+
 def _assert_absent(path: Path) -> None:
     assert not path.exists(), f"{path} was created before the options were refused"
 
@@ -684,7 +725,7 @@ def _named_once(path: Path) -> None:
 CASES: dict[str, Callable[[Ctx], Row]] = {f.__name__: f for f in (
     gz_deflate_bit_flip, gz_crc_field_flipped, gz_isize_field_flipped, gz_trailer_cut_off, gz_trailing_garbage,
     gz_second_member_damaged, gz_zero_padding_is_fine, nrrd_gzip_crc, nrrd_bzip2_bit_flip, mha_zlib_adler,
-    dicom_zip_member_damaged, dicom_zip_marker_flipped, dicom_zip_method_flipped, dicom_zip_entries_hidden,
+    nhdr_detached_gzip_crc, mhd_detached_zraw_adler, dicom_zip_member_damaged, dicom_zip_marker_flipped, dicom_zip_method_flipped, dicom_zip_entries_hidden,
     dicom_zip_version_from_the_future, float64_beyond_float32, nrrd_float64_beyond_float32, scaled_int16_beyond_float32,
     api_volume_float64_beyond_float32,
     e_label_gz_crc, t_dataset_image_damaged,
@@ -696,12 +737,13 @@ CASES: dict[str, Callable[[Ctx], Row]] = {f.__name__: f for f in (
     p_part_id_without_num_parts, p_output_cannot_be_written, p_output_is_a_fifo, e_pred_fifo, e_labels_table_fifo,
     e_labels_table_dev_zero, e_labels_table_socket, e_file_against_folder, e_everything_background, e_table_only_background, e_table_names_twice,
     e_dataset_json_named_once, e_negative_tolerance, t_dataset_json_fifo, t_dataset_label_dangling,
+    t_config_fifo, t_init_from_fifo,
 )}
 API_CASES = [name for name in CASES if name not in {
     "p_folder_taken_as_existing_prediction", "p_part_id_without_num_parts", "p_output_cannot_be_written",
     "p_output_is_a_fifo", "e_labels_table_fifo", "e_labels_table_dev_zero", "e_labels_table_socket",
     "e_file_against_folder", "e_everything_background",
-    "e_table_only_background", "e_table_names_twice", "e_negative_tolerance"}]
+    "e_table_only_background", "e_table_names_twice", "e_negative_tolerance", "t_config_fifo", "t_init_from_fifo"}]
 
 
 # ------------------------------------------------------------------ running the table
