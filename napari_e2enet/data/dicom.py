@@ -162,6 +162,7 @@ class _Source:
                 self.zip = zipfile.ZipFile(self.path)
                 listed, declared = len(self.zip.infolist()), _declared_members(self.zip)
             except (OSError, zipfile.BadZipFile, ValueError, RuntimeError) as exc:  # NotImplementedError: "zip file version"
+                self.close()
                 raise InputError(f"not a readable zip file ({_why(exc)})", self.path) from None
             # zipfile reads the central directory by its byte size and never counts its entries: a
             # bit flipped in one entry's comment length hides the entries after it (slices missing,

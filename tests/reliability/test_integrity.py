@@ -15,10 +15,12 @@ Python counterpart, the same refusal as a one-line ``InputError`` through the AP
   the output folder); an output that cannot be written found only after predicting; evaluate
   messages that named no file.
 
-Then properties (hypothesis): a random single-bit flip anywhere in a small ``.nii.gz``, or in the
-compressed payload of an NRRD / MHA, is either refused in one line naming the file or read with
-voxels identical to the original — never accepted with changed voxels; through the CLI
-(``evaluate``) the same holds for exit codes.
+Then properties (hypothesis): a random single-bit flip anywhere in a small ``.nii.gz`` or DICOM
+zip (and, for the zip, inside its central directory), or in the compressed payload of an NRRD /
+MHA, is either refused in one line naming the file or read with voxels identical to the original —
+never accepted with changed voxels; through the CLI (``evaluate``) the same holds for exit codes.
+Any split of a stream into members, with any zero padding, reads back exactly once; and every
+compressed format is read from disk once (``/proc/self/io``).
 """
 
 from __future__ import annotations
