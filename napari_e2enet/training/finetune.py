@@ -33,6 +33,7 @@ was meant to raise. Here instead:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -50,6 +51,7 @@ from scipy import ndimage as ndi
 from ..config import MIN_UPDATE_EVERY, SparsityConfig
 from ..data import Plan, Volume, preprocess, preprocess_labels
 from ..data.preprocess import field_of_view
+from ..device import ThreadChooser, resolve_device
 from ..errors import InputError
 from ..fileio import atomic_write_text
 from ..labels import LabelTable
@@ -275,8 +277,6 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
     if not region.any():
         raise InputError("no corrected voxels: paint or erase some labels first")
 
-    from ..device import resolve_device
-
     device = resolve_device(config.device)
     model, _ = load_model(model_file)
     if model.config.in_channels != image.num_channels:
@@ -324,25 +324,22 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
                                 f"{'decoder only' if config.train == 'decoder' else 'all layers'}")
     model.train()
     loss_value = float("nan")
-    for it in range(total):
-        if stop.is_set():
-            yield FinetuneEvent("stopped", it, total, loss_value, time.perf_counter() - t0)
-            return
-        images, target, mask = sampler.batch(config.batch)
-        images, target, mask = images.to(device), target.to(device), mask.to(device)
-        loss = masked_dice_ce(model(images), target, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 12.0)
-        optimizer.step()
-        if updater is not None:
-            updater.after_step(it + 1)  # re-applies the masks; prunes/regrows on the DSFF schedule
-        else:
-            model.apply_masks()
-        loss_value = float(loss.detach())
-        if not np.isfinite(loss_value):
-            raise FloatingPointError(f"fine-tune loss became {loss_value} at iteration {it + 1}")
-        yield FinetuneEvent("iteration", it + 1, total, loss_value, time.perf_counter() - t0)
+    threads = ThreadChooser() if device.type == "cpu" else contextlib.nullcontext()
+    with threads:
+        for it in range(total):
+            if stop.is_set():
+                yield FinetuneEvent("stopped", it, total, loss_value, time.perf_counter() - t0)
+                return
+            with threads.step() if isinstance(threads, ThreadChooser) else contextlib.nullcontext():
+                loss_value = _train_step(model, sampler.batch(config.batch), device, optimizer, params)
+            if updater is not None:
+                updater.after_step(it + 1)  # re-applies the masks; prunes/regrows on the DSFF schedule
+            else:
+                model.apply_masks()
+            if not np.isfinite(loss_value):
+                raise FloatingPointError(f"fine-tune loss became {loss_value} at iteration {it + 1}")
+            yield FinetuneEvent("iteration", it + 1, total, loss_value, time.perf_counter() - t0)
+    cpu_threads = threads.current if isinstance(threads, ThreadChooser) else None
     if stop.is_set():
         yield FinetuneEvent("stopped", total, total, loss_value, time.perf_counter() - t0)
         return
@@ -354,10 +351,23 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
         raise InputError(f"cannot create the run folder ({exc.strerror})", run_dir) from None
     keep = {k: meta[k] for k in ("plan", "labels", "train_config", "mirror_axes", "intended_input") if k in meta}
     info = {"base_model": str(model_file), "image": image.name, "config": dataclasses.asdict(config),
-            "region_voxels": int(region.sum()), "seconds": round(time.perf_counter() - t0, 2)}
+            "region_voxels": int(region.sum()), "seconds": round(time.perf_counter() - t0, 2),
+            "cpu_threads": cpu_threads}
     save_model(model, run_dir / MODEL_FILE, metadata={**keep, "iterations": total, "finetune": info})
     atomic_write_text(run_dir / "finetune.json", json.dumps(info, indent=2) + "\n")
     yield FinetuneEvent("done", total, total, loss_value, time.perf_counter() - t0, run_dir=run_dir)
+
+
+def _train_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device,
+                optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> float:
+    """One AdamW step on (images, labels, loss weights); returns the loss."""
+    images, target, mask = (t.to(device) for t in batch)
+    loss = masked_dice_ce(model(images), target, mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 12.0)
+    optimizer.step()
+    return float(loss.detach())
 
 
 def warm_up_finetune() -> None:
