@@ -171,7 +171,7 @@ def test_installed_wheel_builds_and_runs_the_c_kernels(venv: Path, wheel: Path, 
     """The kernels ship as C source in the wheel and the installed copy compiles and runs them."""
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
-    for name in ("kernels.c", "kernels.h", "build.py", "bindings.py"):
+    for name in ("kernels.c", "kernels.h", "omp_probe.c", "build.py", "bindings.py"):
         assert f"napari_e2enet/inference/cpu/{name}" in names, name
     from napari_e2enet.inference.cpu import find_compiler
 

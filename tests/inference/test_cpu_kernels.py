@@ -101,7 +101,7 @@ def test_signature_table_matches_the_header():
 
 def test_no_c_source_in_python_files():
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "napari_e2enet").rglob("*.py")
-                 if re.search(r"^\s*#include\s*[<\"]", p.read_text(encoding="utf-8"), re.M)]
+                 if re.search(r"^\s*#\s*include\s*[<\"]", p.read_text(encoding="utf-8"), re.M)]
     assert offenders == []
 
 

@@ -134,9 +134,7 @@ def flags_for(family: str, *, openmp: bool = True, warnings_as_errors: bool = Fa
 def compiler_has_openmp(cc: str) -> bool:
     """Whether ``cc -fopenmp`` compiles and links a shared library that calls the OpenMP runtime."""
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "omp.c"
-        src.write_text("#include <omp.h>\nint e2e_probe(void) { return omp_get_max_threads(); }\n")
-        cmd = [cc, "-fopenmp", "-fPIC", "-shared", "-o", str(Path(tmp) / "omp.so"), str(src)]
+        cmd = [cc, "-fopenmp", "-fPIC", "-shared", "-o", str(Path(tmp) / "omp.so"), str(SOURCE_DIR / "omp_probe.c")]
         try:
             return subprocess.run(cmd, capture_output=True, timeout=120, check=False).returncode == 0
         except (OSError, subprocess.SubprocessError):
