@@ -2,7 +2,7 @@
 
 Layout (``resources/`` at the repository top, carried into the wheel as ``napari_e2enet/resources``)::
 
-    resources/models/<name>/model.safetensors   weights + masks + plan + labels (metadata)
+    resources/models/<name>/model.safetensors   weights + masks + model card (metadata; see modelcard)
     resources/models/<name>/model_card.json     provenance, held-out Dice, sha256 of the weights
     resources/models/<name>/connectivity.json   DSFF connectivity history
     resources/models/<name>/metrics.csv         training log
@@ -11,67 +11,20 @@ Layout (``resources/`` at the repository top, carried into the wheel as ``napari
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .errors import InputError
+# The bundled-model lookup is part of the model-file contract (a bundled name is one kind of model
+# spec); its names stay importable from here, where the package's resources are described.
+from .data.intended_input import ScanStatistics, input_warnings, modality_fits, scan_statistics
+from .modelcard import DEFAULT_MODEL, BundledModel, bundled_model, list_bundled_models, resources_dir
 
 if TYPE_CHECKING:
-    from .data.intended_input import IntendedInput, ScanStatistics
+    from pathlib import Path
+
     from .data.volume import Volume
 
-DEFAULT_MODEL = "mni152-tissue"
-
-
-def resources_dir() -> Path:
-    return Path(__file__).resolve().parent / "resources"
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    name: str
-    folder: Path
-    card: dict[str, Any]
-
-    @property
-    def weights(self) -> Path:
-        return self.folder / "model.safetensors"
-
-    @property
-    def sha256(self) -> str:
-        return str(self.card["sha256"])
-
-    @property
-    def intended(self) -> IntendedInput | None:
-        """The card's ``intended_input`` (what the model expects), None when the card has none."""
-        from .data.intended_input import IntendedInput
-
-        try:
-            return IntendedInput.from_dict(self.card["intended_input"])
-        except (KeyError, ValueError):
-            return None
-
-
-def list_bundled_models() -> list[str]:
-    root = resources_dir() / "models"
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / "model_card.json").is_file())
-
-
-def bundled_model(name: str = DEFAULT_MODEL) -> BundledModel:
-    folder = resources_dir() / "models" / name
-    card_path = folder / "model_card.json"
-    if not card_path.is_file():
-        available = ", ".join(list_bundled_models()) or "none"
-        raise InputError(f"no bundled model {name!r} (available: {available})")
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"unreadable model card ({exc})", card_path) from None
-    return BundledModel(name, folder, card)
+__all__ = ["DEFAULT_MODEL", "BundledModel", "best_bundled_model", "bundled_model", "list_bundled_models",
+           "rank_bundled_models", "resources_dir", "sample_files"]
 
 
 def rank_bundled_models(scan: Volume | ScanStatistics) -> list[tuple[str, list[str]]]:
@@ -82,8 +35,6 @@ def rank_bundled_models(scan: Volume | ScanStatistics) -> list[tuple[str, list[s
     (a CT model for a scan with air in HU, an MR model for one without), then fewer warnings, then the
     default model, then by name. A card without ``intended_input`` comes last.
     """
-    from .data.intended_input import ScanStatistics, input_warnings, modality_fits, scan_statistics
-
     stats = scan if isinstance(scan, ScanStatistics) else scan_statistics(scan)
     ranked = []
     for name in list_bundled_models():

@@ -205,7 +205,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_config_from_args(args: argparse.Namespace):
-    from .config import TrainConfig, load_config
+    from .config import TrainConfig, load_config, train_config
     from .pathcheck import require_file
 
     if args.config:  # a FIFO would block the reader; /dev/zero would fill the memory
@@ -214,32 +214,16 @@ def train_config_from_args(args: argparse.Namespace):
         config = load_config(args.config, TrainConfig) if args.config else TrainConfig()
     except ValueError as exc:  # the message names the file
         raise InputError(str(exc)) from None
-    top = {k: v for k, v in {"model": args.model, "iterations": args.iterations, "seed": args.seed,
-                             "device": args.device, "precision": args.precision, "lr": args.lr,
-                             "optimizer": args.optimizer, "validation": args.validation,
-                             "validation_patches": args.validation_patches,
-                             "checkpoint_every_s": args.checkpoint_every,
-                             "iterations_per_epoch": args.iterations_per_epoch}.items() if v is not None}
-    sparsity = {k: v for k, v in {"sparsity": args.sparsity, "update_every": args.update_every,
-                                  "regrow": args.regrow}.items() if v is not None}
-    data = {k: v for k, v in {"source": args.data, "patch": _triple(args.patch) if args.patch else None,
-                              "batch": args.batch, "num_validation": args.num_validation,
-                              "mirror": args.mirror, "foreground_oversample": args.foreground_oversample,
-                              "validation_cases": tuple(args.validation_cases) if args.validation_cases else None,
-                              }.items() if v is not None}
-    if args.no_augment:
-        data["augment"] = False
-    try:
-        return config.replace(**top, sparsity=config.sparsity.replace(**sparsity), data=config.data.replace(**data))
-    except (TypeError, ValueError) as exc:
-        raise InputError(str(exc)) from None
-
-
-def _model_file(path: str) -> str:
-    from pathlib import Path
-
-    p = Path(path)
-    return str(p / "model.safetensors") if p.is_dir() else str(p)
+    return train_config(
+        config, model=args.model, iterations=args.iterations, seed=args.seed, device=args.device,
+        precision=args.precision, lr=args.lr, optimizer=args.optimizer, validation=args.validation,
+        validation_patches=args.validation_patches, checkpoint_every_s=args.checkpoint_every,
+        iterations_per_epoch=args.iterations_per_epoch,
+        sparsity=args.sparsity, update_every=args.update_every, regrow=args.regrow,
+        source=args.data, patch=_triple(args.patch) if args.patch else None, batch=args.batch,
+        num_validation=args.num_validation, mirror=args.mirror, foreground_oversample=args.foreground_oversample,
+        validation_cases=tuple(args.validation_cases) if args.validation_cases else None,
+        augment=False if args.no_augment else None)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -247,9 +231,9 @@ def _train(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from .modelcard import STATE_FILE, model_file_in
     from .training import Trainer
     from .training.distributed import cleanup_distributed, init_distributed
-    from .training.loop import STATE_FILE
 
     if not args.resume and not args.data and not args.config:
         raise InputError("--data is required (a dataset folder or phantom:N)")
@@ -262,7 +246,7 @@ def _train(args: argparse.Namespace) -> int:
     signals = _stop_on_signals(stop)
     got = signals.__enter__()
     trainer = Trainer(config, args.out, resume=args.resume, stop=stop, rank=dist.rank, overwrite=args.overwrite,
-                      world_size=dist.world_size, init_from=_model_file(args.init_from) if args.init_from else None,
+                      world_size=dist.world_size, init_from=model_file_in(args.init_from) if args.init_from else None,
                       command=" ".join(["napari-e2enet", *sys.argv[1:]]))
     bar = None
     last_loss = float("nan")  # validation events carry no loss: show the last iteration's
@@ -617,10 +601,11 @@ def _finetune(args: argparse.Namespace) -> int:
 
     from .data import read_image, read_labels, read_volume
     from .inference import Predictor
+    from .modelcard import MODEL_FILE
     from .training.finetune import FinetuneConfig, iter_finetune
 
     out = Path(args.out)
-    if (out / "model.safetensors").exists() and not args.overwrite:
+    if (out / MODEL_FILE).exists() and not args.overwrite:
         raise InputError("already holds a model; choose another --out or add --overwrite", out)
     config = FinetuneConfig(iterations=args.iterations, lr=args.lr, train=args.train, device=args.device)
     model_file = Predictor.from_any(args.model).source  # resolves bundled names; verifies bundled checksums
@@ -914,7 +899,9 @@ def _traceback_log(args: argparse.Namespace, exc: BaseException) -> str:
     candidates.insert(0, cache / name)
     run = getattr(args, "out", None)
     if args.command == "train" and run and Path(run).is_dir():
-        candidates.insert(0, Path(run) / "error.log")
+        from .modelcard import ERROR_LOG  # loaded already: train imported the Trainer
+
+        candidates.insert(0, Path(run) / ERROR_LOG)
     for path in candidates:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,7 @@ from .errors import InputError
 from .inference import Prediction, Predictor, PredictProgress
 from .labels import LabelTable
 from .metrics import evaluate
+from .modelcard import CONNECTIVITY_FILE
 from .plots import _atomic_write, connectivity_figure, save_figure_png
 
 
@@ -176,7 +177,7 @@ def run_demo(out_dir: str | Path, *, model: str | None = None, sample: str = "mr
     shown_labels, _ = canonical_orientation(labels, "RAS")
     save_figure_png(overlay_figure(shown.array, shown_labels.array, table, shown.spacing, title=title,
                                    window=CT_WINDOW if sample == "ct" else None), out / "overlay.png")
-    connectivity = bundled.folder / "connectivity.json"
+    connectivity = bundled.folder / CONNECTIVITY_FILE
     if connectivity.is_file():
         from .sparse import ConnectivityRecord
 

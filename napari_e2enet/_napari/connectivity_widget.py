@@ -31,11 +31,10 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import InputError
+from ..modelcard import CONNECTIVITY_FILE as RECORD_FILE
 from ..plots import connectivity_figure, entry_label, save_figure_png, snapshots, write_connectivity_csv
 from ._qt_util import open_path_dialog, save_path_dialog, save_start_folder, scroll_layout
 from .runs import RunRegistry, registry_for
-
-RECORD_FILE = "connectivity.json"
 
 
 def find_record(path: str | Path) -> Path:

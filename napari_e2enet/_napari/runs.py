@@ -23,7 +23,8 @@ from typing import Any
 
 from psygnal import Signal
 
-MODEL_FILE = "model.safetensors"
+from ..modelcard import MODEL_FILE, holds_model
+
 ENV_RUNS = "NAPARI_E2ENET_RUNS"
 
 
@@ -74,7 +75,7 @@ class RunRegistry:
 
     def runs(self) -> list[RunInfo]:
         """Session runs (newest first), then run folders found under ``runs_root`` (newest first)."""
-        out = [r for r in self._added if r.model_file.is_file()]
+        out = [r for r in self._added if holds_model(r.path)]
         seen = {r.path for r in out}
         found: list[tuple[float, RunInfo]] = []
         if self._root.is_dir():

@@ -49,6 +49,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import InputError
 from ..labels import LabelTable
+from ..modelcard import holds_model, resolve_model
 from ..training.finetune import FinetuneConfig, warm_up_finetune
 from . import edits
 from ._qt_util import (
@@ -87,13 +88,7 @@ def available_devices() -> list[str]:
 
 def model_file_for(spec: str | None) -> Path:
     """The ``model.safetensors`` behind a model spec (bundled name, file, or run folder)."""
-    from ..bundled import bundled_model, list_bundled_models
-
-    if spec is None or str(spec) in list_bundled_models():
-        return bundled_model(spec).weights if spec is not None else bundled_model().weights
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "model.safetensors"
+    path = resolve_model(spec).path
     if not path.is_file():
         raise InputError("no model file here", path)
     return path
@@ -665,7 +660,7 @@ class SegmentWidget(QWidget):
             self.status_label.setText("Fine-tuning cancelled; nothing was kept.")
             show_info("napari-e2enet: fine-tuning cancelled")
             return
-        if not (run_dir / "model.safetensors").is_file():
+        if not holds_model(run_dir):
             show_error(f"{run_dir}: fine-tuning finished without writing a model")
             return
         self.registry.add(run_dir, label=run_dir.name, kind="finetune")

@@ -38,7 +38,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..config import TrainConfig, load_config, train_config
 from ..errors import InputError
+from ..modelcard import CONFIG_FILE, STATE_FILE, holds_model
 from ..plots import plot_loss, plot_validation_dice
 from ._qt_util import LabelsCombo, LayerCombo, open_path_dialog, scroll_layout
 from .layers import META_KEY, check_same_grid, layer_to_volume
@@ -235,10 +237,8 @@ class TrainWidget(QWidget):
         if self.runs_edit.text().strip() != str(self.registry.runs_root):
             self.runs_edit.setText(str(self.registry.runs_root))
 
-    def config(self):
-        """The TrainConfig the options describe."""
-        from ..config import DataConfig, SparsityConfig, TrainConfig
-
+    def config(self) -> TrainConfig:
+        """The TrainConfig the options describe (the CLI's mapping: ``config.train_config``)."""
         source = "napari layers" if self.source_layers.isChecked() else self.folder_edit.text().strip()
         text = self.overrides_edit.text().strip()
         try:
@@ -247,20 +247,13 @@ class TrainWidget(QWidget):
             raise InputError(f"model overrides are not valid JSON ({exc.msg})") from None
         if not isinstance(overrides, dict):
             raise InputError("model overrides must be a JSON object")
-        return TrainConfig(
-            model=self.model_combo.currentText(),
-            model_overrides=overrides,
-            sparsity=SparsityConfig(sparsity=float(self.sparsity_spin.value()),
-                                    update_every=int(self.update_every_spin.value())),
-            data=DataConfig(source=source, patch=tuple(int(s.value()) for s in self.patch_spins),  # type: ignore[arg-type]
-                            batch=int(self.batch_spin.value())),
-            iterations=int(self.iterations_spin.value()),
-            iterations_per_epoch=int(self.per_epoch_spin.value()),
-            lr=float(self.lr_spin.value()),
-            optimizer=self.optimizer_combo.currentText(),
-            device=self.device_combo.currentText(),
-            validation=str(self.validation_combo.currentData()),
-        )
+        return train_config(
+            model=self.model_combo.currentText(), model_overrides=overrides,
+            sparsity=float(self.sparsity_spin.value()), update_every=int(self.update_every_spin.value()),
+            source=source, patch=tuple(int(s.value()) for s in self.patch_spins), batch=int(self.batch_spin.value()),
+            iterations=int(self.iterations_spin.value()), iterations_per_epoch=int(self.per_epoch_spin.value()),
+            lr=float(self.lr_spin.value()), optimizer=self.optimizer_combo.currentText(),
+            device=self.device_combo.currentText(), validation=str(self.validation_combo.currentData()))
 
     def _layers_dataset(self):
         from ..data import Dataset
@@ -295,7 +288,7 @@ class TrainWidget(QWidget):
         self._runs_edited()
         name = self.run_name_edit.text().strip()
         run_dir = self._resolve_run(name) if name else self.registry.new_run_dir("train")
-        if (run_dir / "training_state.pt").exists():
+        if (run_dir / STATE_FILE).exists():
             show_error(f"{run_dir}: this run folder already holds a run; use Resume, or choose another name")
             return None
         try:
@@ -315,13 +308,11 @@ class TrainWidget(QWidget):
             return None
         name = self.run_name_edit.text().strip()
         run_dir = self._resolve_run(name) if name else self.run_dir
-        if run_dir is None or not (run_dir / "training_state.pt").is_file():
-            show_error(f"{run_dir or 'Resume'}: no resumable training state (training_state.pt) found")
+        if run_dir is None or not (run_dir / STATE_FILE).is_file():
+            show_error(f"{run_dir or 'Resume'}: no resumable training state ({STATE_FILE}) found")
             return None
         try:
-            from ..config import TrainConfig, load_config
-
-            saved = load_config(run_dir / "config.json", TrainConfig)
+            saved = load_config(run_dir / CONFIG_FILE, TrainConfig)
             dataset = self._layers_dataset() if saved.data.source == "napari layers" else None
         except (InputError, ValueError) as err:
             show_error(error_message(err))
@@ -416,7 +407,7 @@ class TrainWidget(QWidget):
             show_error(error_message(job.error))
             return
         kind = getattr(self.last_event, "kind", "")
-        if run_dir is not None and (run_dir / "model.safetensors").is_file():
+        if run_dir is not None and holds_model(run_dir):
             stopped = job.cancelled or kind == "stopped"
             self.registry.add(run_dir, label=run_dir.name + (" (stopped)" if stopped else ""), kind="train")
             what = "stopped (Resume continues it)" if stopped else "finished"

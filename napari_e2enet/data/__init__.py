@@ -5,13 +5,13 @@ sees (C, D, H, W) after ``preprocess`` (D = coarsest axis), and ``Inverse`` brin
 """
 
 from .augment import MIRROR_MODES, AugmentConfig, mirror_axes_for
-from .dataset import Case, Dataset, load_dataset, modality_from_channels
+from .dataset import Case, Dataset, load_dataset, modality_from_channels, phantom_dataset
 from .dicom import DicomSeries, is_dicom_source, list_dicom_series, read_dicom_series, write_dicom_seg
 from .intended_input import IntendedInput, input_warnings, scan_statistics
 from .io import case_name, read_geometry, read_image, read_labels, read_volume, volume_format, write_volume
 from .metaimage import read_metaimage, write_metaimage
 from .nrrd import read_nrrd, read_seg_nrrd, write_nrrd, write_seg_nrrd
-from .phantom import AMOS_LABELS, make_phantom, phantom_dataset
+from .phantom import AMOS_LABELS, make_phantom
 from .preprocess import Inverse, Plan, axis_order, fingerprint, preprocess, preprocess_case, preprocess_labels
 from .sampling import PatchSampler, SampleSpec
 from .volume import Volume

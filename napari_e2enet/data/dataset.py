@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ..pathcheck import require_file
 from .io import NIFTI_SUFFIXES, _same_geometry, as_label_array, read_geometry, read_image, read_labels
+from .phantom import AMOS_LABELS, make_phantom
 from .volume import Volume
 
 __all__ = ["Case", "Dataset", "load_dataset", "modality_from_channels"]
@@ -677,7 +678,42 @@ def load_dataset(source: str | Path, *, check: bool = True) -> Dataset:
         m = re.fullmatch(r"phantom:(\d+)(?::(\d+))?", text.strip())
         if not m or int(m.group(1)) < 1:
             raise InputError(f"{text!r}: expected phantom:N (N >= 1) or phantom:N:SEED")
-        from .phantom import phantom_dataset
-
         return phantom_dataset(int(m.group(1)), seed=int(m.group(2) or 0))
     return _load_folder(Path(source), check)
+
+
+def _phantom_case_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def phantom_dataset(
+    n: int,
+    seed: int = 0,
+    *,
+    shape: tuple[int, int, int] = (96, 96, 64),
+    spacing: tuple[float, float, float] = (1.5, 1.5, 3.0),
+    lazy: bool = False,
+) -> Dataset:
+    """``n`` phantom cases (CT, AMOS labels) named ``phantom_000`` …; case i uses seed (seed, i).
+
+    In memory by default; ``lazy=True`` renders each case on ``Case.load()`` instead (for many cases).
+    """
+    if n < 1:
+        raise ValueError("phantom_dataset: n must be >= 1")
+    cases = []
+    for i in range(n):
+        case_seed = _phantom_case_seed(seed, i)
+        name = f"phantom_{i:03d}"
+        if lazy:
+
+            def factory(s: int = case_seed, nm: str = name) -> tuple[Volume, Volume | None]:
+                img, lab = make_phantom(s, shape, spacing)
+                img.name = lab.name = nm
+                return img, lab
+
+            cases.append(Case(name, None, None, factory))
+        else:
+            img, lab = make_phantom(case_seed, shape, spacing)
+            img.name = lab.name = name
+            cases.append(Case(name, img, lab))
+    return Dataset(cases, dict(AMOS_LABELS), ("CT",), "CT", f"phantom:{n}", None)

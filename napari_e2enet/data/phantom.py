@@ -1,5 +1,8 @@
 """A procedural abdominal CT phantom with AMOS-style organ labels (tests, benchmarks, demo).
 
+This module draws volumes only; ``data.dataset.phantom_dataset`` makes a Dataset of them (so the
+dataset module depends on the phantom, never the reverse).
+
 ``make_phantom(seed)`` draws one case: a body outline with skin/subcutaneous fat, abdominal wall and
 back muscles, visceral fat with bowel loops (some with gas), spine (vertebral bodies, discs, arches,
 spinal canal), ribs and iliac bones (bone is not labelled), and the organs below, with plausible
@@ -27,10 +30,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..labels import AMOS
-from .dataset import Case, Dataset
 from .volume import Volume
 
-__all__ = ["AMOS_LABELS", "make_phantom", "phantom_affine", "phantom_dataset"]
+__all__ = ["AMOS_LABELS", "make_phantom", "phantom_affine"]
 
 AMOS_LABELS: dict[int, str] = dict(AMOS.names)  # the AMOS preset, background included
 
@@ -379,40 +381,3 @@ def _on(shape: tuple[tuple[slice, ...], np.ndarray], sl: tuple[slice, ...]) -> n
     src = tuple(slice(lo_ - s.start, h - s.start) for lo_, h, s in zip(lo, hi, own_sl, strict=True))
     out[dst] = mask[src]
     return out
-
-
-def _case_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
-
-
-def phantom_dataset(
-    n: int,
-    seed: int = 0,
-    *,
-    shape: tuple[int, int, int] = (96, 96, 64),
-    spacing: tuple[float, float, float] = (1.5, 1.5, 3.0),
-    lazy: bool = False,
-) -> Dataset:
-    """``n`` phantom cases (CT, AMOS labels) named ``phantom_000`` …; case i uses seed (seed, i).
-
-    In memory by default; ``lazy=True`` renders each case on ``Case.load()`` instead (for many cases).
-    """
-    if n < 1:
-        raise ValueError("phantom_dataset: n must be >= 1")
-    cases = []
-    for i in range(n):
-        case_seed = _case_seed(seed, i)
-        name = f"phantom_{i:03d}"
-        if lazy:
-
-            def factory(s: int = case_seed, nm: str = name) -> tuple[Volume, Volume | None]:
-                img, lab = make_phantom(s, shape, spacing)
-                img.name = lab.name = nm
-                return img, lab
-
-            cases.append(Case(name, None, None, factory))
-        else:
-            img, lab = make_phantom(case_seed, shape, spacing)
-            img.name = lab.name = name
-            cases.append(Case(name, img, lab))
-    return Dataset(cases, dict(AMOS_LABELS), ("CT",), "CT", f"phantom:{n}", None)

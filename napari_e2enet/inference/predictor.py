@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..bundled import DEFAULT_MODEL, bundled_model
+from ..bundled import rank_bundled_models
 from ..config import InferenceConfig
 from ..data import Plan, Volume, preprocess
 from ..data.intended_input import IntendedInput, input_warnings, scan_statistics
@@ -34,8 +34,9 @@ from ..data.preprocess import field_of_view
 from ..device import resolve_device
 from ..errors import InputError
 from ..labels import LabelTable
+from ..memory import check_memory, network_grid, prediction_bytes
+from ..modelcard import DEFAULT_MODEL, ModelCard, bundled_model, load_model, model_file_in, resolve_model
 from ..models import E2ENet
-from ..training.checkpoint import load_model
 from .sliding_window import SlidingWindowResult, TileProgress, iter_sliding_window
 
 MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))  # tensor dims of (N, C, D, H, W)
@@ -99,27 +100,11 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, config: InferenceConfig | None = None, *,
                         expected_sha256: str | None = None) -> Predictor:
         """A ``model.safetensors`` file, or a run folder / bundled-model folder containing one."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "model.safetensors"
+        path = model_file_in(path)
         model, meta = load_model(path, expected_sha256=expected_sha256)
-        if "plan" not in meta or "labels" not in meta:
-            raise InputError("model file lacks its preprocessing plan or label table", path)
-        try:
-            train = meta.get("train_config") or {}
-            patch = tuple(int(p) for p in (train.get("data") or {}).get("patch") or meta.get("patch") or (64, 64, 64))
-            if len(patch) != 3 or min(patch) < 1:
-                raise ValueError(f"patch {list(patch)} is not 3 positive sizes")
-            plan, labels = Plan.from_dict(meta["plan"]), LabelTable.from_dict(meta["labels"])
-            mirror_axes = tuple(int(a) for a in meta.get("mirror_axes", (0, 1, 2)))  # older files: all
-            if not set(mirror_axes) <= {0, 1, 2}:
-                raise ValueError(f"mirror axes {list(mirror_axes)} are not network axes 0..2")
-            intended = IntendedInput.from_dict(meta["intended_input"]) if "intended_input" in meta else None
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-            raise InputError(f"unusable metadata in the model file ({detail})", path) from None
-        return cls(model, plan, labels, patch=patch, config=config, source=str(path), mirror_axes=mirror_axes,
-                   intended=intended)
+        card = ModelCard.from_metadata(meta, path)
+        return cls(model, card.plan, card.labels, patch=card.patch, config=config, source=str(path),
+                   mirror_axes=card.mirror_axes, intended=card.intended)
 
     @classmethod
     def from_bundled(cls, name: str = DEFAULT_MODEL, config: InferenceConfig | None = None) -> Predictor:
@@ -130,20 +115,8 @@ class Predictor:
     @classmethod
     def from_any(cls, spec: str | Path | None, config: InferenceConfig | None = None) -> Predictor:
         """``None`` → the default bundled model; a bundled name; or a path to a file/run folder."""
-        if spec is None:
-            return cls.from_bundled(config=config)
-        from ..bundled import list_bundled_models
-
-        if str(spec) in list_bundled_models():
-            return cls.from_bundled(str(spec), config)
-        from ..pathcheck import special_kind
-
-        kind = special_kind(spec)
-        if kind is not None:
-            raise InputError(f"not a model file, run folder or bundled model name ({kind})", spec)
-        if not Path(spec).exists():
-            raise InputError("no such model file, run folder or bundled model name", spec)
-        return cls.from_checkpoint(spec, config)
+        source = resolve_model(spec)  # a bundled model's checksum is verified before loading
+        return cls.from_checkpoint(source.path, config, expected_sha256=source.sha256)
 
     # -- prediction ----------------------------------------------------------------------------
     @property
@@ -202,8 +175,6 @@ class Predictor:
 
     def _fitting_bundled_model(self, stats: Any) -> tuple[str, str] | None:
         """(name, what it expects) of a bundled model that would give no warning, other than this one."""
-        from ..bundled import rank_bundled_models
-
         for name, warnings in rank_bundled_models(stats):
             intended = bundled_model(name).intended
             if not warnings and intended is not None and intended != self.intended:
@@ -243,8 +214,6 @@ class Predictor:
     def _check_memory(self, crop: Volume, name: str | None) -> None:
         """Refuse (one line naming the model file) a volume whose resampling to this model's voxel size
         would need more memory than there is, before allocating any of it."""
-        from ..memory import check_memory, network_grid, prediction_bytes
-
         grid = network_grid(crop, self.plan)
         need = prediction_bytes(crop.spatial_shape, crop.num_channels, grid, self.model.config.num_classes,
                                 self.patch)

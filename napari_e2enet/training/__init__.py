@@ -1,34 +1,15 @@
-"""Training: losses, the event-yielding loop, checkpoints, DDP set-up.
+"""Training: losses, the event-yielding loop, checkpoints, fine-tuning, DDP set-up.
 
-The names below are imported on first use (PEP 562): inference needs only ``checkpoint``, and the
-loop's dependencies (MONAI's losses pull in ~190 MiB of modules and ~2.5 s of import time) would
-otherwise be loaded by every ``predict``.
+Nothing below this package imports it (``inference`` reads model files through
+:mod:`napari_e2enet.modelcard`), so ``predict`` never loads the loop's dependencies (MONAI's losses:
+~190 MiB of modules, ~2.5 s of import time). The model-file functions are re-exported here because
+notebooks and scripts use them as ``napari_e2enet.training.load_model``.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .checkpoint import load_model, load_state, read_metadata, save_model, save_state, sha256_of
-    from .loop import Trainer, TrainEvent, TrainSummary, poly_lr
-    from .losses import DeepSupervisionLoss, deep_supervision_weights
-
-_WHERE = {
-    "load_model": "checkpoint",
-    "load_state": "checkpoint",
-    "read_metadata": "checkpoint",
-    "save_model": "checkpoint",
-    "save_state": "checkpoint",
-    "sha256_of": "checkpoint",
-    "Trainer": "loop",
-    "TrainEvent": "loop",
-    "TrainSummary": "loop",
-    "poly_lr": "loop",
-    "DeepSupervisionLoss": "losses",
-    "deep_supervision_weights": "losses",
-}
+from ..modelcard import load_model, read_metadata, save_model, sha256_of
+from .checkpoint import load_state, save_state
+from .loop import Trainer, TrainEvent, TrainSummary, poly_lr
+from .losses import DeepSupervisionLoss, deep_supervision_weights
 
 __all__ = [
     "DeepSupervisionLoss",
@@ -44,13 +25,3 @@ __all__ = [
     "save_state",
     "sha256_of",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])

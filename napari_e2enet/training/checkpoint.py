@@ -1,194 +1,24 @@
-"""Model files and resumable training state.
+"""The resumable training state (``training_state.pt``).
 
-- ``model.safetensors``: the state dict — weights (pruned kernels exactly zero) and the kernel masks
-  (bool buffers ``<module>.kernel_mask``) — plus metadata (model config, preprocessing plan, label table, format version)
-  in the safetensors header. Loading never executes code.
-- ``training_state.pt``: optimizer, DSFF updater, iteration and history; only plain tensors and
-  containers, loaded with ``torch.load(weights_only=True)`` so a pickle payload cannot run, and
-  verified against the SHA-256 of its content stored inside it (damage is refused, not resumed).
-Both are written to a temporary name and renamed, so a crash never leaves half a file.
+Optimizer, DSFF updater, iteration and history; only plain tensors and containers, loaded with
+``torch.load(weights_only=True)`` so a pickle payload cannot run, and verified against the SHA-256
+of its content stored inside it (damage is refused, not resumed). Written to a temporary name and
+renamed, so a crash never leaves half a file. Model files are :mod:`napari_e2enet.modelcard`'s.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
 from ..errors import InputError
 from ..fileio import atomic_output
-from ..models import E2ENet, create_model
+from ..modelcard import first_line
 
-FORMAT = "napari-e2enet/model"
-FORMAT_VERSION = "1"
-MASK_KEY = "kernel_mask"
-
-
-def save_model(model: E2ENet, path: str | Path, *, metadata: dict[str, Any] | None = None) -> Path:
-    """Write weights, masks and metadata (JSON-able values) to a safetensors file atomically."""
-    path = Path(path)
-    tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "model_config": json.dumps(model.config.to_dict())}
-    for key, value in (metadata or {}).items():
-        meta[key] = value if isinstance(value, str) else json.dumps(value)
-    with atomic_output(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-        except SafetensorError as exc:  # e.g. disk full: safetensors reports I/O errors as SafetensorError
-            raise InputError(f"cannot write ({_first_line(exc)})", path) from None
-    return path
-
-
-def update_metadata(path: str | Path, changes: dict[str, Any]) -> Path:
-    """Rewrite a model file's metadata with ``changes`` (JSON-able values), tensors unchanged, atomically."""
-    path = Path(path)
-    read_metadata(path)  # refuses a file that is not a napari-e2enet model
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-    tensors = load_file(str(path), device="cpu")
-    for key, value in changes.items():
-        meta[key] = value if isinstance(value, str) else json.dumps(value)
-    with atomic_output(path) as tmp:
-        try:
-            save_file(tensors, str(tmp), metadata=meta)
-        except SafetensorError as exc:
-            raise InputError(f"cannot write ({_first_line(exc)})", path) from None
-    return path
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split())[:200] if text else type(exc).__name__
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The metadata of a model file, JSON values decoded. Raises InputError for non-model files."""
-    from ..pathcheck import require_file
-
-    path = require_file(path, "model file not found")  # a FIFO or /dev/zero: said so, never read
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as fh:
-            raw = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"not a safetensors model file ({exc})", path) from None
-    if raw.get("format") != FORMAT:
-        raise InputError("not a napari-e2enet model file (no napari-e2enet metadata)", path)
-    version = str(raw.get("format_version", FORMAT_VERSION)).strip()
-    if not version.isdigit():
-        raise InputError(f"unreadable model format_version {version[:40]!r} (this napari-e2enet reads version "
-                         f"{FORMAT_VERSION})", path)
-    if int(version) > int(FORMAT_VERSION):  # written by a newer napari-e2enet: fields may mean something else
-        raise InputError(f"model format_version {version} is newer than this napari-e2enet reads ({FORMAT_VERSION}); "
-                         "update napari-e2enet to use this model", path)
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        try:
-            out[key] = json.loads(value)
-        except (json.JSONDecodeError, RecursionError):  # kept as text; whoever needs it refuses it
-            out[key] = value
-    return out
-
-
-def load_model(path: str | Path, *, expected_sha256: str | None = None,
-               device: str | torch.device = "cpu") -> tuple[E2ENet, dict[str, Any]]:
-    """Build the model a file describes and load its weights and masks; returns (model, metadata).
-
-    ``expected_sha256``: refuse the file unless its checksum matches (bundled models).
-    """
-    path = Path(path)
-    if expected_sha256 is not None:
-        actual = sha256_of(path) if path.is_file() else None
-        if actual != expected_sha256:
-            raise InputError(f"checksum mismatch (expected {expected_sha256[:12]}…, got "
-                             f"{(actual or 'missing')[:12]}…): the file is damaged or was replaced", path)
-    meta = read_metadata(path)
-    try:
-        config = ModelConfig.from_dict(meta["model_config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputError(f"invalid model config in metadata ({exc})", path) from None
-    _check_shapes(config, path)  # before any allocation: a tampered config cannot ask for terabytes
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise InputError(f"cannot read weights ({exc})", path) from None
-    for name, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise InputError(f"tensor {name} contains NaN or Inf values", path)
-    model = create_model(config, sparsity=0.0)
-    masks = {k[: -len(MASK_KEY)] + "weight": v for k, v in tensors.items() if k.endswith(MASK_KEY)}
-    try:
-        model.set_masks(masks)  # creates the mask buffers, so the strict load below expects them
-        model.load_state_dict(tensors, strict=True)
-    except (RuntimeError, ValueError) as exc:
-        raise InputError(f"weights do not fit the described architecture ({str(exc).splitlines()[0][:200]})",
-                         path) from None
-    model.apply_masks()
-    return model.to(device), meta
-
-
-class _SkipInitOnMeta(torch.overrides.TorchFunctionMode):
-    """In-place ops (weight init) on meta tensors are no-ops: only shapes are wanted, and torch's first
-    ``normal_`` on the meta device costs seconds. Thread-local, like the ``torch.device`` context."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor) \
-                and args[0].is_meta:
-            return args[0]
-        return func(*args, **(kwargs or {}))
-
-
-def _check_shapes(config: ModelConfig, path: Path) -> None:
-    """Compare the file's tensor names and shapes with the architecture its metadata describes.
-
-    The model is built on the ``meta`` device (no memory), so a file whose metadata was altered to
-    describe a huge or different network is refused before anything is allocated.
-    """
-    from safetensors import safe_open
-
-    try:
-        with torch.device("meta"), _SkipInitOnMeta():
-            expected = {k: tuple(v.shape) for k, v in create_model(config, sparsity=0.0).state_dict().items()}
-        with safe_open(str(path), framework="pt") as fh:
-            found = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise InputError(f"cannot read weights ({str(exc).splitlines()[0][:200] if str(exc) else exc!r})",
-                         path) from None
-    for name, shape in found.items():
-        if name.endswith(MASK_KEY):
-            weight = name[: -len(MASK_KEY)] + "weight"
-            if weight not in expected:
-                raise InputError(f"mask {name} has no weight in the described architecture", path)
-            continue
-        if name not in expected:
-            raise InputError(f"unexpected tensor {name} (the file does not fit the described architecture)", path)
-        if shape != expected[name]:
-            raise InputError(f"tensor {name} has shape {list(shape)} but the described architecture needs "
-                             f"{list(expected[name])}", path)
-    missing = sorted(set(expected) - set(found))
-    if missing:
-        raise InputError(f"tensor {missing[0]} is missing ({len(missing)} missing; the file does not fit the "
-                         "described architecture)", path)
-
+__all__ = ["DIGEST_KEY", "load_state", "save_state", "state_digest"]
 
 DIGEST_KEY = "content_sha256"
 
@@ -232,7 +62,7 @@ def save_state(state: dict[str, Any], path: str | Path) -> Path:
         try:
             torch.save(state, tmp)
         except RuntimeError as exc:  # e.g. disk full: torch's zip writer reports a short write as RuntimeError
-            raise InputError(f"cannot write ({_first_line(exc)})", path) from None
+            raise InputError(f"cannot write ({first_line(exc)})", path) from None
     return path
 
 

@@ -49,20 +49,26 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from ..config import MIN_UPDATE_EVERY, SparsityConfig
-from ..data import Plan, Volume, preprocess, preprocess_labels
+from ..data import Volume, preprocess, preprocess_labels
 from ..data.preprocess import field_of_view
 from ..device import ThreadChooser, resolve_device
 from ..errors import InputError
 from ..fileio import atomic_write_text
-from ..labels import LabelTable
+from ..modelcard import (
+    FINETUNE_FILE,
+    MODEL_FILE,
+    ModelCard,
+    load_model,
+    model_file_in,
+    read_metadata,
+    save_model,
+)
 from ..models import E2ENet
 from ..sparse import DSFFUpdater
-from .checkpoint import load_model, read_metadata, save_model
 from .losses import deep_supervision_weights
 
 __all__ = ["FinetuneConfig", "FinetuneEvent", "correction_region", "finetune", "iter_finetune", "masked_dice_ce"]
 
-MODEL_FILE = "model.safetensors"
 TRAINABLE = ("decoder", "all")
 
 
@@ -258,13 +264,10 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
     config = config or FinetuneConfig()
     stop = stop or threading.Event()
     t0 = time.perf_counter()
-    model_file = Path(model_file)
-    if model_file.is_dir():
-        model_file = model_file / MODEL_FILE
+    model_file = model_file_in(model_file)
     meta = read_metadata(model_file)
-    if "plan" not in meta or "labels" not in meta:
-        raise InputError("model file lacks its preprocessing plan or label table", model_file)
-    plan, table = Plan.from_dict(meta["plan"]), LabelTable.from_dict(meta["labels"])
+    card = ModelCard.from_metadata(meta, model_file)
+    plan, table = card.plan, card.labels
     if labels.spatial_shape != image.spatial_shape:
         raise InputError(f"labels shape {labels.spatial_shape} differs from the image's {image.spatial_shape}",
                          labels.name or None)
@@ -354,7 +357,7 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
             "region_voxels": int(region.sum()), "seconds": round(time.perf_counter() - t0, 2),
             "cpu_threads": cpu_threads}
     save_model(model, run_dir / MODEL_FILE, metadata={**keep, "iterations": total, "finetune": info})
-    atomic_write_text(run_dir / "finetune.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_text(run_dir / FINETUNE_FILE, json.dumps(info, indent=2) + "\n")
     yield FinetuneEvent("done", total, total, loss_value, time.perf_counter() - t0, run_dir=run_dir)
 
 

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import TrainConfig, load_config, save_config
+from ..config import ModelConfig, TrainConfig, load_config, save_config
 from ..data import (
     AugmentConfig,
     Dataset,
@@ -69,21 +69,25 @@ from ..fileio import FolderLock, atomic_write_text, describe_holder, remove_stal
 from ..inference.sliding_window import SlidingWindowCancelled, sliding_window_argmax
 from ..labels import LabelTable
 from ..metrics import dice
+from ..modelcard import (  # the run folder's file names are the model-file contract's
+    CONFIG_FILE,
+    CONNECTIVITY_FILE,
+    LOCK_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    RESULT_FILES,
+    RUN_FILES,
+    STATE_FILE,
+    ModelCard,
+    load_model,
+    read_metadata,
+    save_model,
+)
 from ..models import E2ENet, create_model
 from ..sparse import ConnectivityRecord, DSFFUpdater, TopologyUpdate
-from .checkpoint import load_model, load_state, save_model, save_state
+from .checkpoint import load_state, save_state
 from .losses import DeepSupervisionLoss
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "training_state.pt"
-METRICS_FILE = "metrics.csv"
-CONNECTIVITY_FILE = "connectivity.json"
-LOCK_FILE = "train.lock"
-ERROR_LOG = "error.log"  # where the CLI puts the traceback of an unexpected error in this run
-# Files that make a folder hold a run (config.json alone is a run that never saved anything).
-RESULT_FILES = (MODEL_FILE, STATE_FILE, METRICS_FILE, CONNECTIVITY_FILE)
-RUN_FILES = (CONFIG_FILE, *RESULT_FILES, ERROR_LOG)
 _VALIDATION_STREAM = 0x7A11  # the PatchSampler "rank" of the validation patches (apart from training's)
 _clock = time.monotonic  # the wall clock of the timed saves (tests replace it)
 
@@ -355,9 +359,6 @@ class Trainer:
                 plan = Plan.from_dict(json.loads(state["plan"]))
             plan_source = state_path
         if self.init_from is not None:
-            from ..config import ModelConfig
-            from .checkpoint import read_metadata
-
             meta = read_metadata(self.init_from)
             if plan is None:
                 with _bad_content(self.init_from, "preprocessing plan in the model metadata"):
@@ -428,10 +429,9 @@ class Trainer:
             if not self.writes:
                 return
             saved.update(iteration=iteration, at=_clock())
-            save_model(model, self.run_dir / MODEL_FILE, metadata={
-                "plan": data.plan.to_dict(), "labels": data.labels.to_dict(), "iterations": iteration,
-                "train_config": cfg.to_dict(), "mirror_axes": list(data.mirror_axes),
-                "intended_input": data.intended.to_dict()})
+            card = ModelCard(data.plan, data.labels, model.config, cfg.data.patch, data.mirror_axes, data.intended,
+                             cfg.to_dict(), iteration)
+            save_model(model, self.run_dir / MODEL_FILE, metadata=card.to_metadata())
             record.to_json(self.run_dir / CONNECTIVITY_FILE)
             _write_metrics(self.run_dir / METRICS_FILE, history)
             save_state(snapshot_state(iteration), self.run_dir / STATE_FILE)

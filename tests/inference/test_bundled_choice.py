@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_e2enet import bundled
+from napari_e2enet import bundled, modelcard
 from napari_e2enet.bundled import DEFAULT_MODEL, best_bundled_model, bundled_model, rank_bundled_models
 from napari_e2enet.config import InferenceConfig
-from napari_e2enet.data import Volume, make_phantom, read_volume
+from napari_e2enet.data import Volume, make_phantom, phantom_dataset, read_volume
 from napari_e2enet.data.intended_input import IntendedInput
-from napari_e2enet.data.phantom import phantom_dataset
 from napari_e2enet.inference import Predictor
 from napari_e2enet.labels import AMOS
 from napari_e2enet.metrics import dice
@@ -54,7 +53,7 @@ ABDOMEN_CT = IntendedInput("CT", intensity="HU", spacing_mm=(1.5, 3.0), body_reg
 def test_the_choice_reads_only_the_cards_and_follows_the_modality(tmp_path, monkeypatch, ct, mri):
     """Cards without weights: the choice never loads a model."""
     _fake_bundle(tmp_path, {DEFAULT_MODEL: BRAIN, "ct-model": ABDOMEN_CT, "no-card-input": None})
-    monkeypatch.setattr(bundled, "resources_dir", lambda: tmp_path)
+    monkeypatch.setattr(modelcard, "resources_dir", lambda: tmp_path)
     assert best_bundled_model(ct) == "ct-model"
     assert best_bundled_model(mri) == DEFAULT_MODEL
     ranked = rank_bundled_models(ct)
@@ -65,7 +64,7 @@ def test_the_choice_reads_only_the_cards_and_follows_the_modality(tmp_path, monk
 def test_a_thin_slice_ct_still_goes_to_the_ct_model(tmp_path, monkeypatch, ct):
     """0.6 mm voxels draw a voxel-size warning from the CT model too; the modality decides first."""
     _fake_bundle(tmp_path, {DEFAULT_MODEL: BRAIN, "ct-model": ABDOMEN_CT})
-    monkeypatch.setattr(bundled, "resources_dir", lambda: tmp_path)
+    monkeypatch.setattr(modelcard, "resources_dir", lambda: tmp_path)
     thin = Volume(ct.array, np.diag([0.6, 0.6, 0.6, 1.0]))
     ranked = dict(rank_bundled_models(thin))
     assert len(ranked["ct-model"]) == 1 and "voxels of" in ranked["ct-model"][0]
@@ -74,7 +73,7 @@ def test_a_thin_slice_ct_still_goes_to_the_ct_model(tmp_path, monkeypatch, ct):
 
 def test_ties_go_to_the_default_model(tmp_path, monkeypatch, ct):
     _fake_bundle(tmp_path, {"a-ct-model": ABDOMEN_CT, DEFAULT_MODEL: ABDOMEN_CT})
-    monkeypatch.setattr(bundled, "resources_dir", lambda: tmp_path)
+    monkeypatch.setattr(modelcard, "resources_dir", lambda: tmp_path)
     assert best_bundled_model(ct) == DEFAULT_MODEL
     empty = Volume(np.zeros((20, 20, 20), np.float32), np.eye(4))
     assert best_bundled_model(empty) == DEFAULT_MODEL  # every model warns: nothing to segment

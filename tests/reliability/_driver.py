@@ -98,9 +98,9 @@ def install_hooks() -> None:
 
             torch.save = crashing(torch.save, 1)
         elif kind == "model":
-            from napari_e2enet.training import checkpoint
+            from napari_e2enet import modelcard
 
-            checkpoint.save_file = crashing(checkpoint.save_file, 1)
+            modelcard.save_file = crashing(modelcard.save_file, 1)
         else:
             raise SystemExit(f"unknown E2E_CRASH_WRITE kind {kind!r}")
 

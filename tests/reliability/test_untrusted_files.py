@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from napari_e2enet import bundled
+from napari_e2enet import bundled, modelcard
 from napari_e2enet.cli import main
 from napari_e2enet.errors import InputError
 from napari_e2enet.inference import Predictor
+from napari_e2enet.modelcard import sha256_of
 from napari_e2enet.training import load_model, load_state
-from napari_e2enet.training.checkpoint import sha256_of
 
 from .conftest import screen_lines
 
@@ -112,7 +112,7 @@ def fake_bundle(tmp_path, assets, monkeypatch):
     folder.mkdir(parents=True)
     weights = Path(shutil.copy(assets.model3, folder / "model.safetensors"))
     (folder / "model_card.json").write_text(json.dumps({"name": "tiny", "sha256": sha256_of(weights)}))
-    monkeypatch.setattr(bundled, "resources_dir", lambda: tmp_path / "resources")
+    monkeypatch.setattr(modelcard, "resources_dir", lambda: tmp_path / "resources")
     return weights
 
 
