@@ -28,8 +28,8 @@ from napari_e2enet.data import Plan, read_labels, read_volume
 from napari_e2enet.data.intended_input import IntendedInput
 from napari_e2enet.inference import Predictor
 from napari_e2enet.metrics import evaluate
+from napari_e2enet.modelcard import update_metadata
 from napari_e2enet.training import read_metadata, sha256_of
-from napari_e2enet.training.checkpoint import update_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ("model.safetensors", "metrics.csv", "connectivity.json", "config.json")
@@ -122,7 +122,9 @@ def phantom_heldout(weights: Path, config: dict, first: int, count: int) -> dict
     ``benchmarks/train_phantoms.py``); ``mean``: the mean over organs. Full pipeline (``Predictor``:
     resampling, sliding window with 50 % overlap, no TTA), as users get it.
     """
-    from napari_e2enet.data.phantom import _case_seed, make_phantom, phantom_dataset
+    from napari_e2enet.data.dataset import _phantom_case_seed as _case_seed
+    from napari_e2enet.data.dataset import phantom_dataset
+    from napari_e2enet.data.phantom import make_phantom
 
     source = str(config["data"]["source"])
     match = re.fullmatch(r"phantom:(\d+)(?::(\d+))?", source)
