@@ -38,6 +38,7 @@ Usage::
 
 As functions: ``run_patch_benchmark(...) -> list[dict]``, ``run_volume_benchmark(...)``,
 ``run_training_benchmark(...)``, ``machine_info() -> dict``, ``format_table(results, machine) -> str``.
+Training candidates (``TRAIN_MODELS``, ``training_candidate``): ``plain``, ``e2enet_sN``, ``small_sN``.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -320,21 +322,52 @@ def run_volume_benchmark(
     return results
 
 
-def _train_model(name: str, seed: int) -> tuple[nn.Module, float]:
+def training_candidate(name: str) -> tuple[str, float]:
+    """(architecture, sparsity) of a training candidate: ``plain``, ``e2enet_sN`` or ``small_sN`` with
+    S = N/10, N = 0..9; a leading zero is allowed (``e2enet_s08``), the spelling of the patch
+    candidates (``e2enet_fast_s08``). ValueError names the candidate and the accepted forms."""
     import re
 
+    if name == "plain":
+        return "plain", 0.0
+    match = re.fullmatch(r"(e2enet|small)_s0?(\d)", name)
+    if match is None:
+        raise ValueError(f"unknown training candidate {name!r}: plain, e2enet_sN or small_sN "
+                         "(S = N/10, N = 0..9, e.g. e2enet_s8 or e2enet_s08)")
+    return ("e2enet" if match[1] == "e2enet" else "e2enet_small"), int(match[2]) / 10
+
+
+_PLAIN_STRIDE = 32  # PlainConvUNet above: 5 stride-2 stages
+
+
+def check_training_candidates(models: Iterable[str], patch: int) -> None:
+    """ValueError (one line) for an unknown candidate or a patch a candidate cannot train on: the
+    deepest level must hold more than one voxel (InstanceNorm in training mode refuses 1×1×1) and the
+    skip connections must line up, so the patch is a multiple of the total stride and at least twice it.
+    Checked before any model is built, so a bad option ends the run in a second, not after the patch part."""
+    from .models import model_config
+
+    for name in models:
+        arch, _ = training_candidate(name)
+        if arch == "plain":
+            stride = _PLAIN_STRIDE
+        else:
+            pools = model_config(arch, in_channels=1, num_classes=NUM_CLASSES).pools
+            stride = max(math.prod(axis) for axis in zip(*pools))  # the patch is a cube
+        if patch % stride or patch < 2 * stride:
+            raise ValueError(f"patch {patch}: {name} downsamples by {stride}, so the training patch must be a "
+                             f"multiple of {stride} and at least {2 * stride}")
+
+
+def _train_model(name: str, seed: int) -> tuple[nn.Module, float]:
     from .models import create_model
 
-    if name != "plain" and not re.fullmatch(r"(e2enet|small)_s\d", name):
-        raise ValueError(f"unknown training candidate {name!r}: plain, e2enet_sN or small_sN (S = N/10)")
-
+    arch, sparsity = training_candidate(name)
     torch.manual_seed(seed)
-    if name == "plain":
+    if arch == "plain":
         model = _plain_unet()
         model.decoder.deep_supervision = True
         return model.train(), 0.0
-    arch = "e2enet" if name.startswith("e2enet") else "e2enet_small"
-    sparsity = float(name.rsplit("_s", 1)[1]) / 10
     return create_model(arch, sparsity=sparsity, seed=seed, num_classes=NUM_CLASSES).train(), sparsity
 
 
@@ -360,6 +393,8 @@ def run_training_benchmark(
     from .training.loop import train_step
     from .training.losses import DeepSupervisionLoss
 
+    models = list(models)
+    check_training_candidates(models, patch)
     torch.set_num_threads(threads)
     say = progress or (lambda _msg: None)
     loss_fn = DeepSupervisionLoss()

@@ -749,8 +749,38 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="mri: the MNI152 T1 sample (tissue); ct: the synthetic abdominal CT phantom (organs)")
     p.add_argument("--model", default=None, help="bundled model name (default: the bundled model that fits the sample)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--gui", action="store_true", help="also open napari with the image and the labels")
+    p.add_argument("--gui", action="store_true",
+                   help="then open napari with the image and the labels (needs the gui extra and a display)")
+    p.add_argument("--gui-close-after", type=float, default=None, help=argparse.SUPPRESS)  # tests close the window
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def _gui_problem() -> str | None:
+    """Why napari cannot open here (checked before the demo runs), or None."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("napari") is None or importlib.util.find_spec("qtpy") is None:
+        return "--gui needs napari and Qt: pip install 'napari-e2enet[gui]'"
+    if (sys.platform.startswith("linux") and not os.environ.get("DISPLAY") and not os.environ.get("WAYLAND_DISPLAY")
+            and os.environ.get("QT_QPA_PLATFORM", "") not in ("offscreen", "minimal")):
+        return "--gui needs a display (DISPLAY is not set; on a server use xvfb-run)"
+    return None
+
+
+def _show_demo(out: str, close_after: float | None) -> int:
+    """napari on the demo's results, in its own process: the CLI never imports Qt (the layers
+    contract), and a crash in the window cannot touch the results already written."""
+    import subprocess
+
+    command = [sys.executable, "-m", "napari_e2enet._napari.demo_viewer", out]
+    if close_after is not None:
+        command += ["--close-after", str(close_after)]
+    code = subprocess.run(command, check=False).returncode
+    if code:
+        sys.stderr.write(f"demo --gui: napari ended with exit code {code}; the results are in {out}/\n")
+        return 1
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -758,6 +788,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     from .demo import run_demo
 
+    if args.gui and (problem := _gui_problem()):
+        raise InputError(problem)
     bar = tqdm(desc="segment", unit="tile", file=sys.stderr)
 
     def progress(done: int, total: int) -> None:
@@ -778,9 +810,7 @@ def _demo(args: argparse.Namespace) -> int:
                          f"{report['seconds']:.1f} s on {report['device']} -> {args.out}/ (labels, overlay.png, "
                          "connectivity.png, report.json)\n")
     if args.gui:
-        from ._napari.demo_viewer import show_demo
-
-        show_demo(args.out)
+        return _show_demo(args.out, args.gui_close_after)
     return 0
 
 
@@ -801,9 +831,11 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--volume-models", nargs="+", default=None, help="whole-volume candidates")
     p.add_argument("--volume-patch", type=_POSITIVE, default=128, help="sliding-window tile (cube) for the volumes")
     p.add_argument("--volume-overlap", type=_OVERLAP, default=0.5)
-    p.add_argument("--train-models", nargs="+", default=None, help="plain, e2enet_sNN, small_sNN (S = NN/10)")
+    p.add_argument("--train-models", nargs="+", default=None,
+                   help="plain, e2enet_sN, small_sN (S = N/10; default: plain e2enet_s08 small_s08)")
     p.add_argument("--train-patch", type=_POSITIVE, default=64)
     p.add_argument("--train-batch", type=_POSITIVE, default=2)
+    p.add_argument("--train-iterations", type=_POSITIVE, default=6, help="timed training steps (after one warm-up)")
     p.add_argument("--threads", type=_POSITIVE, default=2)
     p.add_argument("--json", action="store_true", help="print the machine line and results as one JSON object")
 
@@ -824,6 +856,11 @@ def _bench(args: argparse.Namespace) -> int:
     unknown = sorted((set(args.models or ()) | set(args.volume_models or ())) - set(bench.MODELS))
     if unknown:
         raise InputError(f"unknown bench candidate(s) {unknown}; choose from {', '.join(bench.MODELS)}")
+    if "train" in args.parts:  # checked before the patch part, which may run for an hour
+        try:
+            bench.check_training_candidates(args.train_models or bench.TRAIN_MODELS, args.train_patch)
+        except ValueError as exc:
+            raise InputError(f"--train-models/--train-patch: {exc}") from None
     shapes = [_parse_shape(t) for t in args.volume_shapes]
     say = lambda m: sys.stderr.write(m + "\n")  # noqa: E731
     machine = bench.machine_info()
@@ -841,12 +878,10 @@ def _bench(args: argparse.Namespace) -> int:
                                                    threads=args.threads, progress=say)
         text.append(bench.format_volume_table(out["volume"]))
     if "train" in args.parts:
-        try:
-            out["training"] = bench.run_training_benchmark(args.train_models or bench.TRAIN_MODELS,
-                                                           patch=args.train_patch, batch=args.train_batch,
-                                                           threads=args.threads, progress=say)
-        except ValueError as exc:
-            raise InputError(f"--train-models: {exc}") from None
+        out["training"] = bench.run_training_benchmark(args.train_models or bench.TRAIN_MODELS,
+                                                       patch=args.train_patch, batch=args.train_batch,
+                                                       iterations=args.train_iterations, threads=args.threads,
+                                                       progress=say)
         text.append(bench.format_training_table(out["training"]))
     if args.json:
         emit_json(json_safe(out))

@@ -6,7 +6,10 @@
 - ``overlay.png``                  three orthogonal slices, labels over the image, with a legend
 - ``connectivity.png``             the DSFF connectivity the bundled model learned
 - ``report.json``                  Dice against the reference labels (whole volume and the region
-                                   the model never trained on), NSD, time, device, model
+                                   the model never trained on), NSD, time, device, model, and the
+                                   image and labels files (``image``, ``labels``)
+- ``labels.json``                  the model's label names and colours, beside the labels, where
+                                   napari's reader (and ``demo --gui``) looks for them
 
 ``run_demo(out_dir, sample="ct")`` segments the synthetic abdominal CT phantom (``make_phantom(0)``,
 napari's "abdomen_phantom" sample; no training case of the bundled CT model) with the organ model and
@@ -138,12 +141,14 @@ def run_demo(out_dir: str | Path, *, model: str | None = None, sample: str = "mr
     seconds = time.perf_counter() - t0
     labels: Volume = prediction.labels
     if sample == "mri":
+        image_path = sample_files()["image"]
         labels_path = write_volume(labels, out / "mni152_t1_2mm_labels.nii.gz", like=image)
     else:  # the phantom exists only in memory: write it beside its labels
-        write_volume(image, out / f"{image.name}.nii.gz")
+        image_path = write_volume(image, out / f"{image.name}.nii.gz")
         labels_path = write_volume(labels, out / f"{image.name}_labels.nii.gz", like=image)
 
     table = predictor.labels
+    _atomic_write(out / "labels.json", table.to_json().encode())
     names = {k: v for k, v in table.names.items() if k != 0}
     whole = evaluate(labels.array, reference.array, names, reference.spacing)
     report: dict[str, Any] = {
@@ -155,6 +160,8 @@ def run_demo(out_dir: str | Path, *, model: str | None = None, sample: str = "mr
         "dice": {"mean": whole["dice"]["mean"], **whole["dice"]["per_class"]},
         "nsd_1mm": {"mean": whole["nsd"]["mean"], **whole["nsd"]["per_class"]},
         "labels": str(labels_path.name),
+        # relative to the output folder when it is there (the CT phantom), else where it is installed
+        "image": str(image_path.name if image_path.parent == out else image_path),
         "warnings": list(prediction.warnings),
     }
     region = heldout_mask(image.spatial_shape, bundled.card) if sample == "mri" else None
