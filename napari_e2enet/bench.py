@@ -1,4 +1,4 @@
-"""``napari-e2enet bench``: E2ENet against nnU-Net's PlainConvUNet on this machine (PERFORMANCE.md).
+"""``napari-e2enet bench``: E2ENet against nnU-Net's PlainConvUNet on this machine (README "Speed and memory on a CPU").
 
 Three parts (``--parts patch volume train``):
 
@@ -13,7 +13,7 @@ Three parts (``--parts patch volume train``):
 Per-patch latency: one process, every candidate built once, warmed up once, then timed in interleaved rounds
 (round r runs every candidate once, in the same order); the table reports medians and each
 median's ratio to nnU-Net's PlainConvUNet (contiguous) at the same size and precision. Batch 1,
-1 input channel, 16 classes, random weights (PERFORMANCE.md).
+1 input channel, 16 classes, random weights.
 
 Candidates (``MODELS``):
 

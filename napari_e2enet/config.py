@@ -84,7 +84,7 @@ class _DictMixin:
 
 @dataclass(frozen=True)
 class ModelConfig(_DictMixin):
-    """Architecture of an E2ENet (spec E2ENET.md §1).
+    """Architecture of an E2ENet (network of the E2ENet paper, Wu et al., NeurIPS 2024; README "Paper fidelity").
 
     ``widths[i]`` is the channel count of level i (0 = full resolution). ``pools[i]`` is the
     down-sampling factor (D, H, W) from level i to level i+1, so ``len(pools) == len(widths) - 1``.
@@ -204,7 +204,7 @@ def e2enet_k333(in_channels: int = 1, num_classes: int = 16, **overrides: Any) -
 
 @dataclass(frozen=True)
 class SparsityConfig(_DictMixin):
-    """Dynamic sparse feature fusion (spec E2ENET.md §2).
+    """Dynamic sparse feature fusion (DSFF of the E2ENet paper, Wu et al., NeurIPS 2024; README "Paper fidelity").
 
     ``update_every`` is ΔT in iterations; 0 means "scale to the run" (see ``resolved_update_every``).
     """
@@ -246,7 +246,7 @@ MIN_UPDATE_EVERY = 40
 
 @dataclass(frozen=True)
 class DataConfig(_DictMixin):
-    """Where the cases come from and how they are prepared (spec E2ENET.md §4)."""
+    """Where the cases come from and how they are prepared (nnU-Net-style, as the E2ENet paper; docs/CONVENTIONS.md)."""
 
     source: str = "phantom:8"
     patch: Triple = (64, 64, 64)
@@ -285,7 +285,7 @@ class DataConfig(_DictMixin):
 
 @dataclass(frozen=True)
 class TrainConfig(_DictMixin):
-    """A training run (nnU-Net-style recipe, spec E2ENET.md §4)."""
+    """A training run (the E2ENet paper's nnU-Net-style recipe; CPU scale: docs/phantom-benchmark.md)."""
 
     model: str = "e2enet_small"
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -380,7 +380,7 @@ def train_config(base: TrainConfig | None = None, **options: Any) -> TrainConfig
 
 @dataclass(frozen=True)
 class InferenceConfig(_DictMixin):
-    """Sliding-window inference (spec E2ENET.md §4, PERFORMANCE.md)."""
+    """Sliding-window inference (nnU-Net-style, as the E2ENet paper; speed: README "Speed and memory on a CPU")."""
 
     overlap: float = 0.5
     tta: bool = False

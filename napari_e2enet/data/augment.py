@@ -1,4 +1,4 @@
-"""Training augmentation (spec E2ENET.md §4), nnU-Net v2 style, on single (C, D, H, W) patches.
+"""Training augmentation (the E2ENet paper's nnU-Net recipe), nnU-Net v2 style, on single (C, D, H, W) patches.
 
 Spatial: rotation ±30° (about all three axes for isotropic data, in-plane only — about D — for
 anisotropic data) and scaling 0.7–1.4, applied together as ONE resampling of the source volume

@@ -1,6 +1,6 @@
 """Preprocessing: axis order, resampling to the target spacing, intensity normalisation, and the way back.
 
-Spec E2ENET.md §4 and docs/CONVENTIONS.md:
+nnU-Net-style, as in the E2ENet paper (Wu et al., NeurIPS 2024), and docs/CONVENTIONS.md:
 
 - **Orientation.** With ``Plan.orientation = "RAS"`` (every model trained since the option exists) the
   volume is first brought to the closest RAS+ voxel order by permuting and flipping axes only (no

@@ -1,4 +1,4 @@
-"""Building blocks: the restricted depth shift and the conv unit (spec E2ENET.md §1)."""
+"""Building blocks: the restricted depth shift and the conv unit (E2ENet paper, Wu et al., NeurIPS 2024)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Parameter, MAC and paper-convention FLOP counts (spec E2ENET.md §3).
+"""Parameter, MAC and paper-convention FLOP counts (the E2ENet paper's table; README "Paper fidelity").
 
 Counted from the modules and masks actually built: a forward pass on the ``meta`` device (no memory,
 no arithmetic) records every convolution's output shape through hooks; masks give the active

@@ -81,7 +81,7 @@ class E2ENet(nn.Module):
         return tuple(out)
 
     def maskable(self) -> tuple[MaskableWeight, ...]:
-        """Every fusion conv weight and every up ConvTranspose weight (spec E2ENET.md §2)."""
+        """Every fusion conv weight and every up ConvTranspose weight (the paper's DSFF masks these)."""
         return self._maskable
 
     def masks(self) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The multi-stage fusion decoder (spec E2ENET.md §1).
+"""The multi-stage fusion decoder (E2ENet paper, Wu et al., NeurIPS 2024).
 
 Fused node x(i, j) (level i, stage j >= 1, i + j <= L-1) sees only stage j-1::
 

@@ -1,6 +1,6 @@
 """Dynamic sparse feature fusion (DSFF): kernel masks, schedule, updater, connectivity records.
 
-Spec E2ENET.md §2. Typical use in a training loop (one ``optimizer.step()`` per iteration)::
+DSFF of the E2ENet paper (Wu et al., NeurIPS 2024; README "Paper fidelity"). Typical use in a training loop (one ``optimizer.step()`` per iteration)::
 
     updater = DSFFUpdater(model, optimizer, SparsityConfig(), total_iterations=T, seed=0)
     record = ConnectivityRecord.for_model(model)

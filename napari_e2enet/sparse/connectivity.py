@@ -1,6 +1,6 @@
 """Learned connectivity of the fusion decoder → plain records (no plotting here).
 
-Spec E2ENET.md §2 ("Connectivity record"). For every fused node x(i, j) the first fusion conv
+DSFF of the E2ENet paper; the file format: docs/connectivity.md. For every fused node x(i, j) the first fusion conv
 (role ``"fuse"``, weight (C_i, C_in, kd, kh, kw)) reads the concatenation [forward | up | down];
 its input-channel slices (``NodeInfo.inputs``) tell which kernels listen to which source.
 :func:`snapshot` measures, per node and per direction, the active kernels and their L1 mass;

@@ -1,6 +1,6 @@
 """Kernel masks of the DSFF layers: which kernels are active, their counts, and enforcement.
 
-Spec E2ENET.md §2. One bool entry per kernel, i.e. per pair of the first two weight axes
+DSFF of the E2ENet paper (Wu et al., NeurIPS 2024). One bool entry per kernel, i.e. per pair of the first two weight axes
 (Conv3d (out, in); ConvTranspose3d (in, out)), constant over the kernel's spatial taps. Masked-off
 weights are stored as zeros in the ordinary parameters (no parametrization), so the backward pass
 still produces dense gradients for them — RigL-style gradient regrowth reads those.

@@ -1,6 +1,6 @@
 """When DSFF updates the topology and how much it prunes: pure functions of the step.
 
-Spec E2ENET.md §2. Iterations are counted as **optimizer steps completed**, 1 … ``total``:
+DSFF of the E2ENet paper (Wu et al., NeurIPS 2024). Iterations are counted as **optimizer steps completed**, 1 … ``total``:
 iteration ``t`` is the number passed to :meth:`DSFFUpdater.after_step` right after the t-th
 ``optimizer.step()``. Nothing here keeps state, so a resumed run needs only the iteration number.
 """

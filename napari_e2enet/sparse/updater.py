@@ -1,6 +1,6 @@
 """The DSFF topology updater: re-mask after every step, prune + regrow every ΔT iterations.
 
-Spec E2ENET.md §2. The trainer owns the optimizer and calls ``optimizer.step()`` exactly once per
+DSFF of the E2ENet paper (Wu et al., NeurIPS 2024; README "Paper fidelity"). The trainer owns the optimizer and calls ``optimizer.step()`` exactly once per
 iteration; right after it, it calls :meth:`DSFFUpdater.after_step` with the number of steps
 completed so far (1 … T)::
 
@@ -102,7 +102,7 @@ def _seed_for(seed: int, update_index: int) -> int:
 
 
 class DSFFUpdater:
-    """Keeps a model's DSFF masks enforced and evolves them (spec E2ENET.md §2).
+    """Keeps a model's DSFF masks enforced and evolves them (the paper's DSFF).
 
     ``model``: an E2ENet (or a DDP / compile wrapper of one). Its installed masks are the initial
     topology; a dense model with ``config.sparsity > 0`` gets uniform random masks seeded by

@@ -1,4 +1,4 @@
-"""Dice + cross-entropy with deep supervision (spec E2ENET.md §4)."""
+"""Dice + cross-entropy with deep supervision (the E2ENet paper's nnU-Net recipe)."""
 
 from __future__ import annotations
 

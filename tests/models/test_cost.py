@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from napari_e2enet import create_model
 from napari_e2enet.models.cost import model_cost
 
-# The paper's table (spec E2ENET.md §3): AMOS setting, 1 input channel, 16 classes, 128^3.
+# The E2ENet paper's table (README "Paper fidelity"): AMOS setting, 1 input channel, 16 classes, 128^3.
 PAPER = {0.0: (23.90e6, 3069.55e9), 0.8: (9.44e6, 778.74e9), 0.9: (7.64e6, None)}
 
 
