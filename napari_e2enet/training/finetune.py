@@ -33,7 +33,6 @@ was meant to raise. Here instead:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import threading
@@ -49,11 +48,12 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from ..config import MIN_UPDATE_EVERY, SparsityConfig
-from ..data import Volume, preprocess, preprocess_labels
+from ..data import Plan, Volume, preprocess, preprocess_labels
 from ..data.preprocess import field_of_view
 from ..device import ThreadChooser, resolve_device
 from ..errors import InputError
 from ..fileio import atomic_write_text
+from ..labels import LabelTable
 from ..modelcard import (
     FINETUNE_FILE,
     MODEL_FILE,
@@ -267,25 +267,67 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
     model_file = model_file_in(model_file)
     meta = read_metadata(model_file)
     card = ModelCard.from_metadata(meta, model_file)
-    plan, table = card.plan, card.labels
-    if labels.spatial_shape != image.spatial_shape:
-        raise InputError(f"labels shape {labels.spatial_shape} differs from the image's {image.spatial_shape}",
-                         labels.name or None)
-    unknown = sorted(set(np.unique(labels.array).tolist()) - set(table.ids) - {0})
-    if unknown:
-        raise InputError(f"label value(s) {unknown[:5]} are not classes of the model ({table})", labels.name or None)
-    region = np.ones(image.spatial_shape, bool) if edited is None else correction_region(edited)
-    if edited is not None and np.asarray(edited).shape != image.spatial_shape:
-        raise InputError(f"edit mask shape {np.asarray(edited).shape} differs from the image's {image.spatial_shape}")
-    if not region.any():
-        raise InputError("no corrected voxels: paint or erase some labels first")
-
+    region = _corrected_region(image, labels, edited, card.labels)
     device = resolve_device(config.device)
     model, _ = load_model(model_file)
     if model.config.in_channels != image.num_channels:
         raise InputError(f"image has {image.num_channels} channel(s) but the model expects "
                          f"{model.config.in_channels}", image.name or None)
     model = model.to(device)
+    patch = _patch_size(config, meta, _pools_product(model))
+    sampler, region_voxels = _teaching_patches(image, labels, region, card.plan, patch, config)
+    params, optimizer, updater = _optimiser(model, config, meta)
+    total = config.iterations
+    yield FinetuneEvent("start", 0, total, seconds=time.perf_counter() - t0,
+                        message=f"{region_voxels} voxels in the corrected region; patch {patch}, "
+                                f"{'decoder only' if config.train == 'decoder' else 'all layers'}")
+    model.train()
+    loss_value = float("nan")
+    with ThreadChooser(None if device.type == "cpu" else (torch.get_num_threads(),)) as threads:
+        for it in range(total):
+            if stop.is_set():
+                yield FinetuneEvent("stopped", it, total, loss_value, time.perf_counter() - t0)
+                return
+            with threads.step():
+                loss_value = _train_step(model, sampler.batch(config.batch), device, optimizer, params)
+            if updater is not None:
+                updater.after_step(it + 1)  # re-applies the masks; prunes/regrows on the DSFF schedule
+            else:
+                model.apply_masks()
+            if not np.isfinite(loss_value):
+                raise FloatingPointError(f"fine-tune loss became {loss_value} at iteration {it + 1}")
+            yield FinetuneEvent("iteration", it + 1, total, loss_value, time.perf_counter() - t0)
+    if stop.is_set():
+        yield FinetuneEvent("stopped", total, total, loss_value, time.perf_counter() - t0)
+        return
+    info = {"base_model": str(model_file), "image": image.name, "config": dataclasses.asdict(config),
+            "region_voxels": region_voxels, "seconds": round(time.perf_counter() - t0, 2),
+            "cpu_threads": threads.current if device.type == "cpu" else None}
+    run_dir = _write_run(model, Path(out), meta, info)
+    yield FinetuneEvent("done", total, total, loss_value, time.perf_counter() - t0, run_dir=run_dir)
+
+
+def _corrected_region(image: Volume, labels: Volume, edited: np.ndarray | None, table: LabelTable) -> np.ndarray:
+    """(X, Y, Z) bool: where the loss looks (:func:`correction_region`), after checking that the
+    labels and edits fit the image and the model's label table."""
+    if labels.spatial_shape != image.spatial_shape:
+        raise InputError(f"labels shape {labels.spatial_shape} differs from the image's {image.spatial_shape}",
+                         labels.name or None)
+    unknown = sorted(set(np.unique(labels.array).tolist()) - set(table.ids) - {0})
+    if unknown:
+        raise InputError(f"label value(s) {unknown[:5]} are not classes of the model ({table})", labels.name or None)
+    if edited is not None and np.asarray(edited).shape != image.spatial_shape:
+        raise InputError(f"edit mask shape {np.asarray(edited).shape} differs from the image's {image.spatial_shape}")
+    region = np.ones(image.spatial_shape, bool) if edited is None else correction_region(edited)
+    if not region.any():
+        raise InputError("no corrected voxels: paint or erase some labels first")
+    return region
+
+
+def _teaching_patches(image: Volume, labels: Volume, region: np.ndarray, plan: Plan, patch: tuple[int, int, int],
+                      config: FinetuneConfig) -> tuple[_RegionSampler, int]:
+    """The sampler of training patches on the network's grid, and the corrected region's voxel count
+    (after any thickening). The image is cropped to Segment's field of view first."""
     box = field_of_view(image, plan)  # the network is taught on what Segment will show it
     if box is None:
         raise InputError("the image holds nothing but its background value", image.name or None)
@@ -301,64 +343,45 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
             break
         region = ndi.binary_dilation(region)
         net_region = preprocess_labels(grid.with_array(region.astype(np.uint8)), plan).astype(bool)
-    patch = _patch_size(config, meta, _pools_product(model))
     sampler = _RegionSampler(array, net_labels, net_region, patch, config.seed, config.centre_sigma)
     if sampler.centres is None:
         raise InputError("the corrected region vanished on the model's grid (too thin after resampling)")
+    return sampler, int(region.sum())
 
+
+def _optimiser(model: E2ENet, config: FinetuneConfig, meta: dict[str, Any]
+               ) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, DSFFUpdater | None]:
+    """(trained parameters, AdamW over them, the DSFF updater or None for a dense or hand-masked model)."""
     if config.train == "decoder":
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    updater = None
-    if model.masks():
-        # ΔT = 40, the floor a regrown (zero) kernel needs to earn its weight: a topology update every
-        # 3 iterations, as the run-scaled default would give a 30-iteration run, only destroys.
-        sparsity = float(((meta.get("train_config") or {}).get("sparsity") or {}).get("sparsity", model.sparsity))
-        try:
-            updater = DSFFUpdater(model, optimizer, SparsityConfig(sparsity=sparsity, update_every=MIN_UPDATE_EVERY),
-                                  config.iterations, seed=config.seed)
-        except ValueError:  # masks that no sparsity setting reproduces (hand-made): keep them, no updates
-            updater = None
-    total = config.iterations
-    yield FinetuneEvent("start", 0, total, seconds=time.perf_counter() - t0,
-                        message=f"{int(region.sum())} voxels in the corrected region; patch {patch}, "
-                                f"{'decoder only' if config.train == 'decoder' else 'all layers'}")
-    model.train()
-    loss_value = float("nan")
-    threads = ThreadChooser() if device.type == "cpu" else contextlib.nullcontext()
-    with threads:
-        for it in range(total):
-            if stop.is_set():
-                yield FinetuneEvent("stopped", it, total, loss_value, time.perf_counter() - t0)
-                return
-            with threads.step() if isinstance(threads, ThreadChooser) else contextlib.nullcontext():
-                loss_value = _train_step(model, sampler.batch(config.batch), device, optimizer, params)
-            if updater is not None:
-                updater.after_step(it + 1)  # re-applies the masks; prunes/regrows on the DSFF schedule
-            else:
-                model.apply_masks()
-            if not np.isfinite(loss_value):
-                raise FloatingPointError(f"fine-tune loss became {loss_value} at iteration {it + 1}")
-            yield FinetuneEvent("iteration", it + 1, total, loss_value, time.perf_counter() - t0)
-    cpu_threads = threads.current if isinstance(threads, ThreadChooser) else None
-    if stop.is_set():
-        yield FinetuneEvent("stopped", total, total, loss_value, time.perf_counter() - t0)
-        return
+    if not model.masks():
+        return params, optimizer, None
+    # ΔT = 40, the floor a regrown (zero) kernel needs to earn its weight: a topology update every
+    # 3 iterations, as the run-scaled default would give a 30-iteration run, only destroys.
+    sparsity = float(((meta.get("train_config") or {}).get("sparsity") or {}).get("sparsity", model.sparsity))
+    try:
+        updater = DSFFUpdater(model, optimizer, SparsityConfig(sparsity=sparsity, update_every=MIN_UPDATE_EVERY),
+                              config.iterations, seed=config.seed)
+    except ValueError:  # masks that no sparsity setting reproduces (hand-made): keep them, no updates
+        updater = None
+    return params, optimizer, updater
+
+
+def _write_run(model: E2ENet, run_dir: Path, meta: dict[str, Any], info: dict[str, Any]) -> Path:
+    """The run folder: the model with the base model's card, and ``finetune.json``."""
     model.eval()
-    run_dir = Path(out)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the run folder ({exc.strerror})", run_dir) from None
     keep = {k: meta[k] for k in ("plan", "labels", "train_config", "mirror_axes", "intended_input") if k in meta}
-    info = {"base_model": str(model_file), "image": image.name, "config": dataclasses.asdict(config),
-            "region_voxels": int(region.sum()), "seconds": round(time.perf_counter() - t0, 2),
-            "cpu_threads": cpu_threads}
-    save_model(model, run_dir / MODEL_FILE, metadata={**keep, "iterations": total, "finetune": info})
+    save_model(model, run_dir / MODEL_FILE, metadata={**keep, "iterations": info["config"]["iterations"],
+                                                      "finetune": info})
     atomic_write_text(run_dir / FINETUNE_FILE, json.dumps(info, indent=2) + "\n")
-    yield FinetuneEvent("done", total, total, loss_value, time.perf_counter() - t0, run_dir=run_dir)
+    return run_dir
 
 
 def _train_step(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], device: torch.device,
