@@ -1,6 +1,6 @@
 """What ships inside the package: bundled models and the sample volumes (no download, ever).
 
-Layout (``resources/`` at the repository top, carried into the wheel as ``napari_e2enet/resources``)::
+Layout (``napari_e2enet/resources/``, a real folder of the package, so checkouts and wheels agree)::
 
     resources/models/<name>/model.safetensors   weights + masks + model card (metadata; see modelcard)
     resources/models/<name>/model_card.json     provenance, held-out Dice, sha256 of the weights

@@ -77,7 +77,7 @@ def holds_model(folder: str | Path) -> bool:
 
 # -- bundled models --------------------------------------------------------------------------------
 def resources_dir() -> Path:
-    """``resources/`` as installed: carried into the wheel as ``napari_e2enet/resources``."""
+    """``napari_e2enet/resources/``: the bundled models and the sample (package data, in the wheel too)."""
     return Path(__file__).resolve().parent / "resources"
 
 

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bundle_model.py RUN_DIR NAME --hardware "..." --command "..."
 
 Copies ``model.safetensors``, ``metrics.csv``, ``connectivity.json`` and ``config.json`` from the run
-into ``resources/models/NAME/``, evaluates the model where it never trained — the bundled MRI sample's
+into ``napari_e2enet/resources/models/NAME/``, evaluates the model where it never trained — the bundled MRI sample's
 held-out region (``--heldout-axis/--heldout-from``), or phantoms beyond the training and validation
 cases of a ``phantom:N`` run (``--heldout-phantoms FIRST COUNT``: ``phantom_dataset`` cases FIRST …
 FIRST + COUNT - 1 of the run's phantom seed, plus the napari/demo CT sample ``make_phantom(0)``) — and
@@ -54,7 +54,7 @@ def main() -> None:
                              "training data was stored in that orientation (the network then saw the same arrays)")
     args = parser.parse_args()
 
-    out = ROOT / "resources" / "models" / args.name
+    out = ROOT / "napari_e2enet" / "resources" / "models" / args.name
     out.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         shutil.copyfile(args.run_dir / name, out / name)

@@ -1,9 +1,9 @@
 """Build the project's real sample: the MNI ICBM152 2009 T1 template and a 4-class tissue map.
 
-Not needed at run time: its outputs ship in ``resources/sample/``. It reads only files that are
+Not needed at run time: its outputs ship in ``napari_e2enet/resources/sample/``. It reads only files that are
 inside the installed ``nilearn`` wheel (``nilearn/datasets/data/``); nothing is downloaded.
 
-    .venv/bin/python scripts/prepare_sample.py                  # writes resources/sample/
+    .venv/bin/python scripts/prepare_sample.py                  # writes napari_e2enet/resources/sample/
     .venv/bin/python scripts/prepare_sample.py --out /tmp/s     # anywhere else
 
 Outputs (all deterministic: running twice gives byte-identical files):
@@ -56,7 +56,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "resources" / "sample"
+DEFAULT_OUT = REPO / "napari_e2enet" / "resources" / "sample"
 
 
 T1_SLOPE = 0.125  # int16 stored value × 1/8 = intensity; exact for the 2 mm block means of uint8 data
@@ -290,7 +290,7 @@ def _nilearn_version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output folder (default: resources/sample)"
+        "--out", type=Path, default=DEFAULT_OUT, help="output folder (default: napari_e2enet/resources/sample)"
     )
     parser.add_argument(
         "--spacing", type=float, default=2.0, help="isotropic target spacing in mm (default 2)"

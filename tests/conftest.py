@@ -18,4 +18,4 @@ def tiny_config():
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-screenshots", action="store_true", default=False,
-                     help="copy screenshots made by the napari GUI tests to resources/screenshots/")
+                     help="copy screenshots made by the napari GUI tests to docs/screenshots/")

@@ -30,7 +30,7 @@ pytest.importorskip("nrrd")
 
 from tests.dicom_util import write_dicom_series  # after the importorskips: it needs pydicom
 
-SAMPLE = Path(__file__).resolve().parents[1] / "resources" / "sample" / "mni152_t1_2mm.nii.gz"
+SAMPLE = Path(__file__).resolve().parents[1] / "napari_e2enet" / "resources" / "sample" / "mni152_t1_2mm.nii.gz"
 FORMATS = ("nrrd", "mha", "dicom")
 
 

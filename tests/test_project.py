@@ -45,11 +45,17 @@ def test_inference_does_not_load_the_training_stack():
     assert out.stdout.split() == ["True"], f"inference pulled in: {out.stdout}"
 
 
-def test_package_manifest_is_the_top_level_one():
+def test_manifest_and_resources_are_real_files_and_git_holds_no_links():
+    """A git symlink is a text file on Windows checkouts and a link in the sdist: none anywhere."""
     import napari_e2enet
 
-    packaged = Path(napari_e2enet.__file__).with_name("napari.yaml")
-    assert packaged.read_text() == (ROOT / "napari.yaml").read_text()
+    package = Path(napari_e2enet.__file__).parent
+    for path in (package / "napari.yaml", package / "resources", package / "resources" / "models"):
+        assert path.exists() and not path.is_symlink(), path
+    assert not (ROOT / "napari.yaml").exists(), "one manifest: napari_e2enet/napari.yaml"
+    if (ROOT / ".git").exists():
+        staged = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True)
+        assert [line for line in staged.stdout.splitlines() if line.startswith("120000")] == []
 
 
 def test_npe2_validate_passes():

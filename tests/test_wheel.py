@@ -1,8 +1,7 @@
 """The package works installed from a real wheel, not only as the editable checkout.
 
-A wheel is built from the checkout (hatchling resolves the ``napari_e2enet/napari.yaml`` and
-``napari_e2enet/resources`` symlinks into real files) and installed with ``--no-deps`` into a
-fresh virtual environment. That environment borrows the dependencies (torch, numpy, npe2, …)
+A wheel is built from the checkout (``napari_e2enet/napari.yaml`` and ``napari_e2enet/resources/``
+are real files there) and installed with ``--no-deps`` into a fresh virtual environment. That environment borrows the dependencies (torch, numpy, npe2, …)
 from the interpreter running the tests through a ``.pth`` file, so nothing is downloaded; such a
 ``.pth`` line only appends the folder to ``sys.path`` and does not run the ``.pth`` files inside
 it, so the editable install's own ``.pth`` (which points at the checkout) stays inactive and the
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "napari_e2enet"
 BIN = "Scripts" if os.name == "nt" else "bin"
 EXE = ".exe" if os.name == "nt" else ""
 
@@ -40,7 +40,7 @@ def _run(cmd: list[str], cwd: Path, timeout: float = 600, env: dict[str, str] | 
 
 
 def _bundled_in_checkout() -> list[str]:
-    models = ROOT / "resources" / "models"
+    models = PACKAGE / "resources" / "models"
     if not models.is_dir():
         return []
     return sorted(p.name for p in models.iterdir() if (p / "model_card.json").is_file())
@@ -88,8 +88,8 @@ def test_wheel_carries_manifest_sample_and_bundled_models(wheel: Path):
     with zipfile.ZipFile(wheel) as zf:
         names = set(zf.namelist())
         assert "napari_e2enet/napari.yaml" in names
-        assert zf.read("napari_e2enet/napari.yaml") == (ROOT / "napari.yaml").read_bytes()
-        samples = {p.name for p in (ROOT / "resources" / "sample").glob("*.nii.gz")}
+        assert zf.read("napari_e2enet/napari.yaml") == (PACKAGE / "napari.yaml").read_bytes()
+        samples = {p.name for p in (PACKAGE / "resources" / "sample").glob("*.nii.gz")}
         assert samples, "the checkout has no sample volumes"
         for name in samples:
             assert f"napari_e2enet/resources/sample/{name}" in names
@@ -104,6 +104,32 @@ def test_wheel_carries_manifest_sample_and_bundled_models(wheel: Path):
         assert "napari-e2enet = napari_e2enet.cli:main" in text
         assert "napari-e2enet = napari_e2enet:napari.yaml" in text
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def _is_link(info: zipfile.ZipInfo) -> bool:
+    return (info.external_attr >> 16) & 0o170000 == 0o120000  # S_IFLNK in the entry's Unix mode
+
+
+def test_wheel_holds_only_what_users_need(wheel: Path):
+    """No links, no tests/benchmarks/scripts/notebooks, no README screenshots; the manifest, the C
+    kernels and every file of the package's folder are there (nothing the plugin reads is left out)."""
+    with zipfile.ZipFile(wheel) as zf:
+        infos = zf.infolist()
+    names = {i.filename for i in infos}
+    assert [i.filename for i in infos if _is_link(i)] == []
+    top = {n.split("/")[0] for n in names}
+    assert top == {"napari_e2enet", f"napari_e2enet-{wheel.name.split('-')[1]}.dist-info"}, top
+    assert not [n for n in names if n.endswith(".png") or "/screenshots/" in n], "screenshots belong to docs/"
+    for name in ("napari.yaml", "inference/cpu/kernels.c", "inference/cpu/kernels.h", "inference/cpu/omp_probe.c",
+                 "resources/sample/LICENSE-MNI152.txt"):
+        assert f"napari_e2enet/{name}" in names, name
+    tracked = subprocess.run(["git", "ls-files", "napari_e2enet"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode == 0 and tracked.stdout:
+        missing = [f for f in tracked.stdout.split() if f not in names]
+        assert missing == [], f"tracked package files not in the wheel: {missing}"
+    size = sum(i.file_size for i in infos)
+    weights = sum(i.file_size for i in infos if i.filename.endswith(".safetensors"))
+    assert size - weights < 4_000_000, f"{(size - weights) / 1e6:.1f} MB besides the bundled weights"
 
 
 def test_installed_package_is_the_wheel_not_the_checkout(venv: Path, wheel: Path, outside: Path):
@@ -149,7 +175,7 @@ def test_installed_manifest_passes_npe2_validate(venv: Path, outside: Path):
 
 def test_installed_demo_segments_the_sample(venv: Path, outside: Path):
     if "mni152-tissue" not in _bundled_in_checkout():
-        pytest.skip("no bundled model in this checkout (resources/models/mni152-tissue/ is not there yet)")
+        pytest.skip("no bundled model in this checkout (napari_e2enet/resources/models/mni152-tissue/ is not there)")
     nibabel = pytest.importorskip("nibabel")
     out_dir = outside / "demo"
     _run([venv / BIN / f"napari-e2enet{EXE}", "demo", "--out", out_dir, "--device", "cpu"], cwd=outside)
@@ -158,7 +184,7 @@ def test_installed_demo_segments_the_sample(venv: Path, outside: Path):
     assert set(classes) == {"CSF/other", "grey matter", "white matter"}
     assert 0.5 < report["dice"]["mean"] <= 1.0, report["dice"]
     labels = nibabel.load(out_dir / report["labels"])
-    sample = nibabel.load(ROOT / "resources" / "sample" / "mni152_t1_2mm.nii.gz")
+    sample = nibabel.load(PACKAGE / "resources" / "sample" / "mni152_t1_2mm.nii.gz")
     assert labels.shape == sample.shape
     assert (labels.affine == sample.affine).all()
     values = set(map(int, np.unique(np.asarray(labels.dataobj))))

@@ -32,7 +32,7 @@ from napari_e2enet.errors import InputError
 from napari_e2enet.labels import AMOS, BRAIN_TISSUE, LabelTable
 from tests.dicom_util import lps_geometry, write_dicom_series
 
-SAMPLE = Path(__file__).resolve().parents[2] / "resources" / "sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "napari_e2enet" / "resources" / "sample"
 ATOL_MM = 1e-4
 
 

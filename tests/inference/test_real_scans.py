@@ -26,8 +26,8 @@ from napari_e2enet.inference import InputWarning, Prediction, Predictor
 from napari_e2enet.metrics import dice
 from napari_e2enet.training import read_metadata, save_model
 
-SAMPLE = "resources/sample/mni152_t1_2mm.nii.gz"
-TISSUE = "resources/sample/mni152_tissue_2mm.nii.gz"
+SAMPLE = "napari_e2enet/resources/sample/mni152_t1_2mm.nii.gz"
+TISSUE = "napari_e2enet/resources/sample/mni152_tissue_2mm.nii.gz"
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ GUI tests are marked ``@pytest.mark.gui`` and skipped cleanly when napari/Qt are
 no display is available (pytest-xvfb starts an Xvfb when the binary exists; see scripts/setup.sh).
 
 ``--update-screenshots`` copies the screenshots the tests take (always into a temporary folder)
-to ``resources/screenshots/``.
+to ``docs/screenshots/`` (the README's pictures).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCREENSHOTS = ROOT / "resources" / "screenshots"
+SCREENSHOTS = ROOT / "docs" / "screenshots"
 
 
 def _gui_available() -> str | None:
@@ -121,7 +121,7 @@ def tiny_phantom_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def screenshot_dir(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
-    """Screenshots go to a temporary folder; ``--update-screenshots`` copies them to resources/."""
+    """Screenshots go to a temporary folder; ``--update-screenshots`` copies them to docs/screenshots/."""
     folder = tmp_path_factory.mktemp("screenshots")
     yield folder
     if request.config.getoption("--update-screenshots", default=False):
