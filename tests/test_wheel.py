@@ -132,6 +132,23 @@ def test_wheel_holds_only_what_users_need(wheel: Path):
     assert size - weights < 4_000_000, f"{(size - weights) / 1e6:.1f} MB besides the bundled weights"
 
 
+def test_sdist_holds_no_links_and_the_package_files(tmp_path: Path):
+    import tarfile
+
+    cmd = [sys.executable, "-m", "build", "--sdist", "--outdir", tmp_path]
+    if importlib.util.find_spec("hatchling") is not None:
+        cmd.append("--no-isolation")
+    _run([*cmd, ROOT], cwd=tmp_path)
+    (sdist,) = tmp_path.glob("napari_e2enet-*.tar.gz")
+    with tarfile.open(sdist) as tf:
+        members = tf.getmembers()
+    assert [m.name for m in members if m.issym() or m.islnk()] == []
+    names = {m.name.split("/", 1)[1] for m in members if "/" in m.name}
+    for name in ("napari_e2enet/napari.yaml", "napari_e2enet/inference/cpu/kernels.c", "pyproject.toml", "LICENSE"):
+        assert name in names, name
+    assert not [n for n in names if n.startswith(("resources/", "napari.yaml", "docs/"))]
+
+
 def test_installed_package_is_the_wheel_not_the_checkout(venv: Path, wheel: Path, outside: Path):
     code = (
         "import importlib.metadata as md, json, pathlib, napari_e2enet\n"
