@@ -189,6 +189,271 @@ def gaussian_importance_map(
     return weights.clamp_(min=floor)
 
 
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the tiles go on a (virtually) padded volume, and the order they are visited in.
+
+    ``shape``: the image's (D, H, W); ``padded``: at least the patch along each axis (padded
+    symmetrically, ``pad_before`` maps padded to image coordinates); ``starts``: the tile starts
+    per axis on the padded volume; ``order``: the (outer, middle, inner) sweep axes.
+    """
+
+    shape: tuple[int, int, int]
+    patch: tuple[int, int, int]
+    pad_before: tuple[int, int, int]
+    starts: tuple[list[int], list[int], list[int]]
+    order: tuple[int, int, int]
+
+    @classmethod
+    def plan(
+        cls,
+        shape: Sequence[int],
+        patch: tuple[int, int, int],
+        overlaps: Sequence[float],
+        placement: str,
+        sweep: str | Sequence[int],
+    ) -> TileGrid:
+        padded = [max(s, p) for s, p in zip(shape, patch, strict=True)]
+        pad_before = tuple((ps - s) // 2 for ps, s in zip(padded, shape, strict=True))
+        starts = tuple(tile_starts(ps, p, o, placement) for ps, p, o in zip(padded, patch, overlaps, strict=True))
+        if isinstance(sweep, str):
+            if sweep != "auto":
+                raise ValueError(f"sweep must be 'auto' or three axes, got {sweep!r}")
+            order = sweep_order(padded, patch, starts)
+        else:
+            order = tuple(int(a) for a in sweep)  # type: ignore[assignment]
+            if sorted(order) != [0, 1, 2]:
+                raise ValueError(f"sweep must be a permutation of (0, 1, 2), got {sweep!r}")
+        return cls(tuple(shape), patch, pad_before, starts, order)  # type: ignore[arg-type]
+
+    def image_range(self, axis: int, start: int) -> tuple[int, int]:
+        """The image voxels [lo, hi) along ``axis`` of the tile starting at padded ``start``."""
+        a = start - self.pad_before[axis]
+        return max(a, 0), min(a + self.patch[axis], self.shape[axis])
+
+    def tiles(self) -> list[tuple[int, int, int]]:
+        """Start triples (D, H, W), visited outer-major, then middle, then inner."""
+        outer, middle, inner = self.order
+        found = []
+        for a in self.starts[outer]:
+            for b in self.starts[middle]:
+                for c in self.starts[inner]:
+                    start = [0, 0, 0]
+                    start[outer], start[middle], start[inner] = a, b, c
+                    found.append(tuple(start))
+        return found  # type: ignore[return-value]
+
+    def max_overlap(self) -> int:
+        """The most tiles covering one voxel (bounds the float16 sums)."""
+        most = 1
+        for axis, st in enumerate(self.starts):
+            cover = np.zeros(self.shape[axis], dtype=np.int64)
+            for s0 in st:
+                a, b = self.image_range(axis, s0)
+                cover[a:b] += 1
+            most *= int(cover.max())
+        return most
+
+    def cut_tile(self, image: torch.Tensor, start: tuple[int, int, int]) -> torch.Tensor:
+        """The tile's (C, pd, ph, pw) voxels of ``image``, zero-padded where it leaves the image."""
+        ranges = [self.image_range(a, start[a]) for a in range(3)]
+        tile = image[:, ranges[0][0] : ranges[0][1], ranges[1][0] : ranges[1][1], ranges[2][0] : ranges[2][1]]
+        pads: list[int] = []
+        for a in (2, 1, 0):  # F.pad lists the last axis first
+            lo, hi = ranges[a]
+            lead = lo - (start[a] - self.pad_before[a])
+            pads += [lead, self.patch[a] - (hi - lo) - lead]
+        return F.pad(tile, pads) if any(pads) else tile
+
+
+def argmax_into(view: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst[...] = view.argmax(0)``: a running max over classes, ~5x faster than ``argmax`` (a
+    strided reduction on CPU); strict ">" keeps the first maximal class, as ``argmax`` does."""
+    best = view[0].clone()
+    dst.zero_()
+    for k in range(1, view.shape[0]):
+        better = view[k] > best
+        torch.maximum(best, view[k], out=best)
+        dst.masked_fill_(better, k)
+
+
+class CellAccumulator:
+    """Blended logits held only where a future tile can still add to them, arg-maxed into
+    ``labels`` as soon as the last tile covering them is in.
+
+    The outer and middle axes are cut at every tile border (image coordinates); a cell is one
+    outer block × one middle band × all of the inner axis. It is allocated (zeros) when a batch
+    first touches it and arg-maxed into the labels once the last batch touching it is blended.
+    Tiles go outer-major, then middle, so the open cells are the part of the current tile row
+    that the next row overlaps (all of the middle axis) plus the bands of the current row not yet
+    passed: about (p_outer - stride) × (S_middle + p_middle) × S_inner voxels, where one ring of
+    the patch depth held p_outer × S_middle × S_inner (0.65× in the tests' geometry; measured at
+    300×512×512, 16 classes, 128³, float16 with a stand-in predictor, D-first sweep: process
+    peak 2209 → 1987 MB). Cells are not recycled: a few hundred fresh allocations of ≤ 64 MiB
+    per such volume are cheap next to the forwards, and a pool keyed by shape would hold more
+    memory.
+
+    Use: ``add(weighted_tile, start)`` for each tile of batch ``bi``, then ``close(bi)``.
+    """
+
+    def __init__(
+        self,
+        grid: TileGrid,
+        batches: Sequence[Sequence[tuple[int, int, int]]],
+        num_classes: int,
+        dtype: torch.dtype,
+    ) -> None:
+        self.grid = grid
+        self.num_classes = num_classes
+        self.dtype = dtype
+        outer, middle, _ = grid.order
+        self.cuts: dict[int, list[int]] = {}
+        for axis in (outer, middle):
+            edges = {0, grid.shape[axis]}
+            for st in grid.starts[axis]:
+                edges.update(grid.image_range(axis, st))
+            self.cuts[axis] = sorted(edges)
+        last_batch: dict[tuple[int, int], int] = {}
+        for bi, batch in enumerate(batches):
+            for start in batch:
+                for key in self._keys(start):
+                    last_batch[key] = bi
+        self._closing: dict[int, list[tuple[int, int]]] = {}
+        for key, bi in last_batch.items():
+            self._closing.setdefault(bi, []).append(key)
+        self.labels = np.zeros(grid.shape, dtype=np.uint8 if num_classes <= 256 else np.int16)
+        self._labels_t = torch.from_numpy(self.labels)
+        self.cells: dict[tuple[int, int], torch.Tensor] = {}
+        self.open_bytes = self.peak_open_bytes = 0
+        self.open_span = 0  # most outer-axis slices spanned by the open cells at one time
+
+    def _span(self, axis: int, lo: int, hi: int) -> range:
+        return range(bisect.bisect_left(self.cuts[axis], lo), bisect.bisect_left(self.cuts[axis], hi))
+
+    def _keys(self, start: tuple[int, int, int]) -> Iterator[tuple[int, int]]:
+        """The (outer block, middle band) cells the tile at ``start`` touches."""
+        outer, middle, _ = self.grid.order
+        for i in self._span(outer, *self.grid.image_range(outer, start[outer])):
+            for j in self._span(middle, *self.grid.image_range(middle, start[middle])):
+                yield i, j
+
+    def region(self, i: int, j: int) -> tuple[slice, slice, slice]:
+        """The cell's voxels in (D, H, W) image coordinates."""
+        outer, middle, inner = self.grid.order
+        region = [slice(0, self.grid.shape[inner])] * 3
+        region[outer] = slice(self.cuts[outer][i], self.cuts[outer][i + 1])
+        region[middle] = slice(self.cuts[middle][j], self.cuts[middle][j + 1])
+        return tuple(region)  # type: ignore[return-value]
+
+    def _cell(self, key: tuple[int, int]) -> torch.Tensor:
+        found = self.cells.get(key)
+        if found is None:
+            size = [r.stop - r.start for r in self.region(*key)]
+            found = self.cells[key] = torch.zeros((self.num_classes, *size), dtype=self.dtype)
+            self.open_bytes += found.numel() * found.element_size()
+            self.peak_open_bytes = max(self.peak_open_bytes, self.open_bytes)
+            blocks = [k[0] for k in self.cells]
+            cuts = self.cuts[self.grid.order[0]]
+            self.open_span = max(self.open_span, cuts[max(blocks) + 1] - cuts[min(blocks)])
+        return found
+
+    def add(self, weighted: torch.Tensor, start: tuple[int, int, int]) -> None:
+        """Add one tile's (K, pd, ph, pw) weighted logits (in ``self.dtype``) at padded ``start``."""
+        grid, inner = self.grid, self.grid.order[2]
+        ranges = [grid.image_range(a, start[a]) for a in range(3)]
+        # the tile's voxel of image coordinate x along axis a is at x - shift[a]
+        shift = [start[a] - grid.pad_before[a] for a in range(3)]
+        for key in self._keys(start):
+            region = self.region(*key)
+            src: list[slice] = [slice(None)]
+            dst: list[slice] = [slice(None)]
+            for a in range(3):
+                if a == inner:  # the cell holds all of it: the tile's part
+                    lo, hi = ranges[a]
+                    dst.append(slice(lo, hi))
+                else:  # the tile holds all of the cell's part
+                    lo, hi = region[a].start, region[a].stop
+                    dst.append(slice(None))
+                src.append(slice(lo - shift[a], hi - shift[a]))
+            self._cell(key)[tuple(dst)] += weighted[tuple(src)]
+
+    def close(self, batch_index: int) -> None:
+        """Arg-max and free the cells that no batch after ``batch_index`` touches."""
+        outer = self.grid.order[0]
+        for key in self._closing.get(batch_index, ()):
+            acc = self.cells.pop(key)
+            self.open_bytes -= acc.numel() * acc.element_size()
+            dst = self._labels_t[self.region(*key)]
+            rows = acc.shape[1 + outer]
+            rows_per_chunk = max(1, _FINALIZE_CHUNK_VOXELS * rows // max(1, acc[0].numel()))
+            for c in range(0, rows, rows_per_chunk):
+                m = min(rows_per_chunk, rows - c)
+                argmax_into(acc.narrow(1 + outer, c, m), dst.narrow(outer, c, m))
+
+    def promote_to_float32(self) -> None:
+        """Turn the open cells (and later ones) float32: the float16 sums could overflow."""
+        self.dtype = torch.float32
+        for key in list(self.cells):
+            self.open_bytes += self.cells[key].numel() * 2
+            self.cells[key] = self.cells[key].float()
+        self.peak_open_bytes = max(self.peak_open_bytes, self.open_bytes)
+
+
+class _Weighting:
+    """Multiplies a batch of logits by the Gaussian map into the accumulation dtype, reusing
+    scratch buffers: fresh 100 MB allocations page-fault on CPU. A CPU float32 output is weighted
+    in place instead (it is the predictor's fresh result), so the float32 scratch is only
+    allocated for other outputs (128 MiB at 16 × 128³). In float16 it tracks the largest weighted
+    logit and promotes ``acc`` to float32 when the sums could pass ``_FP16_SAFE``."""
+
+    def __init__(self, weights: torch.Tensor, batch_shape: tuple[int, ...], max_overlap: int) -> None:
+        self.weights = weights
+        self.batch_shape = batch_shape  # (tiles_per_batch, K, pd, ph, pw)
+        self.max_overlap = max_overlap
+        self.peak_abs = 0.0
+        self._scratch32: torch.Tensor | None = None
+        self._scratch_acc: torch.Tensor | None = None
+
+    def __call__(self, out: torch.Tensor, acc: CellAccumulator) -> torch.Tensor:
+        nb = out.shape[0]
+        if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
+            weighted = out.mul_(self.weights)
+        elif out.device.type == "cpu":
+            if self._scratch32 is None:
+                self._scratch32 = torch.empty(self.batch_shape, dtype=torch.float32)
+            weighted = torch.mul(out, self.weights, out=self._scratch32[:nb])
+        else:
+            weighted = (out.float() * self.weights).cpu()
+        if acc.dtype == torch.float16:
+            lo_v, hi_v = torch.aminmax(weighted)
+            self.peak_abs = max(self.peak_abs, -float(lo_v), float(hi_v))
+            if self.peak_abs * self.max_overlap > _FP16_SAFE:  # rare: logits too large for float16 sums
+                acc.promote_to_float32()
+        if acc.dtype != torch.float32:
+            if self._scratch_acc is None or self._scratch_acc.dtype != acc.dtype:
+                self._scratch_acc = torch.empty(self.batch_shape, dtype=acc.dtype)
+            weighted = self._scratch_acc[:nb].copy_(weighted)
+        return weighted
+
+
+def _check_arguments(
+    image: torch.Tensor, num_classes: int, tiles_per_batch: int, accumulate_dtype: torch.dtype, patch
+) -> tuple[int, int, int]:
+    """Raise ValueError for a bad argument; return the patch as a triple."""
+    if image.ndim != 4:
+        raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if tiles_per_batch < 1:
+        raise ValueError(f"tiles_per_batch must be >= 1, got {tiles_per_batch}")
+    if accumulate_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"accumulate_dtype must be a float dtype, got {accumulate_dtype}")
+    patch_size = _triple(patch, "patch", int)
+    if min(patch_size) < 1:
+        raise ValueError(f"patch must be positive, got {patch!r}")
+    return patch_size  # type: ignore[return-value]
+
+
 def iter_sliding_window(
     image: torch.Tensor,
     predictor: Predictor,
@@ -241,219 +506,42 @@ def iter_sliding_window(
     """
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(image)
-    if image.ndim != 4:
-        raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if tiles_per_batch < 1:
-        raise ValueError(f"tiles_per_batch must be >= 1, got {tiles_per_batch}")
-    if accumulate_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"accumulate_dtype must be a float dtype, got {accumulate_dtype}")
-    pd, ph, pw = patch_size = _triple(patch, "patch", int)
-    if min(patch_size) < 1:
-        raise ValueError(f"patch must be positive, got {patch!r}")
+    patch_size = _check_arguments(image, num_classes, tiles_per_batch, accumulate_dtype, patch)
     overlaps = _triple(overlap, "overlap", float)
     shape = tuple(int(s) for s in image.shape[1:])
     if min(shape) < 1:
         raise ValueError(f"image has an empty spatial axis: {tuple(image.shape)}")
     device = torch.device(device) if device is not None else image.device
 
-    # tile grid on the (virtually) padded volume; pad_before maps padded -> image coordinates
-    padded = [max(s, p) for s, p in zip(shape, patch_size, strict=True)]
-    pad_before = [(ps - s) // 2 for ps, s in zip(padded, shape, strict=True)]
-    starts = [tile_starts(ps, p, o, placement) for ps, p, o in zip(padded, patch_size, overlaps, strict=True)]
-    if isinstance(sweep, str):
-        if sweep != "auto":
-            raise ValueError(f"sweep must be 'auto' or three axes, got {sweep!r}")
-        order = sweep_order(padded, patch_size, starts)
-    else:
-        order = tuple(int(a) for a in sweep)
-        if sorted(order) != [0, 1, 2]:
-            raise ValueError(f"sweep must be a permutation of (0, 1, 2), got {sweep!r}")
-    outer, middle, inner = order
-    tiles = []  # start triples (D, H, W), visited outer-major
-    for a in starts[outer]:
-        for b in starts[middle]:
-            for c in starts[inner]:
-                start = [0, 0, 0]
-                start[outer], start[middle], start[inner] = a, b, c
-                tiles.append(tuple(start))
+    grid = TileGrid.plan(shape, patch_size, overlaps, placement, sweep)
+    tiles = grid.tiles()
     total = len(tiles)
     batches = [tiles[i : i + tiles_per_batch] for i in range(0, total, tiles_per_batch)]
-
-    def image_range(axis: int, start: int) -> tuple[int, int]:
-        a = start - pad_before[axis]
-        return max(a, 0), min(a + patch_size[axis], shape[axis])
-
-    # Open cells. The outer and middle axes are cut at every tile border (image coordinates); a
-    # cell is one outer block × one middle band × all of the inner axis. It is allocated (zeros)
-    # when a batch first touches it and arg-maxed into the labels once the last batch touching it
-    # is blended. Tiles go outer-major, then middle, so the open cells are the part of the current
-    # tile row that the next row overlaps (all of the middle axis) plus the bands of the current
-    # row not yet passed: about (p_outer - stride) × (S_middle + p_middle) × S_inner voxels, where
-    # one ring of the patch depth held p_outer × S_middle × S_inner (0.65× in the tests' geometry;
-    # measured at 300×512×512, 16 classes, 128³, float16 with a stand-in predictor, D-first
-    # sweep: process peak 2209 → 1987 MB). Cells are not recycled: a few hundred fresh
-    # allocations of ≤ 64 MiB per such volume are cheap next to the forwards, and a pool keyed by
-    # shape would hold more memory.
-    cuts: dict[int, list[int]] = {}
-    for axis in (outer, middle):
-        edges = {0, shape[axis]}
-        for st in starts[axis]:
-            edges.update(image_range(axis, st))
-        cuts[axis] = sorted(edges)
-
-    def cell_span(axis: int, lo: int, hi: int) -> range:
-        return range(bisect.bisect_left(cuts[axis], lo), bisect.bisect_left(cuts[axis], hi))
-
-    def cell_region(i: int, j: int) -> tuple[slice, slice, slice]:
-        """The cell's voxels in (D, H, W) image coordinates."""
-        region = [slice(0, shape[inner])] * 3
-        region[outer] = slice(cuts[outer][i], cuts[outer][i + 1])
-        region[middle] = slice(cuts[middle][j], cuts[middle][j + 1])
-        return tuple(region)  # type: ignore[return-value]
-
-    last_batch: dict[tuple[int, int], int] = {}
-    for bi, batch in enumerate(batches):
-        for start in batch:
-            for i in cell_span(outer, *image_range(outer, start[outer])):
-                for j in cell_span(middle, *image_range(middle, start[middle])):
-                    last_batch[(i, j)] = bi
-    closing: dict[int, list[tuple[int, int]]] = {}
-    for key, bi in last_batch.items():
-        closing.setdefault(bi, []).append(key)
-    max_overlap = 1
-    for axis, st in enumerate(starts):
-        cover = np.zeros(shape[axis], dtype=np.int64)
-        for s0 in st:
-            a, b = image_range(axis, s0)
-            cover[a:b] += 1
-        max_overlap *= int(cover.max())
-
-    label_dtype = np.uint8 if num_classes <= 256 else np.int16
-    labels = np.zeros(shape, dtype=label_dtype)
-    cells: dict[tuple[int, int], torch.Tensor] = {}
-    acc_dtype = accumulate_dtype
-    open_bytes = peak_open_bytes = 0
-    open_span = 0  # most outer-axis slices spanned by the open cells at one time (buffer_shape)
+    acc = CellAccumulator(grid, batches, num_classes, accumulate_dtype)
     weights = gaussian_importance_map(patch_size, sigma_scale).to(device)
+    weigh = _Weighting(weights, (tiles_per_batch, num_classes, *patch_size), grid.max_overlap())
     done = 0
-    peak_abs = 0.0
-
-    labels_t = torch.from_numpy(labels)
-    # Scratch for one batch of weighted logits, reused: fresh 100 MB allocations page-fault on CPU.
-    # A CPU float32 output is weighted in place instead (it is the predictor's fresh result), so
-    # the float32 scratch is only allocated for other outputs (128 MiB at 16 × 128³).
-    scratch32: torch.Tensor | None = None
-    scratch_acc: torch.Tensor | None = None
-
-    def argmax_into(view: torch.Tensor, dst: torch.Tensor) -> None:
-        # running max over classes: ~5x faster than ``view.argmax(0)`` (a strided reduction on
-        # CPU); strict ">" keeps the first maximal class, as ``argmax`` does
-        best = view[0].clone()
-        dst.zero_()
-        for k in range(1, num_classes):
-            better = view[k] > best
-            torch.maximum(best, view[k], out=best)
-            dst.masked_fill_(better, k)
-
-    def cell(i: int, j: int) -> torch.Tensor:
-        nonlocal open_bytes, peak_open_bytes, open_span
-        found = cells.get((i, j))
-        if found is None:
-            size = [r.stop - r.start for r in cell_region(i, j)]
-            found = cells[(i, j)] = torch.zeros((num_classes, *size), dtype=acc_dtype)
-            open_bytes += found.numel() * found.element_size()
-            peak_open_bytes = max(peak_open_bytes, open_bytes)
-            blocks = [k[0] for k in cells]
-            open_span = max(open_span, cuts[outer][max(blocks) + 1] - cuts[outer][min(blocks)])
-        return found
-
-    def finalize(key: tuple[int, int]) -> None:
-        nonlocal open_bytes
-        acc = cells.pop(key)
-        open_bytes -= acc.numel() * acc.element_size()
-        dst = labels_t[cell_region(*key)]
-        rows = acc.shape[1 + outer]
-        rows_per_chunk = max(1, _FINALIZE_CHUNK_VOXELS * rows // max(1, acc[0].numel()))
-        for c in range(0, rows, rows_per_chunk):
-            m = min(rows_per_chunk, rows - c)
-            argmax_into(acc.narrow(1 + outer, c, m), dst.narrow(outer, c, m))
-
     for bi, batch in enumerate(batches):
         if stop is not None and stop.is_set():
             return
         with torch.inference_mode():
-            tensors = []
-            for d, h, w in batch:
-                (d0, d1), (h0, h1), (w0, w1) = image_range(0, d), image_range(1, h), image_range(2, w)
-                tile = image[:, d0:d1, h0:h1, w0:w1]
-                lead = [d0 - (d - pad_before[0]), h0 - (h - pad_before[1]), w0 - (w - pad_before[2])]
-                pads = (
-                    lead[2],
-                    pw - (w1 - w0) - lead[2],
-                    lead[1],
-                    ph - (h1 - h0) - lead[1],
-                    lead[0],
-                    pd - (d1 - d0) - lead[0],
-                )
-                if any(pads):
-                    tile = F.pad(tile, pads)
-                tensors.append(tile)
-            x = torch.stack(tensors).to(device)
+            x = torch.stack([grid.cut_tile(image, start) for start in batch]).to(device)
             out = predictor(x)
             expected = (len(batch), num_classes, *patch_size)
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise ValueError(f"predictor returned {got}, expected {expected}")
-            nb = len(batch)
-            if out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous():
-                weighted = out.mul_(weights)
-            elif out.device.type == "cpu":
-                if scratch32 is None:
-                    scratch32 = torch.empty((tiles_per_batch, num_classes, *patch_size), dtype=torch.float32)
-                weighted = torch.mul(out, weights, out=scratch32[:nb])
-            else:
-                weighted = (out.float() * weights).cpu()
-            if acc_dtype == torch.float16:
-                lo_v, hi_v = torch.aminmax(weighted)
-                peak_abs = max(peak_abs, -float(lo_v), float(hi_v))
-                if peak_abs * max_overlap > _FP16_SAFE:  # rare: logits too large for float16 sums
-                    acc_dtype = torch.float32
-                    for key in list(cells):
-                        open_bytes += cells[key].numel() * 2
-                        cells[key] = cells[key].float()
-                    peak_open_bytes = max(peak_open_bytes, open_bytes)
-            if acc_dtype != torch.float32:
-                if scratch_acc is None or scratch_acc.dtype != acc_dtype:
-                    scratch_acc = torch.empty((tiles_per_batch, num_classes, *patch_size), dtype=acc_dtype)
-                weighted = scratch_acc[:nb].copy_(weighted)
+            weighted = weigh(out, acc)
             for t, start in enumerate(batch):
-                ranges = [image_range(a, start[a]) for a in range(3)]
-                # the tile's voxel of image coordinate x along axis a is at x - shift[a]
-                shift = [start[a] - pad_before[a] for a in range(3)]
-                for i in cell_span(outer, *ranges[outer]):
-                    for j in cell_span(middle, *ranges[middle]):
-                        region = cell_region(i, j)
-                        src, dst = [slice(None), slice(None)], [slice(None)]
-                        for a in range(3):
-                            if a == inner:  # the cell holds all of it: the tile's part
-                                lo, hi = ranges[a]
-                                dst.append(slice(lo, hi))
-                            else:  # the tile holds all of the cell's part
-                                lo, hi = region[a].start, region[a].stop
-                                dst.append(slice(None))
-                            src.append(slice(lo - shift[a], hi - shift[a]))
-                        src[0] = t
-                        cell(i, j)[tuple(dst)] += weighted[tuple(src)]
-            del out, x, tensors, weighted
-            for key in closing.get(bi, ()):
-                finalize(key)
+                acc.add(weighted[t], start)
+            del out, x, weighted
+            acc.close(bi)
         done += len(batch)
         yield TileProgress(done, total)
 
-    yield SlidingWindowResult(labels, done, (num_classes, open_span, shape[middle], shape[inner]), acc_dtype,
-                              peak_open_bytes, order)
+    _, middle, inner = grid.order
+    yield SlidingWindowResult(acc.labels, done, (num_classes, acc.open_span, shape[middle], shape[inner]),
+                              acc.dtype, acc.peak_open_bytes, grid.order)
 
 
 def sliding_window_argmax(
