@@ -146,6 +146,32 @@ class _Prepared:
     intended: IntendedInput  # what the trained model expects (modality, skull-stripped, voxel sizes)
 
 
+@dataclass
+class _Run:
+    """What one ``iter_fit`` works on: the data, model and optimiser state, the counters a resume
+    restores, and what was last saved (so a stop saves only unsaved work)."""
+
+    data: _Prepared
+    model: E2ENet
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    updater: DSFFUpdater | None
+    record: ConnectivityRecord
+    t_start: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start: int = 0  # the first iteration this process runs
+    completed: int = 0  # iterations done (the state a stop saves)
+    epoch_losses: list[float] = field(default_factory=list)
+    last_dice: dict[str, float] = field(default_factory=dict)
+    loss_value: float | None = None
+    saved_iteration: int = -1  # the last save (-1: none yet in a new run)
+    saved_at: float = 0.0
+    ddp_model: nn.Module | None = None  # the model, or its DistributedDataParallel wrapper
+    sampler: PatchSampler | None = None
+    autocast: Any = None
+    scaler: Any = None
+
+
 class Trainer:
     """Train an E2ENet with DSFF.
 
@@ -342,18 +368,11 @@ class Trainer:
                 self._lock.release()
                 self._lock = None
 
-    def _iter_fit(self) -> Iterator[TrainEvent]:
-        cfg = self.config
-        t_start = time.perf_counter()
-        device = resolve_device(cfg.device)
-        notes: list[str] = []
-        if self.writes and self.run_dir.is_dir():  # a new folder is locked once it exists (below)
-            notes += self._take_folder()
-        state_path = self.run_dir / STATE_FILE if self.run_dir is not None else None
-        state = load_state(state_path) if self.resume else None
+    def _plan_from_sources(self, state: dict[str, Any] | None, state_path: Path | None) -> tuple[Plan | None, Any]:
+        """The preprocessing plan a resumed or initialised run must keep (None: plan anew), and
+        where it came from; checks the patch against the architecture that will be trained."""
         plan = None
         plan_source: Path | str | None = None
-        meta: dict[str, Any] = {}
         if state is not None:
             with _bad_content(state_path, "training state"):
                 plan = Plan.from_dict(json.loads(state["plan"]))
@@ -369,19 +388,25 @@ class Trainer:
             self._check_patch(arch, None)
         else:
             try:
-                self._check_patch(cfg.model_config(), None)
+                self._check_patch(self.config.model_config(), None)
             except ValueError as exc:
                 raise InputError(str(exc)) from None
+        return plan, plan_source
+
+    def _start_run(self, state: dict[str, Any] | None, state_path: Path | None, plan: Plan | None,
+                   plan_source: Any, device: torch.device, t_start: float) -> _Run:
+        """Data, model, optimiser, updater and connectivity record, restored from ``state`` if any."""
+        cfg = self.config
         data = self._prepare_data(plan, plan_source)
         model = self._build_model(data).to(device)
         self.model = model
         self._check_batch_memory(model, device)
-        total = cfg.iterations
         optimizer = make_optimizer(model, cfg)
-        updater = DSFFUpdater(model, optimizer, cfg.sparsity, total, seed=cfg.seed) if model.masks() else None
-        record = ConnectivityRecord.for_model(model, sparsity=cfg.sparsity.sparsity, model_name=cfg.model)
-        history: list[dict[str, Any]] = []
-        start = 0
+        updater = (DSFFUpdater(model, optimizer, cfg.sparsity, cfg.iterations, seed=cfg.seed)
+                   if model.masks() else None)
+        run = _Run(data=data, model=model, device=device, optimizer=optimizer, updater=updater,
+                   record=ConnectivityRecord.for_model(model, sparsity=cfg.sparsity.sparsity, model_name=cfg.model),
+                   t_start=t_start)
         if state is not None:
             with _bad_content(state_path, "training state (does it belong to this run's config.json?)"):
                 model.set_masks({k: v for k, v in state["masks"].items()})
@@ -389,154 +414,181 @@ class Trainer:
                 optimizer.load_state_dict(state["optimizer"])
                 if updater is not None:
                     updater.load_state_dict(state["updater"])
-                record = ConnectivityRecord.from_dict(json.loads(state["connectivity"]))
-                history = json.loads(state["history"])
-                start = int(state["iteration"])
-                if not 0 <= start <= total:
-                    raise ValueError(f"iteration {start} is outside 0..{total}")
-        ddp_model: nn.Module = model
-        if self.world_size > 1:
-            ddp_model = nn.parallel.DistributedDataParallel(model)
-        sampler = PatchSampler(data.train, patch=cfg.data.patch, batch=cfg.data.batch,
-                               foreground_oversample=cfg.data.foreground_oversample, augment=cfg.data.augment,
-                               seed=cfg.seed, rank=self.rank,
-                               augment_config=AugmentConfig.for_patch(cfg.data.patch, mirror_axes=data.mirror_axes))
-        loss_fn = DeepSupervisionLoss()
-        autocast = _autocast(device, cfg.precision)
-        scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" and device.type == "cuda" else None
+                run.record = ConnectivityRecord.from_dict(json.loads(state["connectivity"]))
+                run.history = json.loads(state["history"])
+                run.start = int(state["iteration"])
+                if not 0 <= run.start <= cfg.iterations:
+                    raise ValueError(f"iteration {run.start} is outside 0..{cfg.iterations}")
+        run.ddp_model = nn.parallel.DistributedDataParallel(model) if self.world_size > 1 else model
+        run.sampler = PatchSampler(data.train, patch=cfg.data.patch, batch=cfg.data.batch,
+                                   foreground_oversample=cfg.data.foreground_oversample, augment=cfg.data.augment,
+                                   seed=cfg.seed, rank=self.rank,
+                                   augment_config=AugmentConfig.for_patch(cfg.data.patch, mirror_axes=data.mirror_axes))
+        run.autocast = _autocast(device, cfg.precision)
+        run.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "amp" and device.type == "cuda" else None
+        return run
 
-        if self.writes:
-            try:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise InputError(f"cannot create the run folder ({exc.strerror or exc})", self.run_dir) from None
-            if self._lock is None:
-                notes += self._take_folder()
-            save_config(cfg, self.run_dir / CONFIG_FILE)
-            if start == 0:
-                record.record(model, "epoch", 0, epoch=0)  # the initial random topology
+    def _open_folder(self, run: _Run, notes: list[str]) -> None:
+        """Create and lock the run folder, write config.json and the initial topology."""
+        if not self.writes:
+            return
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the run folder ({exc.strerror or exc})", self.run_dir) from None
+        if self._lock is None:
+            notes += self._take_folder()
+        save_config(self.config, self.run_dir / CONFIG_FILE)
+        if run.start == 0:
+            run.record.record(run.model, "epoch", 0, epoch=0)  # the initial random topology
 
-        def snapshot_state(iteration: int) -> dict[str, Any]:
-            return {"iteration": iteration, "model": model.state_dict(), "masks": model.masks(),
-                    "optimizer": optimizer.state_dict(),
-                    "updater": updater.state_dict() if updater is not None else {},
-                    "connectivity": json.dumps(record.to_dict()), "history": json.dumps(history),
-                    "plan": json.dumps(data.plan.to_dict()), "epoch_losses": list(epoch_losses)}
-
-        saved = {"iteration": start if state is not None else -1, "at": _clock()}  # the last save
-
-        def checkpoint(iteration: int) -> None:
-            if not self.writes:
-                return
-            saved.update(iteration=iteration, at=_clock())
-            card = ModelCard(data.plan, data.labels, model.config, cfg.data.patch, data.mirror_axes, data.intended,
-                             cfg.to_dict(), iteration)
-            save_model(model, self.run_dir / MODEL_FILE, metadata=card.to_metadata())
-            record.to_json(self.run_dir / CONNECTIVITY_FILE)
-            _write_metrics(self.run_dir / METRICS_FILE, history)
-            save_state(snapshot_state(iteration), self.run_dir / STATE_FILE)
-
-        completed = start
-        epoch_losses: list[float] = []
+    def _resume_counters(self, run: _Run, state: dict[str, Any] | None, state_path: Path | None) -> None:
+        run.saved_iteration = run.start if state is not None else -1
+        run.saved_at = _clock()
+        run.completed = run.start
         if state:
             with _bad_content(state_path, "training state"):
-                epoch_losses = [float(v) for v in state.get("epoch_losses", [])]
-        last_dice: dict[str, float] = history[-1]["dice"] if history else {}
+                run.epoch_losses = [float(v) for v in state.get("epoch_losses", [])]
+        run.last_dice = run.history[-1]["dice"] if run.history else {}
         # until an iteration runs here: the last loss the run recorded (a finished run resumed)
-        loss_value: float | None = epoch_losses[-1] if epoch_losses else (history[-1]["loss"] if history else None)
-        stopped = False
+        run.loss_value = (run.epoch_losses[-1] if run.epoch_losses
+                          else (run.history[-1]["loss"] if run.history else None))
+
+    def _checkpoint(self, run: _Run, iteration: int) -> None:
+        """Model file (with its card), connectivity, metrics and training state at ``iteration``."""
+        if not self.writes:
+            return
+        cfg, data, model = self.config, run.data, run.model
+        run.saved_iteration, run.saved_at = iteration, _clock()
+        card = ModelCard(data.plan, data.labels, model.config, cfg.data.patch, data.mirror_axes, data.intended,
+                         cfg.to_dict(), iteration)
+        save_model(model, self.run_dir / MODEL_FILE, metadata=card.to_metadata())
+        run.record.to_json(self.run_dir / CONNECTIVITY_FILE)
+        _write_metrics(self.run_dir / METRICS_FILE, run.history)
+        state = {"iteration": iteration, "model": model.state_dict(), "masks": model.masks(),
+                 "optimizer": run.optimizer.state_dict(),
+                 "updater": run.updater.state_dict() if run.updater is not None else {},
+                 "connectivity": json.dumps(run.record.to_dict()), "history": json.dumps(run.history),
+                 "plan": json.dumps(data.plan.to_dict()), "epoch_losses": list(run.epoch_losses)}
+        save_state(state, self.run_dir / STATE_FILE)
+
+    def _end_epoch(self, run: _Run, completed: int, lr: float) -> Iterator[TrainEvent]:
+        """Validation, metrics row, connectivity entry, checkpoint. Returns False (having saved
+        nothing) if ``stop`` interrupted the validation: the caller stops, the state is saved."""
+        cfg, total = self.config, self.config.iterations
+        epoch = math.ceil(completed / cfg.iterations_per_epoch)
+        if self.rank == 0 and (epoch % cfg.validation_every_epochs == 0 or completed == total):
+            try:
+                run.last_dice = self.validate(run.model, run.data, run.device)
+            except _ValidationStopped:
+                return False
+            yield TrainEvent("validation", completed, total, epoch, dice=run.last_dice)
+        run.history.append({"epoch": epoch, "iteration": completed, "loss": float(np.mean(run.epoch_losses)),
+                            "lr": lr, "dice": run.last_dice, "seconds": time.perf_counter() - run.t_start,
+                            "sparsity": run.model.sparsity})
+        run.epoch_losses = []
+        if self.rank == 0:
+            run.record.record(run.model, "epoch", completed, epoch=epoch, loss=run.history[-1]["loss"])
+        if epoch % cfg.checkpoint_every_epochs == 0 or completed == total:
+            self._checkpoint(run, completed)
+            yield TrainEvent("checkpoint", completed, total, epoch)
+        return True
+
+    def _step(self, run: _Run, it: int, loss_fn: nn.Module) -> Iterator[TrainEvent]:
+        """One optimiser step (and topology update); yields its events."""
+        cfg, total, model = self.config, self.config.iterations, run.model
+        run.ddp_model.train()
+        lr = poly_lr(cfg.lr, it, total)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        images, target = run.sampler.batch(it)
+        images, target = images.to(run.device), target.to(run.device)
+        loss = train_step(run.ddp_model, run.optimizer, loss_fn, images, target, autocast=run.autocast,
+                          scaler=run.scaler, grad_clip=cfg.grad_clip)
+        update = run.updater.after_step(it + 1) if run.updater is not None else None
+        completed = run.completed = it + 1
+        loss_value = run.loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at iteration {completed}")
+        run.epoch_losses.append(loss_value)
+        epoch = math.ceil(completed / cfg.iterations_per_epoch)
+        yield TrainEvent("iteration", completed, total, epoch, loss=loss_value, lr=lr,
+                         seconds=time.perf_counter() - run.t_start)
+        if update is not None:
+            if self.world_size > 1:
+                _check_masks_agree(model)
+            if self.rank == 0:
+                run.record.record(model, "update", completed, epoch=epoch, update=update, loss=loss_value)
+            yield TrainEvent("topology", completed, total, epoch, loss=loss_value, update=update)
+
+    def _iterations(self, run: _Run, resumed: bool) -> Iterator[TrainEvent]:
+        """The training iterations from ``run.start``; returns True when stopped early."""
+        cfg, total, start = self.config, self.config.iterations, run.start
+        loss_fn = DeepSupervisionLoss()
+        if (resumed and start > 0 and (start % cfg.iterations_per_epoch == 0 or start == total)
+                and (not run.history or run.history[-1]["iteration"] != start)):
+            # stopped during this epoch's end (e.g. its validation): finish it before going on
+            finished = yield from self._end_epoch(run, start, poly_lr(cfg.lr, start - 1, total))
+            if self.world_size > 1:
+                torch.distributed.barrier()
+            if not finished:
+                return True
+        for it in range(start, total):
+            if self.stop.is_set():
+                return True
+            yield from self._step(run, it, loss_fn)
+            completed = run.completed
+            if completed % cfg.iterations_per_epoch == 0 or completed == total:
+                finished = yield from self._end_epoch(run, completed, poly_lr(cfg.lr, it, total))
+                if self.world_size > 1:
+                    torch.distributed.barrier()
+                if not finished:
+                    return True
+            # Timed save (kill -9 loses at most checkpoint_every_s of work): the first right after
+            # the first iteration of a new run, then by the clock, at this iteration boundary.
+            if (self.writes and cfg.checkpoint_every_s > 0 and completed < total
+                    and run.saved_iteration != completed
+                    and (run.saved_iteration < 0 or _clock() - run.saved_at >= cfg.checkpoint_every_s)):
+                self._checkpoint(run, completed)
+        return False
+
+    def _iter_fit(self) -> Iterator[TrainEvent]:
+        cfg, total = self.config, self.config.iterations
+        t_start = time.perf_counter()
+        device = resolve_device(cfg.device)
+        notes: list[str] = []
+        if self.writes and self.run_dir.is_dir():  # a new folder is locked once it exists (below)
+            notes += self._take_folder()
+        state_path = self.run_dir / STATE_FILE if self.run_dir is not None else None
+        state = load_state(state_path) if self.resume else None
+        plan, plan_source = self._plan_from_sources(state, state_path)
+        run = self._start_run(state, state_path, plan, plan_source, device, t_start)
+        self._open_folder(run, notes)
+        self._resume_counters(run, state, state_path)
+        start = run.start
         if state is not None and self.writes and not (self.run_dir / MODEL_FILE).is_file():
-            checkpoint(start)  # the state holds the weights: restore the missing model file first
+            self._checkpoint(run, start)  # the state holds the weights: restore the missing model file first
             notes.append(f"{MODEL_FILE} was missing; rewritten from {STATE_FILE} (iteration {start})")
         if state is not None and start == total:
             notes.append(f"the run had already finished ({total} iterations); nothing to do")
-        message = f"{len(data.train)} training / {len(data.val)} validation case(s) on {device}"
+        message = f"{len(run.data.train)} training / {len(run.data.val)} validation case(s) on {device}"
         yield TrainEvent("start", start, total, start // cfg.iterations_per_epoch,
                          message="; ".join([message, *notes]))
-
-        def end_epoch(completed: int, lr: float) -> Iterator[TrainEvent]:
-            """Validation, metrics row, connectivity entry, checkpoint. Returns False (having saved
-            nothing) if ``stop`` interrupted the validation: the caller stops, the state is saved."""
-            nonlocal last_dice, epoch_losses
-            epoch = math.ceil(completed / cfg.iterations_per_epoch)
-            if self.rank == 0 and (epoch % cfg.validation_every_epochs == 0 or completed == total):
-                try:
-                    last_dice = self.validate(model, data, device)
-                except _ValidationStopped:
-                    return False
-                yield TrainEvent("validation", completed, total, epoch, dice=last_dice)
-            history.append({"epoch": epoch, "iteration": completed, "loss": float(np.mean(epoch_losses)),
-                            "lr": lr, "dice": last_dice, "seconds": time.perf_counter() - t_start,
-                            "sparsity": model.sparsity})
-            epoch_losses = []
-            if self.rank == 0:
-                record.record(model, "epoch", completed, epoch=epoch, loss=history[-1]["loss"])
-            if epoch % cfg.checkpoint_every_epochs == 0 or completed == total:
-                checkpoint(completed)
-                yield TrainEvent("checkpoint", completed, total, epoch)
-            return True
-
+        stopped = False
         try:
-            if (state is not None and start > 0 and (start % cfg.iterations_per_epoch == 0 or start == total)
-                    and (not history or history[-1]["iteration"] != start)):
-                # stopped during this epoch's end (e.g. its validation): finish it before going on
-                if not (yield from end_epoch(start, poly_lr(cfg.lr, start - 1, total))):
-                    stopped = True
-                if self.world_size > 1:
-                    torch.distributed.barrier()
-            for it in range(start, total):
-                if stopped:
-                    break
-                if self.stop.is_set():
-                    stopped = True
-                    break
-                ddp_model.train()
-                lr = poly_lr(cfg.lr, it, total)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images, target = sampler.batch(it)
-                images, target = images.to(device), target.to(device)
-                loss = train_step(ddp_model, optimizer, loss_fn, images, target, autocast=autocast,
-                                  scaler=scaler, grad_clip=cfg.grad_clip)
-                update = updater.after_step(it + 1) if updater is not None else None
-                completed = it + 1
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss became {loss_value} at iteration {completed}")
-                epoch_losses.append(loss_value)
-                epoch = math.ceil(completed / cfg.iterations_per_epoch)
-                yield TrainEvent("iteration", completed, total, epoch, loss=loss_value, lr=lr,
-                                 seconds=time.perf_counter() - t_start)
-                if update is not None:
-                    if self.world_size > 1:
-                        _check_masks_agree(model)
-                    if self.rank == 0:
-                        record.record(model, "update", completed, epoch=epoch, update=update, loss=loss_value)
-                    yield TrainEvent("topology", completed, total, epoch, loss=loss_value, update=update)
-                if completed % cfg.iterations_per_epoch == 0 or completed == total:
-                    finished = yield from end_epoch(completed, lr)
-                    if self.world_size > 1:
-                        torch.distributed.barrier()
-                    if not finished:
-                        stopped = True
-                        break
-                # Timed save (kill -9 loses at most checkpoint_every_s of work): the first right after
-                # the first iteration of a new run, then by the clock, at this iteration boundary.
-                if (self.writes and cfg.checkpoint_every_s > 0 and completed < total and saved["iteration"] != completed
-                        and (saved["iteration"] < 0 or _clock() - saved["at"] >= cfg.checkpoint_every_s)):
-                    checkpoint(completed)
+            stopped = yield from self._iterations(run, state is not None)
         except GeneratorExit:
             stopped = True
             raise
         finally:
             # Save at the last *completed* iteration, so resume continues exactly from there.
-            if (stopped or self.stop.is_set()) and completed != saved["iteration"] and completed > 0:
-                checkpoint(completed)
+            if (stopped or self.stop.is_set()) and run.completed != run.saved_iteration and run.completed > 0:
+                self._checkpoint(run, run.completed)
         elapsed = time.perf_counter() - t_start
-        self.summary = TrainSummary(self.run_dir, completed, elapsed, loss_value, last_dice, stopped)
-        yield TrainEvent("stopped" if stopped else "done", completed, total,
-                         math.ceil(completed / cfg.iterations_per_epoch), loss=loss_value, dice=last_dice,
-                         seconds=elapsed)
+        self.summary = TrainSummary(self.run_dir, run.completed, elapsed, run.loss_value, run.last_dice, stopped)
+        yield TrainEvent("stopped" if stopped else "done", run.completed, total,
+                         math.ceil(run.completed / cfg.iterations_per_epoch), loss=run.loss_value,
+                         dice=run.last_dice, seconds=elapsed)
 
     def fit(self) -> TrainSummary:
         for _ in self.iter_fit():
