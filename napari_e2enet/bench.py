@@ -80,7 +80,7 @@ def machine_info() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     from .inference.accelerate import bf16_native
-    from .sparse.compact import load_kernels
+    from .inference.cpu.compact import load_kernels
 
     kernels = load_kernels()
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3

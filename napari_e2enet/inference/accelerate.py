@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..sparse.compact import (
+from ..sparse.compact import effective_mask
+from .cpu.compact import (
     BufferPool,
     CSCConv,
     CSRConvT,
@@ -40,7 +41,6 @@ from ..sparse.compact import (
     conv_csc,
     convt_csr,
     depth_offsets,
-    effective_mask,
     kernel_status,
 )
 

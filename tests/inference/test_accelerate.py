@@ -20,18 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from napari_e2enet.inference.accelerate import AcceleratedE2ENet, accelerate, backend_info, bf16_native
-from napari_e2enet.inference.cpu import find_compiler
+from napari_e2enet.inference.cpu import compact, find_compiler
+from napari_e2enet.inference.cpu.compact import conv_csc, convt_csr, depth_offsets, kernel_status
 from napari_e2enet.models import create_model
-from napari_e2enet.sparse import compact
-from napari_e2enet.sparse.compact import (
-    block_size,
-    conv_csc,
-    convt_csr,
-    depth_offsets,
-    effective_mask,
-    kernel_status,
-    uniform_block_masks,
-)
+from napari_e2enet.sparse.compact import block_size, effective_mask, uniform_block_masks
 
 KERNELS, KERNEL_REASON = kernel_status()
 # no compiler: skip; a compiler but no kernels: the sparse tests run and fail with the reason

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 
 from napari_e2enet.inference.accelerate import AcceleratedE2ENet, accelerate, backend_info
 from napari_e2enet.inference.cpu import bindings, build
-from napari_e2enet.models import create_model
-from napari_e2enet.sparse.compact import (
+from napari_e2enet.inference.cpu.compact import (
     Kernels,
     LazyNorm,
     PaddedPlanar,
@@ -35,6 +34,7 @@ from napari_e2enet.sparse.compact import (
     depth_offsets,
     kernel_status,
 )
+from napari_e2enet.models import create_model
 
 ROOT = Path(__file__).resolve().parents[2]
 CC = build.find_compiler()

@@ -93,7 +93,7 @@ def _ctype(spelling: str) -> type | None:
 
 
 class PPLike(Protocol):
-    """What the bindings read of a padded planar tensor (``napari_e2enet.sparse.compact.PaddedPlanar``):
+    """What the bindings read of a padded planar tensor (``napari_e2enet.inference.cpu.compact.PaddedPlanar``):
     its geometry and the float32 buffer holding ``PAD_FLOATS`` zeros, C·D·(H+2)·P floats and slack."""
 
     C: int
