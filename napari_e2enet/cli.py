@@ -431,17 +431,15 @@ def _check_targets(targets: list, suffix: str) -> None:
         check_writable(max(targets, key=lambda t: len(t.name)), suffix)
 
 
-def _predict(args: argparse.Namespace) -> int:
+def _predict_jobs(args: argparse.Namespace) -> tuple[list, Any]:
+    """Check the predict arguments and the output location before any model is loaded; the cases
+    this process predicts (its shard) as ``CaseJob``s, and the output path."""
     import os
-    import time
     from pathlib import Path
 
-    from tqdm import tqdm
-
-    from .config import InferenceConfig
-    from .data import read_image, write_volume
     from .data.io import OUTPUT_FORMATS, volume_format
-    from .inference import InputWarning, Prediction, Predictor
+    from .fileio import remove_stale_temporaries
+    from .inference.batch import CaseJob
 
     if not 0 <= args.overlap < 1:
         raise InputError("--overlap must be in [0, 1)")
@@ -466,6 +464,22 @@ def _predict(args: argparse.Namespace) -> int:
     suffix = out_suffix if single_file else OUTPUT_FORMATS[args.output_format or "nii.gz"]
     if suffix == ".dcm" and not dicom_input:
         raise InputError("DICOM-SEG output (.dcm) needs DICOM input: it references the source series", out)
+    _prepare_output(out, single_file)
+    if parts is not None:
+        cases = shard(cases, *parts)
+    _refuse_output_on_input(cases, out, single_file, suffix)
+    # a writer killed by kill -9 leaves a hidden temporary; only those of dead processes are deleted
+    remove_stale_temporaries(out.parent if single_file else out, [out.name] if single_file else None)
+    jobs = [CaseJob(name, files, out if single_file else out / f"{name}{suffix}") for name, files in cases]
+    _check_targets([job.target for job in jobs], suffix)
+    return jobs, out
+
+
+def _prepare_output(out: Any, single_file: bool) -> None:
+    """The output file's folder must exist; an output folder is made. Either must be writable."""
+    import os
+    from pathlib import Path
+
     if single_file:
         folder = out.parent if str(out.parent) else Path(".")
         if not folder.is_dir():
@@ -480,52 +494,45 @@ def _predict(args: argparse.Namespace) -> int:
             raise InputError(f"cannot create output folder ({exc.strerror})", out) from None
     if not os.access(out if out.is_dir() else (out.parent if str(out.parent) else Path(".")), os.W_OK):
         raise InputError("output location is not writable", out)
-    if parts is not None:
-        cases = shard(cases, *parts)
-    _refuse_output_on_input(cases, out, single_file, suffix)
-    from .fileio import remove_stale_temporaries
 
-    # a writer killed by kill -9 leaves a hidden temporary; only those of dead processes are deleted
-    remove_stale_temporaries(out.parent if single_file else out, [out.name] if single_file else None)
-    _check_targets([out] if single_file else [out / f"{name}{suffix}" for name, _ in cases], suffix)
 
+def _predict(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from .config import InferenceConfig
+    from .inference import InputWarning, Predictor
+    from .inference.batch import CaseResult, CaseStarted, iter_predict_cases
+
+    jobs, out = _predict_jobs(args)
     config = InferenceConfig(overlap=args.overlap, tta=args.tta, precision=args.precision, device=args.device,
                              accelerate=not args.no_accelerate)
     predictor = Predictor.from_any(args.model, config)
     stop = threading.Event()
     signals = _stop_on_signals(stop)
     got = signals.__enter__()
-    results, t0 = [], time.perf_counter()
-    cases_bar = tqdm(cases, desc="cases", unit="case", file=sys.stderr, disable=len(cases) < 2)
-    bar = None
+    results: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    cases_bar = tqdm(total=len(jobs), desc="cases", unit="case", file=sys.stderr, disable=len(jobs) < 2)
+    bar, current = None, ""
     try:
-        for name, files in cases_bar:
-            target = out if single_file else out / f"{name}{suffix}"
-            if target.exists() and not args.overwrite:
-                results.append({"case": name, "output": str(target), "status": "skipped (exists)"})
-                continue
-            volume = read_image(files, name=name, series=args.series)
-            expected = predictor.model.config.in_channels
-            if volume.num_channels != expected:
-                raise InputError(f"image has {volume.num_channels} channel(s) but the model expects {expected}",
-                                 files[0])
-            bar = tqdm(desc=name, unit="tile", file=sys.stderr, leave=False)
-            prediction = None
-            for item in predictor.iter_predict(volume, stop=stop):
-                if isinstance(item, Prediction):
-                    prediction = item
-                elif isinstance(item, InputWarning):
-                    bar.write(f"napari-e2enet predict: warning: {name}: {item.message}", file=sys.stderr)
-                else:
-                    bar.total = item.total
-                    bar.update(item.done - bar.n)
-            bar.close()
-            if prediction is None:
-                raise KeyboardInterrupt
-            write_volume(prediction.labels, target, like=volume, label_table=prediction.label_table)
-            results.append({"case": name, "output": str(target), "status": "ok",
-                            "seconds": round(prediction.seconds, 2), "tiles": prediction.tiles,
-                            "warnings": list(prediction.warnings)})
+        for event in iter_predict_cases(predictor, jobs, overwrite=args.overwrite, series=args.series, stop=stop):
+            if isinstance(event, CaseStarted):
+                current = event.name
+                bar = tqdm(desc=current, unit="tile", file=sys.stderr, leave=False)
+            elif isinstance(event, InputWarning):
+                bar.write(f"napari-e2enet predict: warning: {current}: {event.message}", file=sys.stderr)
+            elif isinstance(event, CaseResult):
+                if bar is not None:
+                    bar.close()
+                results.append(event.to_dict())
+                cases_bar.update(1)
+            else:
+                bar.total = event.total
+                bar.update(event.done - bar.n)
+        if len(results) < len(jobs):  # the generator ended early: stop was set
+            raise KeyboardInterrupt
     except KeyboardInterrupt as exc:
         if bar is not None:
             bar.close()
