@@ -153,6 +153,23 @@ class _Canvas:
         self.hu[sl][mask & (self.label[sl] == within_label)] = hu
 
 
+class _Draws:
+    """The phantom's random draws, in one fixed order (the anatomy is a function of the seed)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.u = rng.uniform
+
+    def jit(self, x: float, amount: float = 0.04) -> float:
+        return float(x + self.u(-amount, amount))
+
+    def size(self, x: float, lo: float = 0.85, hi: float = 1.15) -> float:
+        return float(x * self.u(lo, hi))
+
+
+_BIG = 10.0  # beyond the volume: cylinders along the whole S axis
+
+
 def make_phantom(
     seed: int | np.random.SeedSequence = 0,
     shape: tuple[int, int, int] = (96, 96, 64),
@@ -166,18 +183,32 @@ def make_phantom(
     if min(shape) < 8:
         raise ValueError(f"make_phantom: shape {shape} is too small (at least 8 voxels per axis)")
     rng = np.random.default_rng(seed)
-    u = rng.uniform
+    d = _Draws(rng)
+    cv = _Canvas(shape, rng, amplitude=float(d.u(0.02, 0.05)))
+    body_c, body_r, body_a, inner = _paint_body(cv, d)
+    _paint_bowel(cv, d)
+    _paint_bones(cv, d, body_c, inner)
+    st_c = _paint_upper_abdomen(cv, d)
+    _paint_retroperitoneum(cv, d)
+    _paint_vessels(cv, d, st_c)
+    _paint_pelvis(cv, d)
+    _paint_spine(cv, d)
+    # keep everything inside the body outline
+    body = cv.cylinder(body_c, (body_r, body_a), -_BIG, _BIG)
+    outside = np.ones(shape, bool)
+    if body is not None:
+        outside[body[0]] = ~body[1]
+    cv.label[outside] = 0
+    cv.hu[outside] = -1000.0
+    hu = _scanner(cv.hu, d, spacing)
+    affine = phantom_affine(shape, spacing)
+    name = f"phantom_{seed}" if isinstance(seed, int | np.integer) else "phantom"
+    return Volume(hu, affine, None, name), Volume(cv.label, affine.copy(), None, name)
 
-    def jit(x: float, amount: float = 0.04) -> float:
-        return float(x + u(-amount, amount))
 
-    def size(x: float, lo: float = 0.85, hi: float = 1.15) -> float:
-        return float(x * u(lo, hi))
-
-    cv = _Canvas(shape, rng, amplitude=float(u(0.02, 0.05)))
-    big = 10.0
-
-    # ---------------- body: skin/subcutaneous fat, abdominal wall muscle, visceral fat
+def _paint_body(cv: _Canvas, d: _Draws) -> tuple[tuple[float, float], float, float, tuple[float, float]]:
+    """Skin and subcutaneous fat, abdominal wall muscle, visceral fat, back muscles and psoas."""
+    u, jit, size, big = d.u, d.jit, d.size, _BIG
     body_r, body_a = size(0.88, 0.92, 1.04), size(0.64, 0.9, 1.08)
     body_c = (0.0, jit(0.02, 0.03))
     fat = u(0.05, 0.13)
@@ -190,15 +221,22 @@ def make_phantom(
     for side in (1, -1):
         cv.paint(cv.ellipsoid((side * 0.17, -0.52, 0.0), (0.13, 0.11, big)), u(45, 60), 0)
         cv.paint(cv.ellipsoid((side * 0.17, -0.3, -0.45), (0.07, 0.08, 0.75)), u(45, 60), 0)
+    return body_c, body_r, body_a, inner
 
-    # ---------------- bowel loops (unlabelled clutter) in the mid/lower abdomen
+
+def _paint_bowel(cv: _Canvas, d: _Draws) -> None:
+    """Bowel loops (unlabelled clutter) in the mid and lower abdomen."""
+    u, rng = d.u, d.rng
     for _ in range(int(rng.integers(10, 18))):
         c = (u(-0.55, 0.55), u(-0.05, 0.45), u(-0.65, 0.1))
         semi = (u(0.05, 0.11), u(0.05, 0.11), u(0.06, 0.16))
         gas = rng.random() < 0.25
         cv.paint(cv.ellipsoid(c, semi, u(0, np.pi)), u(-900, -700) if gas else u(15, 45), 0)
 
-    # ---------------- bones (not labelled): ribs, pelvis
+
+def _paint_bones(cv: _Canvas, d: _Draws, body_c: tuple[float, float], inner: tuple[float, float]) -> None:
+    """Bones (not labelled): ribs, and the iliac wings as a cortical shell around marrow."""
+    u = d.u
     rib_phase = u(0, 1)
     for k in range(8):
         s_c = 0.95 - (k + rib_phase) * 0.16
@@ -218,7 +256,10 @@ def make_phantom(
         cv.paint(cv.ellipsoid(il_c, il_semi, il_angle), u(450, 700), _BONE)
         cv.paint(cv.ellipsoid(il_c, (0.04, 0.25, 0.2), il_angle), u(150, 280), _BONE)
 
-    # ---------------- organs (AMOS ids)
+
+def _paint_upper_abdomen(cv: _Canvas, d: _Draws) -> tuple[float, float, float]:
+    """Liver with hepatic vessels, gallbladder, spleen, and the stomach (wall, contents, air); returns the stomach centre."""
+    u, jit, size, rng = d.u, d.jit, d.size, d.rng
     liver_hu = u(90, 120)
     cv.paint(
         cv.ellipsoid((jit(0.38), jit(0.02), jit(0.5)), (size(0.42), size(0.45), size(0.4)), u(-0.2, 0.2)),
@@ -257,8 +298,12 @@ def make_phantom(
         sl, mask = inner_st
         level = st_c[1] + st_semi[1] * u(-0.1, 0.6)
         cv.paint((sl, mask & (cv.A[sl] > level)), u(-1000, -950), 7)
+    return st_c
 
-    # kidneys: cortex with medulla, left a little higher; adrenals on top, medial
+
+def _paint_retroperitoneum(cv: _Canvas, d: _Draws) -> None:
+    """Kidneys (cortex, medulla; the left a little higher) with adrenals, the duodenal C-loop and the pancreas."""
+    u, jit, size = d.u, d.jit, d.size
     for side, label, adrenal in ((1, 2, 11), (-1, 3, 12)):
         kc = (side * jit(0.38, 0.03), jit(-0.3, 0.03), jit(0.0 if side > 0 else 0.08, 0.06))
         ks = (size(0.14), size(0.11), size(0.28))
@@ -288,7 +333,10 @@ def make_phantom(
     cv.paint(cv.capsule(head, body, thick), p_hu, 10)
     cv.paint(cv.capsule(body, tail, thick * 0.9), p_hu, 10)
 
-    # esophagus → cardia, aorta (+ unlabelled iliac arteries), IVC
+
+def _paint_vessels(cv: _Canvas, d: _Draws, st_c: tuple[float, float, float]) -> None:
+    """Esophagus to the cardia, aorta (and unlabelled iliac arteries), IVC."""
+    u, jit, size, big = d.u, d.jit, d.size, _BIG
     cv.paint(
         cv.capsule(
             (jit(-0.05, 0.02), -0.2, 1.1), (jit(-0.2, 0.03), jit(0.08, 0.03), st_c[2] + 0.15), size(0.045)
@@ -306,7 +354,10 @@ def make_phantom(
     ivc_c = (jit(0.13, 0.02), jit(-0.19, 0.02))
     cv.paint(cv.cylinder(ivc_c, (size(0.075), size(0.055)), bif - 0.05, big), u(110, 160), 9)
 
-    # pelvis: bladder, then prostate (below) or uterus (behind/above)
+
+def _paint_pelvis(cv: _Canvas, d: _Draws) -> None:
+    """Bladder, then prostate (below) or uterus (behind and above)."""
+    u, jit, size, rng = d.u, d.jit, d.size, d.rng
     bl_c = (jit(0.0, 0.04), jit(0.3, 0.04), jit(-0.76, 0.05))
     bl_semi = (size(0.22, 0.7, 1.2), size(0.17, 0.7, 1.2), size(0.16, 0.7, 1.2))
     cv.paint(cv.ellipsoid(bl_c, bl_semi), u(0, 20), 14)
@@ -329,7 +380,10 @@ def make_phantom(
             15,
         )
 
-    # spine: vertebral bodies (cortical shell, cancellous core) and discs, arch, spinal canal
+
+def _paint_spine(cv: _Canvas, d: _Draws) -> None:
+    """Vertebral bodies (cortical shell, cancellous core) and discs, arch, spinal canal."""
+    u, jit, size, big = d.u, d.jit, d.size, _BIG
     period = u(0.22, 0.3)
     phase = u(0, period)
     vb_c, vb_semi = (0.0, jit(-0.38, 0.02)), (size(0.1, 0.9, 1.1), size(0.09, 0.9, 1.1))
@@ -346,27 +400,18 @@ def make_phantom(
         in_disc = np.mod(cv.S[sl] - phase, period) < period * 0.2
         cv.paint((sl, mask & in_disc), u(70, 100), _BONE)
 
-    # keep everything inside the body outline
-    body = cv.cylinder(body_c, (body_r, body_a), -big, big)
-    outside = np.ones(shape, bool)
-    if body is not None:
-        outside[body[0]] = ~body[1]
-    cv.label[outside] = 0
-    cv.hu[outside] = -1000.0
 
-    # partial-volume blur, noise, scanner range
+def _scanner(hu: np.ndarray, d: _Draws, spacing: tuple[float, float, float]) -> np.ndarray:
+    """Partial-volume blur, noise, scanner range: float32 HU."""
+    u, rng = d.u, d.rng
     sigma = np.array(
         [u(0.5, 0.9) * 1.5 / spacing[0], u(0.5, 0.9) * 1.5 / spacing[1], u(0.3, 0.6) * 3.0 / spacing[2]]
     )
-    hu = ndi.gaussian_filter(cv.hu, sigma=np.clip(sigma, 0.3, 1.5), mode="nearest", truncate=3.0)
-    hu += rng.standard_normal(shape, dtype=np.float32) * np.float32(u(8, 25))
+    hu = ndi.gaussian_filter(hu, sigma=np.clip(sigma, 0.3, 1.5), mode="nearest", truncate=3.0)
+    hu += rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(u(8, 25))
     np.clip(hu, -1024, 3071, out=hu)
+    return hu.astype(np.float32, copy=False)
 
-    affine = phantom_affine(shape, spacing)
-    name = f"phantom_{seed}" if isinstance(seed, int | np.integer) else "phantom"
-    return Volume(hu.astype(np.float32, copy=False), affine, None, name), Volume(
-        cv.label, affine.copy(), None, name
-    )
 
 
 def _on(shape: tuple[tuple[slice, ...], np.ndarray], sl: tuple[slice, ...]) -> np.ndarray:
