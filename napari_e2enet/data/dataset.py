@@ -325,36 +325,8 @@ class Dataset:
         cases: list[Case] = []
         for i, image in enumerate(images):
             case_name = names[i] if names is not None else f"case_{i:03d}"
-            where = f"case {case_name}"
-            if isinstance(image, Volume):
-                vol = image
-            else:
-                arr = np.asarray(image)
-                if arr.dtype.kind not in "biuf":
-                    raise InputError(f"{where}: image has unsupported type {arr.dtype}")
-                aff = np.eye(4) if affine_list[i] is None else np.asarray(affine_list[i], np.float64)
-                try:
-                    vol = Volume(arr.astype(np.float32, copy=False), aff, None, case_name)
-                except InputError as exc:
-                    raise InputError(f"{where}: {exc}") from None
-            if vol.array.dtype.kind == "f" and not np.all(np.isfinite(vol.array)):
-                raise InputError(f"{where}: image contains NaN or Inf")
-            lab_vol: Volume | None = None
-            lab = None if labels is None else labels[i]
-            if lab is not None:
-                lab_arr = lab.array if isinstance(lab, Volume) else np.asarray(lab)
-                try:
-                    lab_arr = as_label_array(lab_arr)
-                except InputError as exc:
-                    raise InputError(f"{where}: {exc}") from None
-                if lab_arr.shape != vol.spatial_shape:
-                    raise InputError(
-                        f"{where}: label shape {lab_arr.shape} does not match image shape {vol.spatial_shape}"
-                    )
-                lab_aff = lab.affine if isinstance(lab, Volume) else vol.affine
-                if not _same_geometry(lab_aff, vol.affine):
-                    raise InputError(f"{where}: label affine does not match the image affine")
-                lab_vol = Volume(lab_arr, vol.affine, vol.header, case_name)
+            vol = _array_case_image(image, affine_list[i], case_name)
+            lab_vol = _array_case_label(None if labels is None else labels[i], vol, case_name)
             cases.append(Case(case_name, vol, lab_vol))
         nc = {c.image.num_channels for c in cases}  # type: ignore[union-attr]
         if len(nc) != 1:
@@ -387,6 +359,46 @@ class Dataset:
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def _array_case_image(image: np.ndarray | Volume, affine: np.ndarray | None, case_name: str) -> Volume:
+    """One ``from_arrays`` image as a float Volume (identity affine by default), finite values only."""
+    where = f"case {case_name}"
+    if isinstance(image, Volume):
+        vol = image
+    else:
+        arr = np.asarray(image)
+        if arr.dtype.kind not in "biuf":
+            raise InputError(f"{where}: image has unsupported type {arr.dtype}")
+        aff = np.eye(4) if affine is None else np.asarray(affine, np.float64)
+        try:
+            vol = Volume(arr.astype(np.float32, copy=False), aff, None, case_name)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+    if vol.array.dtype.kind == "f" and not np.all(np.isfinite(vol.array)):
+        raise InputError(f"{where}: image contains NaN or Inf")
+    return vol
+
+
+def _array_case_label(lab: np.ndarray | Volume | None, vol: Volume, case_name: str) -> Volume | None:
+    """One ``from_arrays`` label map as a Volume on the image's grid (None stays None)."""
+    where = f"case {case_name}"
+    lab_vol: Volume | None = None
+    if lab is not None:
+        lab_arr = lab.array if isinstance(lab, Volume) else np.asarray(lab)
+        try:
+            lab_arr = as_label_array(lab_arr)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        if lab_arr.shape != vol.spatial_shape:
+            raise InputError(
+                f"{where}: label shape {lab_arr.shape} does not match image shape {vol.spatial_shape}"
+            )
+        lab_aff = lab.affine if isinstance(lab, Volume) else vol.affine
+        if not _same_geometry(lab_aff, vol.affine):
+            raise InputError(f"{where}: label affine does not match the image affine")
+        lab_vol = Volume(lab_arr, vol.affine, vol.header, case_name)
+    return lab_vol
 
 
 def _stem(path: Path) -> str:
@@ -574,77 +586,19 @@ def _load_folder(root_in: Path, check: bool) -> Dataset:
     json_path = root_in / "dataset.json"
     require_file(json_path, "no dataset.json in the dataset folder")
     _inside(root, json_path, json_path, "dataset.json")
-    try:
-        text = json_path.read_text(encoding="utf-8")
-        data = json.loads(text)
-    except OSError as exc:
-        raise InputError(f"cannot read ({exc.strerror or exc})", json_path) from None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge ints
-        raise InputError(f"not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
-                         json_path) from None  # fmt: skip
-    if not isinstance(data, dict):
-        raise InputError("dataset.json must hold a JSON object", json_path)
+    data = _read_dataset_json(json_path)
     channel_names = _parse_channels(data, json_path)
     labels = _parse_labels(data, json_path)
     ending = data.get("file_ending", ".nii.gz")
     if ending not in NIFTI_SUFFIXES:
         raise InputError(f"file_ending {ending!r} is not supported (only .nii.gz and .nii)", json_path)
-    cases: list[tuple[str, tuple[Path, ...], Path]] = []
     listed: dict[Path, dict[str, Path]] = {}  # folder listings, read once
-    training = data.get("training")
-    custom = data.get("dataset")
-    if training is not None:  # MSD / nnU-Net v1: [{"image": "./imagesTr/x.nii.gz", "label": ...}]
-        if not isinstance(training, list) or not training:
-            raise InputError("'training' must be a non-empty list of {image, label} entries", json_path)
-        for k, entry in enumerate(training):
-            if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-                raise InputError(f"training entry {k} must have 'image' and 'label'", json_path)
-            label = _relative_entry(root, entry["label"], json_path, f"training[{k}].label")
-            img_spec = entry["image"]
-            if isinstance(img_spec, list):
-                images = tuple(_relative_entry(root, v, json_path, f"training[{k}].image") for v in img_spec)
-                if not images:
-                    raise InputError(f"training entry {k} lists no image files", json_path)
-            else:
-                image = _relative_entry(root, img_spec, json_path, f"training[{k}].image")
-                if image.exists():
-                    images = (image,)
-                else:  # nnU-Net v1 lists 'x.nii.gz' while the files are 'x_0000.nii.gz', ...
-                    images = _channel_files(root, image.parent, _stem(image), ending, len(channel_names), listed)
-            cases.append((_stem(label), images, label))
-    elif custom is not None:  # nnU-Net v2 explicit: {"case": {"images": [...], "label": "..."}}
-        if not isinstance(custom, dict) or not custom:
-            raise InputError("'dataset' must map case ids to {images, label}", json_path)
-        for case_id, entry in custom.items():
-            if (
-                not isinstance(entry, dict)
-                or not isinstance(entry.get("images"), list)
-                or "label" not in entry
-            ):
-                raise InputError(
-                    f"dataset entry {case_id!r} must have 'images' (a list) and 'label'", json_path
-                )
-            images = tuple(_relative_entry(root, v, json_path, f"{case_id}.images") for v in entry["images"])
-            if not images:
-                raise InputError(f"dataset entry {case_id!r} lists no image files", json_path)
-            label = _relative_entry(root, entry["label"], json_path, f"{case_id}.label")
-            cases.append((str(case_id), images, label))
-    else:  # nnU-Net v2 layout: labelsTr/CASE.nii.gz + imagesTr/CASE_0000.nii.gz ...
-        labels_dir, images_dir = root_in / "labelsTr", root_in / "imagesTr"
-        for d in (labels_dir, images_dir):
-            if not d.is_dir():
-                raise InputError(f"no {d.name} folder (and no 'training' list in dataset.json)", d)
-            _inside(root, d, d, d.name)
-        for label in sorted(labels_dir.iterdir()):
-            lower = label.name.lower()
-            if label.name.startswith(".") or not lower.endswith(ending) or len(lower) == len(ending):
-                continue  # any case: LIVER_001.NII.GZ is a label file too
-            _inside(root, label, label, label.name)
-            case_id = label.name[: -len(ending)]
-            images = _channel_files(root, images_dir, case_id, ending, len(channel_names), listed)
-            cases.append((case_id, images, label))
-        if not cases:
-            raise InputError(f"no label files ending in {ending} in labelsTr", labels_dir)
+    if data.get("training") is not None:
+        cases = _msd_cases(data["training"], root, json_path, ending, len(channel_names), listed)
+    elif data.get("dataset") is not None:
+        cases = _explicit_cases(data["dataset"], root, json_path)
+    else:
+        cases = _layout_cases(root_in, root, ending, len(channel_names), listed)
     built: list[Case] = []
     for case_id, images, label in cases:
         for p in (*images, label):
@@ -659,6 +613,90 @@ def _load_folder(root_in: Path, check: bool) -> Dataset:
     modality = modality_from_channels(channel_names)
     name = data.get("name") if isinstance(data.get("name"), str) else root_in.name
     return Dataset(built, labels, channel_names, modality, name, root)
+
+
+def _read_dataset_json(json_path: Path) -> dict:
+    """dataset.json as a JSON object (one-line InputError otherwise)."""
+    try:
+        text = json_path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except OSError as exc:
+        raise InputError(f"cannot read ({exc.strerror or exc})", json_path) from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge ints
+        raise InputError(f"not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                         json_path) from None  # fmt: skip
+    if not isinstance(data, dict):
+        raise InputError("dataset.json must hold a JSON object", json_path)
+    return data
+
+
+def _msd_cases(training: Any, root: Path, json_path: Path, ending: str, n_channels: int,
+               listed: dict) -> list[tuple[str, tuple[Path, ...], Path]]:
+    """MSD / nnU-Net v1: ``"training": [{"image": "./imagesTr/x.nii.gz", "label": ...}]``."""
+    cases: list[tuple[str, tuple[Path, ...], Path]] = []
+    if not isinstance(training, list) or not training:
+        raise InputError("'training' must be a non-empty list of {image, label} entries", json_path)
+    for k, entry in enumerate(training):
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            raise InputError(f"training entry {k} must have 'image' and 'label'", json_path)
+        label = _relative_entry(root, entry["label"], json_path, f"training[{k}].label")
+        img_spec = entry["image"]
+        if isinstance(img_spec, list):
+            images = tuple(_relative_entry(root, v, json_path, f"training[{k}].image") for v in img_spec)
+            if not images:
+                raise InputError(f"training entry {k} lists no image files", json_path)
+        else:
+            image = _relative_entry(root, img_spec, json_path, f"training[{k}].image")
+            if image.exists():
+                images = (image,)
+            else:  # nnU-Net v1 lists 'x.nii.gz' while the files are 'x_0000.nii.gz', ...
+                images = _channel_files(root, image.parent, _stem(image), ending, n_channels, listed)
+        cases.append((_stem(label), images, label))
+    return cases
+
+
+def _explicit_cases(custom: Any, root: Path, json_path: Path) -> list[tuple[str, tuple[Path, ...], Path]]:
+    """nnU-Net v2 explicit: ``"dataset": {"case": {"images": [...], "label": "..."}}``."""
+    cases: list[tuple[str, tuple[Path, ...], Path]] = []
+    if not isinstance(custom, dict) or not custom:
+        raise InputError("'dataset' must map case ids to {images, label}", json_path)
+    for case_id, entry in custom.items():
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("images"), list)
+            or "label" not in entry
+        ):
+            raise InputError(
+                f"dataset entry {case_id!r} must have 'images' (a list) and 'label'", json_path
+            )
+        images = tuple(_relative_entry(root, v, json_path, f"{case_id}.images") for v in entry["images"])
+        if not images:
+            raise InputError(f"dataset entry {case_id!r} lists no image files", json_path)
+        label = _relative_entry(root, entry["label"], json_path, f"{case_id}.label")
+        cases.append((str(case_id), images, label))
+    return cases
+
+
+def _layout_cases(root_in: Path, root: Path, ending: str, n_channels: int,
+                  listed: dict) -> list[tuple[str, tuple[Path, ...], Path]]:
+    """nnU-Net v2 layout: labelsTr/CASE.nii.gz + imagesTr/CASE_0000.nii.gz ..."""
+    cases: list[tuple[str, tuple[Path, ...], Path]] = []
+    labels_dir, images_dir = root_in / "labelsTr", root_in / "imagesTr"
+    for d in (labels_dir, images_dir):
+        if not d.is_dir():
+            raise InputError(f"no {d.name} folder (and no 'training' list in dataset.json)", d)
+        _inside(root, d, d, d.name)
+    for label in sorted(labels_dir.iterdir()):
+        lower = label.name.lower()
+        if label.name.startswith(".") or not lower.endswith(ending) or len(lower) == len(ending):
+            continue  # any case: LIVER_001.NII.GZ is a label file too
+        _inside(root, label, label, label.name)
+        case_id = label.name[: -len(ending)]
+        images = _channel_files(root, images_dir, case_id, ending, n_channels, listed)
+        cases.append((case_id, images, label))
+    if not cases:
+        raise InputError(f"no label files ending in {ending} in labelsTr", labels_dir)
+    return cases
 
 
 def load_dataset(source: str | Path, *, check: bool = True) -> Dataset:

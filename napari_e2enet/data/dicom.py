@@ -592,7 +592,23 @@ def _geometry(source: _Source, headers: list[_Header]) -> _Geometry:
     frames = [f for h in headers for f in _frames_of(source, h)]
     if len(frames) < 2:
         raise InputError("a single slice (a 2D image); a 3D series of at least 2 slices is needed", where)
+    first = frames[0]
+    row_cos, col_cos, normal = _slice_axes(frames, where)
+    frames, spacing = _stack_along(frames, normal, float(np.min(first.pixel_spacing)), where)
+    col_spacing, row_spacing = float(first.pixel_spacing[1]), float(first.pixel_spacing[0])
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * col_spacing  # i: along a row (increasing column index)
+    lps[:3, 1] = col_cos * row_spacing  # j: down a column (increasing row index)
+    lps[:3, 2] = normal * spacing  # k: slice order, ascending along the normal
+    lps[:3, 3] = frames[0].position
+    affine = lps.copy()
+    affine[:2] *= -1  # LPS → RAS
+    return _Geometry(frames, rows, columns, affine)
 
+
+def _slice_axes(frames: list, where: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unit row, column and normal directions the frames share (one orientation and pixel
+    spacing throughout, perpendicular unit vectors)."""
     first = frames[0]
     for frame in frames[1:]:
         if not np.allclose(frame.orientation, first.orientation, rtol=0, atol=_ORIENTATION_TOL):
@@ -619,7 +635,13 @@ def _geometry(source: _Source, headers: list[_Header]) -> _Geometry:
         )
     normal = np.cross(row_cos, col_cos)
     normal /= np.linalg.norm(normal)
+    return row_cos, col_cos, normal
 
+
+def _stack_along(frames: list, normal: np.ndarray, pixel: float, where: Any) -> tuple[list, float]:
+    """The frames sorted along ``normal`` and their spacing; refuses duplicates, tilt or shear
+    (``pixel``: the smallest in-plane spacing, which scales the tolerance across the normal) and
+    uneven gaps."""
     distance = np.array([f.position @ normal for f in frames])
     order = np.argsort(distance, kind="stable")
     frames = [frames[i] for i in order]
@@ -643,7 +665,7 @@ def _geometry(source: _Source, headers: list[_Header]) -> _Geometry:
     offsets = np.array([f.position - frames[0].position for f in frames])
     across = offsets - np.outer(offsets @ normal, normal)
     across_err = float(np.max(np.linalg.norm(across, axis=1)))
-    across_tol = max(_POSITION_TOL_MM, _POSITION_TOL_REL * float(np.min(first.pixel_spacing)))
+    across_tol = max(_POSITION_TOL_MM, _POSITION_TOL_REL * pixel)
     if across_err > across_tol:
         stack = offsets[-1]
         angle = float(np.degrees(np.arccos(np.clip(abs(stack @ normal) / np.linalg.norm(stack), 0, 1))))
@@ -661,16 +683,7 @@ def _geometry(source: _Source, headers: list[_Header]) -> _Geometry:
             f"(mean {spacing:.4g} mm) over {n} slices; a missing slice, or slices from several stacks?",
             where,
         )
-
-    col_spacing, row_spacing = float(first.pixel_spacing[1]), float(first.pixel_spacing[0])
-    lps = np.eye(4)
-    lps[:3, 0] = row_cos * col_spacing  # i: along a row (increasing column index)
-    lps[:3, 1] = col_cos * row_spacing  # j: down a column (increasing row index)
-    lps[:3, 2] = normal * spacing  # k: slice order, ascending along the normal
-    lps[:3, 3] = frames[0].position
-    affine = lps.copy()
-    affine[:2] *= -1  # LPS → RAS
-    return _Geometry(frames, rows, columns, affine)
+    return frames, spacing
 
 
 def _fmt(values: np.ndarray) -> str:
@@ -870,83 +883,13 @@ def write_dicom_seg(
     from pydicom.sr.codedict import codes
 
     path = Path(path)
-    if path.is_dir():
-        raise InputError("is a folder; give the DICOM-SEG file name (e.g. seg.dcm)", path)
-    if labels.array.ndim != 3:
-        raise InputError(f"label map must be 3D (X, Y, Z), got shape {labels.array.shape}", path)
-    if labels.spatial_shape != source.spatial_shape:
-        raise InputError(
-            f"label map shape {labels.spatial_shape} is not the source grid {source.spatial_shape}", path
-        )
-    if not np.allclose(labels.affine, source.affine, rtol=1e-5, atol=1e-3):
-        raise InputError(
-            "label map affine differs from the source image's; resample it onto the source grid", path
-        )
-    label_map = as_label_array(labels.array, path)
-    if int(label_map.max()) < 2**16:  # bincount is several times faster than unique's sort
-        present = [int(v) for v in np.flatnonzero(np.bincount(label_map.ravel())) if v != 0]
-    else:
-        present = [int(v) for v in np.unique(label_map) if v != 0]
-    if not present:
-        raise InputError("the label map is empty (no segment to write)", path)
-
-    uids = list(meta.get("sop_instance_uids") or [])
-    frame_numbers = list(meta.get("frame_numbers") or [1] * len(uids))
-    nz = labels.spatial_shape[2]
-    if len(uids) != nz or len(frame_numbers) != nz:
-        raise InputError(f"source meta lists {len(uids)} slices for {nz} label slices", path)
-    scan = _scan(meta["path"])
-    with scan.source:
-        headers = scan.series.get(str(meta["series_uid"]))
-        if not headers:
-            raise InputError(f"source series {meta['series_uid']} is no longer in {meta['path']}", path)
-        by_uid = {str(h.ds.SOPInstanceUID): h.ds for h in headers}
-    missing = [u for u in uids if u not in by_uid]
-    if missing:
-        raise InputError(f"source instance {missing[0]} is no longer in {meta['path']}", path)
-    multi = any(_num_frames(by_uid[u]) > 1 for u in uids)
-
-    # Segment numbers 1..N (highdicom needs them consecutive) in label-id order: the index of each
-    # value in [0, *present] is its segment number (0 stays background).
-    seg_dtype = np.uint8 if len(present) < 256 else np.uint16
-    volume = np.searchsorted(np.asarray([0, *present]), label_map).astype(seg_dtype)  # (X, Y, Z)
-    if multi:
-        if len(set(uids)) != 1:
-            raise InputError(
-                "DICOM-SEG of a series made of several multi-frame instances is not supported", path
-            )
-        source_images = [by_uid[uids[0]]]
-        pixels = np.zeros((_num_frames(source_images[0]), *volume.shape[1::-1]), dtype=seg_dtype)
-        for k, frame_number in enumerate(frame_numbers):
-            pixels[int(frame_number) - 1] = volume[:, :, k].T
-    else:
-        source_images = [by_uid[u] for u in uids]
-        pixels = np.ascontiguousarray(np.transpose(volume, (2, 1, 0)))  # (slices, rows, columns)
-
+    label_map, present = _seg_label_map(labels, source, path)
+    source_images, pixels = _seg_frames(label_map, present, meta, labels.spatial_shape[2], path)
     version = algorithm_version if algorithm_version is not None else _package_version()
     algorithm = hd.AlgorithmIdentificationSequence(
         name=_lo(algorithm_name), family=codes.cid7162.ArtificialIntelligence, version=_lo(version)
     )
-    descriptions = []
-    for number, label_id in enumerate(present, start=1):
-        name = label_table.name_of(label_id)
-        category, prop, side = segment_concepts(name)
-        r, g, b, _ = label_table.color_of(label_id)
-        description = hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=_lo(name),
-            segmented_property_category=category,
-            segmented_property_type=prop,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_id=_lo(name),
-            tracking_uid=hd.UID(),
-            display_color=hd.color.CIELabColor.from_rgb(r * 255.0, g * 255.0, b * 255.0),
-        )
-        if side is not None:
-            description.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(side)]
-        descriptions.append(description)
-
+    descriptions = _segment_descriptions(hd, present, label_table, algorithm)
     first = source_images[0]
     try:
         number = int(first.get("SeriesNumber", 0) or 0)
@@ -976,3 +919,90 @@ def write_dicom_seg(
     with atomic_output(path) as tmp:
         seg.save_as(tmp)
     return path
+
+
+def _seg_label_map(labels: Volume, source: Volume, path: Path) -> tuple[np.ndarray, list[int]]:
+    """The label map checked against the source grid, and its non-zero label values (ascending)."""
+    if path.is_dir():
+        raise InputError("is a folder; give the DICOM-SEG file name (e.g. seg.dcm)", path)
+    if labels.array.ndim != 3:
+        raise InputError(f"label map must be 3D (X, Y, Z), got shape {labels.array.shape}", path)
+    if labels.spatial_shape != source.spatial_shape:
+        raise InputError(
+            f"label map shape {labels.spatial_shape} is not the source grid {source.spatial_shape}", path
+        )
+    if not np.allclose(labels.affine, source.affine, rtol=1e-5, atol=1e-3):
+        raise InputError(
+            "label map affine differs from the source image's; resample it onto the source grid", path
+        )
+    label_map = as_label_array(labels.array, path)
+    if int(label_map.max()) < 2**16:  # bincount is several times faster than unique's sort
+        present = [int(v) for v in np.flatnonzero(np.bincount(label_map.ravel())) if v != 0]
+    else:
+        present = [int(v) for v in np.unique(label_map) if v != 0]
+    if not present:
+        raise InputError("the label map is empty (no segment to write)", path)
+    return label_map, present
+
+
+def _seg_frames(
+    label_map: np.ndarray, present: list[int], meta: dict, nz: int, path: Path
+) -> tuple[list, np.ndarray]:
+    """The source instances (re-read from ``meta["path"]``) and the segment-number frames in their
+    order: one frame per source slice, or the frames of one multi-frame instance."""
+    uids = list(meta.get("sop_instance_uids") or [])
+    frame_numbers = list(meta.get("frame_numbers") or [1] * len(uids))
+    if len(uids) != nz or len(frame_numbers) != nz:
+        raise InputError(f"source meta lists {len(uids)} slices for {nz} label slices", path)
+    scan = _scan(meta["path"])
+    with scan.source:
+        headers = scan.series.get(str(meta["series_uid"]))
+        if not headers:
+            raise InputError(f"source series {meta['series_uid']} is no longer in {meta['path']}", path)
+        by_uid = {str(h.ds.SOPInstanceUID): h.ds for h in headers}
+    missing = [u for u in uids if u not in by_uid]
+    if missing:
+        raise InputError(f"source instance {missing[0]} is no longer in {meta['path']}", path)
+    multi = any(_num_frames(by_uid[u]) > 1 for u in uids)
+
+    # Segment numbers 1..N (highdicom needs them consecutive) in label-id order: the index of each
+    # value in [0, *present] is its segment number (0 stays background).
+    seg_dtype = np.uint8 if len(present) < 256 else np.uint16
+    volume = np.searchsorted(np.asarray([0, *present]), label_map).astype(seg_dtype)  # (X, Y, Z)
+    if multi:
+        if len(set(uids)) != 1:
+            raise InputError(
+                "DICOM-SEG of a series made of several multi-frame instances is not supported", path
+            )
+        source_images = [by_uid[uids[0]]]
+        pixels = np.zeros((_num_frames(source_images[0]), *volume.shape[1::-1]), dtype=seg_dtype)
+        for k, frame_number in enumerate(frame_numbers):
+            pixels[int(frame_number) - 1] = volume[:, :, k].T
+    else:
+        source_images = [by_uid[u] for u in uids]
+        pixels = np.ascontiguousarray(np.transpose(volume, (2, 1, 0)))  # (slices, rows, columns)
+    return source_images, pixels
+
+
+def _segment_descriptions(hd: Any, present: list[int], label_table: LabelTable, algorithm: Any) -> list:
+    """One highdicom SegmentDescription per label value, numbered 1.. in label order."""
+    descriptions = []
+    for number, label_id in enumerate(present, start=1):
+        name = label_table.name_of(label_id)
+        category, prop, side = segment_concepts(name)
+        r, g, b, _ = label_table.color_of(label_id)
+        description = hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=_lo(name),
+            segmented_property_category=category,
+            segmented_property_type=prop,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_id=_lo(name),
+            tracking_uid=hd.UID(),
+            display_color=hd.color.CIELabColor.from_rgb(r * 255.0, g * 255.0, b * 255.0),
+        )
+        if side is not None:
+            description.SegmentedPropertyTypeModifierCodeSequence = [hd.sr.CodedConcept.from_code(side)]
+        descriptions.append(description)
+    return descriptions
