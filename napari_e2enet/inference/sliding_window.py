@@ -437,9 +437,9 @@ class _Weighting:
 
 
 def _check_arguments(
-    image: torch.Tensor, num_classes: int, tiles_per_batch: int, accumulate_dtype: torch.dtype, patch
-) -> tuple[int, int, int]:
-    """Raise ValueError for a bad argument; return the patch as a triple."""
+    image: torch.Tensor, num_classes: int, tiles_per_batch: int, accumulate_dtype: torch.dtype, patch, overlap
+) -> tuple[tuple[int, int, int], tuple[float, float, float], tuple[int, int, int]]:
+    """Raise ValueError for a bad argument; return the patch, the overlaps and the (D, H, W) shape."""
     if image.ndim != 4:
         raise ValueError(f"image must be (C, D, H, W), got shape {tuple(image.shape)}")
     if num_classes < 1:
@@ -451,7 +451,20 @@ def _check_arguments(
     patch_size = _triple(patch, "patch", int)
     if min(patch_size) < 1:
         raise ValueError(f"patch must be positive, got {patch!r}")
-    return patch_size  # type: ignore[return-value]
+    overlaps = _triple(overlap, "overlap", float)
+    shape = tuple(int(s) for s in image.shape[1:])
+    if min(shape) < 1:
+        raise ValueError(f"image has an empty spatial axis: {tuple(image.shape)}")
+    return patch_size, overlaps, shape  # type: ignore[return-value]
+
+
+def _forward(predictor: Predictor, x: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
+    """The predictor's logits for a batch of tiles, checked against the (B, K, pd, ph, pw) expected."""
+    out = predictor(x)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"predictor returned {got}, expected {expected}")
+    return out
 
 
 def iter_sliding_window(
@@ -506,11 +519,8 @@ def iter_sliding_window(
     """
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(image)
-    patch_size = _check_arguments(image, num_classes, tiles_per_batch, accumulate_dtype, patch)
-    overlaps = _triple(overlap, "overlap", float)
-    shape = tuple(int(s) for s in image.shape[1:])
-    if min(shape) < 1:
-        raise ValueError(f"image has an empty spatial axis: {tuple(image.shape)}")
+    patch_size, overlaps, shape = _check_arguments(image, num_classes, tiles_per_batch, accumulate_dtype, patch,
+                                                   overlap)
     device = torch.device(device) if device is not None else image.device
 
     grid = TileGrid.plan(shape, patch_size, overlaps, placement, sweep)
@@ -526,11 +536,7 @@ def iter_sliding_window(
             return
         with torch.inference_mode():
             x = torch.stack([grid.cut_tile(image, start) for start in batch]).to(device)
-            out = predictor(x)
-            expected = (len(batch), num_classes, *patch_size)
-            if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ValueError(f"predictor returned {got}, expected {expected}")
+            out = _forward(predictor, x, (len(batch), num_classes, *patch_size))
             weighted = weigh(out, acc)
             for t, start in enumerate(batch):
                 acc.add(weighted[t], start)
@@ -539,9 +545,8 @@ def iter_sliding_window(
         done += len(batch)
         yield TileProgress(done, total)
 
-    _, middle, inner = grid.order
-    yield SlidingWindowResult(acc.labels, done, (num_classes, acc.open_span, shape[middle], shape[inner]),
-                              acc.dtype, acc.peak_open_bytes, grid.order)
+    buffer_shape = (num_classes, acc.open_span, shape[grid.order[1]], shape[grid.order[2]])
+    yield SlidingWindowResult(acc.labels, done, buffer_shape, acc.dtype, acc.peak_open_bytes, grid.order)
 
 
 def sliding_window_argmax(
