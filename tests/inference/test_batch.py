@@ -71,5 +71,5 @@ def test_stop_ends_without_a_result_or_a_file(tmp_path):
 
 def test_channel_count_is_checked_before_predicting(tmp_path):
     jobs = _cases(tmp_path, 1)
-    with pytest.raises(InputError, match="1 channel.*expects 2"):
+    with pytest.raises(InputError, match=r"1 channel.*expects 2"):
         list(iter_predict_cases(_Thresholder(in_channels=2), jobs))
