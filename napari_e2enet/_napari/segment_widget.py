@@ -39,9 +39,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QWidget,
@@ -64,7 +62,7 @@ from ._qt_util import (
 from .label_list import LabelList
 from .layers import META_KEY, check_same_grid, geometry_of, labels_layer_kwargs, layer_to_volume
 from .runs import RunRegistry, registry_for
-from .workers import Job, JobSlot, error_message
+from .workers import Job, JobWidget, error_message
 
 EXISTING_MODES = {
     "auto": "auto (new layer if edited)",
@@ -94,24 +92,14 @@ def model_file_for(spec: str | None) -> Path:
     return path
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(JobWidget):
     """Dock widget: image → model → Segment; organ volumes; save / fine-tune corrections."""
-
-    @property
-    def job(self) -> Job | None:
-        """The running (or last) job: segmentation/fine-tuning or training."""
-        return self._slot.job
-
-    @job.setter
-    def job(self, value: Job | None) -> None:
-        self._slot.job = value
 
     def __init__(self, napari_viewer: Any, registry: RunRegistry | None = None, parent: QWidget | None = None
                  ) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self.registry = registry if registry is not None else registry_for(napari_viewer)
-        self._slot = JobSlot(self)
         self._job_kind = ""
         self._pending: Any = None
         self._predictors: dict[tuple, Any] = {}
@@ -131,7 +119,18 @@ class SegmentWidget(QWidget):
         self.ask_open_path = open_path_dialog(self)
 
         layout = scroll_layout(self)
-        # -- segmentation --------------------------------------------------------------------------
+        layout.addWidget(self._build_segment())
+        self._build_controls(layout)
+        # -- per-label list: show/hide, colour, name, volume (mL); click to paint with a label ------
+        self.volumes_table = LabelList()
+        self.volumes_table.label_selected.connect(self._label_selected)
+        layout.addWidget(self.volumes_table)
+        layout.addWidget(self._build_correct())
+        layout.addStretch(1)
+        self._wire()
+
+    def _build_segment(self) -> QGroupBox:
+        """Image, model (bundled, file or run folder) and the inference options."""
         box = QGroupBox("Segment")
         form = QFormLayout(box)
         self.image_combo = LayerCombo(self.viewer, Image)
@@ -148,6 +147,11 @@ class SegmentWidget(QWidget):
         pick.addWidget(self.model_file_btn)
         pick.addWidget(self.model_dir_btn)
         form.addRow("Model", pick)
+        self._build_inference_options(form)
+        return box
+
+    def _build_inference_options(self, form: QFormLayout) -> None:
+        """Device, overlap, TTA, precision, fast path and what to do with an existing result."""
         self.device_combo = QComboBox()
         self.device_combo.addItems(available_devices())
         form.addRow("Device", self.device_combo)
@@ -170,8 +174,10 @@ class SegmentWidget(QWidget):
         for key, text in EXISTING_MODES.items():
             self.existing_combo.addItem(text, key)
         form.addRow("If a result exists", self.existing_combo)
-        layout.addWidget(box)
 
+
+    def _build_controls(self, layout: Any) -> None:
+        """Segment / Cancel, the progress bar and the status line."""
         buttons = QHBoxLayout()
         self.segment_btn = QPushButton("Segment")
         self.cancel_btn = QPushButton("Cancel")
@@ -179,20 +185,11 @@ class SegmentWidget(QWidget):
         buttons.addWidget(self.segment_btn)
         buttons.addWidget(self.cancel_btn)
         layout.addLayout(buttons)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setFormat("%v / %m")
+        self._build_progress(layout)
         self.progress_bar.setValue(0)
-        layout.addWidget(self.progress_bar)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        layout.addWidget(self.status_label)
 
-        # -- per-label list: show/hide, colour, name, volume (mL); click to paint with a label ------
-        self.volumes_table = LabelList()
-        self.volumes_table.label_selected.connect(self._label_selected)
-        layout.addWidget(self.volumes_table)
-
-        # -- correction loop ----------------------------------------------------------------------
+    def _build_correct(self) -> QGroupBox:
+        """The correction loop: labels to save or fine-tune on, fine-tune options, runs folder."""
         fix = QGroupBox("Correct")
         fix_form = QFormLayout(fix)
         self.labels_combo = LabelsCombo(self.viewer, self.image_combo)  # follows the chosen image
@@ -209,6 +206,11 @@ class SegmentWidget(QWidget):
         self.finetune_lr.setSingleStep(0.001)
         self.finetune_lr.setValue(FinetuneConfig().lr)
         fix_form.addRow("Fine-tune learning rate", self.finetune_lr)
+        self._build_finetune_target(fix_form)
+        return fix
+
+    def _build_finetune_target(self, fix_form: QFormLayout) -> None:
+        """Where fine-tuned runs go, and the Fine-tune button."""
         runs = QHBoxLayout()
         self.runs_edit = QLineEdit(str(self.registry.runs_root))
         self.runs_edit.setToolTip("Fine-tuned runs are saved in a new folder under this one")
@@ -220,10 +222,8 @@ class SegmentWidget(QWidget):
         self.finetune_btn.setToolTip("Train the current model briefly on this image + the corrected labels, "
                                      "then segment again with the result")
         fix_form.addRow(self.finetune_btn)
-        layout.addWidget(fix)
-        layout.addStretch(1)
 
-        # -- wiring ---------------------------------------------------------------------------------
+    def _wire(self) -> None:
         self.segment_btn.clicked.connect(self.segment)
         self.cancel_btn.clicked.connect(self.cancel)
         self.model_file_btn.clicked.connect(lambda: self._browse_model("file"))
@@ -355,14 +355,9 @@ class SegmentWidget(QWidget):
 
     # ------------------------------------------------------------------------------------------
     # segmentation
-    @property
-    def busy(self) -> bool:
-        return self.job is not None and self.job.running
-
     def segment(self, *, mode: str | None = None) -> Job | None:
         """Start segmenting the chosen image; the result layer appears when the worker is done."""
-        if self.busy:
-            show_warning("napari-e2enet: a job is already running")
+        if self.refuse_if_busy("napari-e2enet: a job is already running"):
             return None
         image_layer = self.image_combo.layer()
         if image_layer is None:
@@ -587,8 +582,7 @@ class SegmentWidget(QWidget):
         edited planes only, encoder frozen, no validation), then segment again with the result."""
         from ..training.finetune import iter_finetune
 
-        if self.busy:
-            show_warning("napari-e2enet: a job is already running")
+        if self.refuse_if_busy("napari-e2enet: a job is already running"):
             return None
         try:
             labels, image = self._labels_and_image()
@@ -671,11 +665,9 @@ class SegmentWidget(QWidget):
             self.segment(mode="auto")
 
     # ------------------------------------------------------------------------------------------
-    def cancel(self) -> None:
-        if self.job is not None and self.job.running:
-            self.job.cancel()
-            self.status_label.setText("Cancelling…")
-            self.cancel_btn.setEnabled(False)
+    def _cancelling(self) -> None:
+        self.status_label.setText("Cancelling…")
+        self.cancel_btn.setEnabled(False)
 
     def _set_busy(self, busy: bool) -> None:
         for w in (self.segment_btn, self.finetune_btn, self.save_btn, self.model_file_btn, self.model_dir_btn):
@@ -683,7 +675,3 @@ class SegmentWidget(QWidget):
         self.cancel_btn.setEnabled(busy)
         if not busy:
             self.progress_bar.setRange(0, max(self.progress_bar.maximum(), 1))
-
-    def closeEvent(self, event: Any) -> None:
-        self.cancel()
-        super().closeEvent(event)

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.layers import Image
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QButtonGroup,
@@ -29,9 +29,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QRadioButton,
     QSpinBox,
@@ -46,29 +44,17 @@ from ._qt_util import LabelsCombo, LayerCombo, open_path_dialog, scroll_layout
 from .layers import META_KEY, check_same_grid, layer_to_volume
 from .runs import RunRegistry, registry_for
 from .segment_widget import available_devices
-from .workers import Job, JobSlot, error_message
+from .workers import Job, JobWidget, error_message
 
 
-class TrainWidget(QWidget):
+class TrainWidget(JobWidget):
     """Dock widget: data → options → Start / Stop / Resume, with live loss and Dice curves."""
-
-    @property
-    def job(self) -> Job | None:
-        """The running (or last) job: segmentation/fine-tuning or training."""
-        return self._slot.job
-
-    @job.setter
-    def job(self, value: Job | None) -> None:
-        self._slot.job = value
 
     def __init__(self, napari_viewer: Any, registry: RunRegistry | None = None, parent: QWidget | None = None
                  ) -> None:
         super().__init__(parent)
-        from ..models import list_models
-
         self.viewer = napari_viewer
         self.registry = registry if registry is not None else registry_for(napari_viewer)
-        self._slot = JobSlot(self)
         self.run_dir: Path | None = None
         self.last_event: Any = None
         self._history: dict[str, list] = {}
@@ -80,7 +66,14 @@ class TrainWidget(QWidget):
         self._redraw.timeout.connect(self.draw_curves)
 
         layout = scroll_layout(self)
-        # -- data ------------------------------------------------------------------------------------
+        layout.addWidget(self._build_data())
+        layout.addWidget(self._build_options())
+        self._build_controls(layout)
+        self._build_curves(layout)
+        self._wire()
+
+    def _build_data(self) -> QGroupBox:
+        """Where the training cases come from: a dataset folder or the viewer's layers."""
         data = QGroupBox("Data")
         data_form = QFormLayout(data)
         self.source_folder = QRadioButton("nnU-Net / MSD folder (or phantom:N)")
@@ -101,9 +94,13 @@ class TrainWidget(QWidget):
         self.labels_combo = LabelsCombo(self.viewer, self.image_combo)  # the chosen image's labels
         data_form.addRow("Image", self.image_combo)
         data_form.addRow("Labels", self.labels_combo)
-        layout.addWidget(data)
+        return data
 
-        # -- options ---------------------------------------------------------------------------------
+
+    def _build_options(self) -> QGroupBox:
+        """Model, schedule, optimiser, validation, device and run folder."""
+        from ..models import list_models
+
         opts = QGroupBox("Options")
         form = QFormLayout(opts)
         self.model_combo = QComboBox()
@@ -128,6 +125,26 @@ class TrainWidget(QWidget):
         self.per_epoch_spin.setRange(1, 100_000)
         self.per_epoch_spin.setValue(50)
         form.addRow("Iterations per epoch", self.per_epoch_spin)
+        self._build_schedule(form)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(available_devices())
+        form.addRow("Device", self.device_combo)
+        runs = QHBoxLayout()
+        self.runs_edit = QLineEdit(str(self.registry.runs_root))
+        self.runs_btn = QPushButton("…")
+        runs.addWidget(self.runs_edit, 1)
+        runs.addWidget(self.runs_btn)
+        form.addRow("Runs folder", runs)
+        self.run_name_edit = QLineEdit()
+        self.run_name_edit.setPlaceholderText("new folder: train-<date>-<time>")
+        self.run_name_edit.setToolTip("Run folder name (Start) or the run to continue (Resume); an absolute "
+                                      "path is used as is")
+        form.addRow("Run", self.run_name_edit)
+        return opts
+
+
+    def _build_schedule(self, form: QFormLayout) -> None:
+        """Patch, batch, topology-update interval, learning rate, optimiser and validation."""
         patch = QHBoxLayout()
         self.patch_spins = []
         for _ in range(3):
@@ -169,22 +186,9 @@ class TrainWidget(QWidget):
                                          "patches every time, seconds (docs/validation-sample.md). Stop "
                                          "interrupts either.")
         form.addRow("Validation", self.validation_combo)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(available_devices())
-        form.addRow("Device", self.device_combo)
-        runs = QHBoxLayout()
-        self.runs_edit = QLineEdit(str(self.registry.runs_root))
-        self.runs_btn = QPushButton("…")
-        runs.addWidget(self.runs_edit, 1)
-        runs.addWidget(self.runs_btn)
-        form.addRow("Runs folder", runs)
-        self.run_name_edit = QLineEdit()
-        self.run_name_edit.setPlaceholderText("new folder: train-<date>-<time>")
-        self.run_name_edit.setToolTip("Run folder name (Start) or the run to continue (Resume); an absolute "
-                                      "path is used as is")
-        form.addRow("Run", self.run_name_edit)
-        layout.addWidget(opts)
 
+    def _build_controls(self, layout: Any) -> None:
+        """Start / Stop / Resume, the progress bar and the status line."""
         buttons = QHBoxLayout()
         self.start_btn = QPushButton("Start")
         self.stop_btn = QPushButton("Stop")
@@ -193,13 +197,10 @@ class TrainWidget(QWidget):
         for b in (self.start_btn, self.stop_btn, self.resume_btn):
             buttons.addWidget(b)
         layout.addLayout(buttons)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setFormat("%v / %m")
-        layout.addWidget(self.progress_bar)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
-        layout.addWidget(self.status_label)
+        self._build_progress(layout)
 
+    def _build_curves(self, layout: Any) -> None:
+        """Loss and validation Dice, redrawn at most once a second while training."""
         self.figure = Figure(figsize=(4.0, 4.2), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(280)
@@ -207,6 +208,7 @@ class TrainWidget(QWidget):
         layout.addWidget(self.canvas, 1)
         self.draw_curves()
 
+    def _wire(self) -> None:
         self.start_btn.clicked.connect(self.start)
         self.stop_btn.clicked.connect(self.stop)
         self.resume_btn.clicked.connect(self.resume)
@@ -276,14 +278,9 @@ class TrainWidget(QWidget):
         return path if path.is_absolute() else self.registry.runs_root / path
 
     # ------------------------------------------------------------------------------------------
-    @property
-    def busy(self) -> bool:
-        return self.job is not None and self.job.running
-
     def start(self) -> Job | None:
         """Start a new run with the current options."""
-        if self.busy:
-            show_warning("napari-e2enet: training is already running")
+        if self.refuse_if_busy("napari-e2enet: training is already running"):
             return None
         self._runs_edited()
         name = self.run_name_edit.text().strip()
@@ -303,8 +300,7 @@ class TrainWidget(QWidget):
 
     def resume(self) -> Job | None:
         """Continue the named run (or the last one of this session) from its saved state."""
-        if self.busy:
-            show_warning("napari-e2enet: training is already running")
+        if self.refuse_if_busy("napari-e2enet: training is already running"):
             return None
         name = self.run_name_edit.text().strip()
         run_dir = self._resolve_run(name) if name else self.run_dir
@@ -348,10 +344,12 @@ class TrainWidget(QWidget):
         return self.job
 
     def stop(self) -> None:
-        if self.busy and self.job is not None:
-            self.job.cancel()
-            self.stop_btn.setEnabled(False)
-            self.status_label.setText("Stopping after the current iteration (a validation is abandoned)…")
+        """The Stop button: the run saves its state at the current iteration (Resume continues it)."""
+        self.cancel()
+
+    def _cancelling(self) -> None:
+        self.stop_btn.setEnabled(False)
+        self.status_label.setText("Stopping after the current iteration (a validation is abandoned)…")
 
     # ------------------------------------------------------------------------------------------
     def _reset_history(self) -> None:
@@ -420,7 +418,3 @@ class TrainWidget(QWidget):
         self.start_btn.setEnabled(not busy)
         self.resume_btn.setEnabled(not busy)
         self.stop_btn.setEnabled(busy)
-
-    def closeEvent(self, event: Any) -> None:
-        self.stop()
-        super().closeEvent(event)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QLabel, QProgressBar, QVBoxLayout, QWidget
 
 from ..errors import InputError
 
@@ -115,6 +116,65 @@ class JobSlot:
     def _cancel(self, *_: Any) -> None:
         if self.job is not None and self.job.running:
             self.job.cancel()
+
+
+class JobWidget(QWidget):
+    """A dock widget that runs one :class:`Job` at a time (the job/busy/cancel part the Segment and
+    Train widgets share): ``job``, ``busy``, ``refuse_if_busy``, the progress bar and status line,
+    ``cancel`` (the Cancel/Stop button, also run when the widget closes). Subclasses say what a
+    cancel looks like in ``_cancelling`` and which buttons a running job disables."""
+
+    progress_bar: QProgressBar
+    status_label: QLabel
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self._slot = JobSlot(self)
+
+    @property
+    def job(self) -> Job | None:
+        """The running (or last) job."""
+        return self._slot.job
+
+    @job.setter
+    def job(self, value: Job | None) -> None:
+        self._slot.job = value
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None and self.job.running
+
+    def refuse_if_busy(self, message: str) -> bool:
+        """True (having warned with ``message``) while a job runs: one job at a time."""
+        if self.busy:
+            from napari.utils.notifications import show_warning
+
+            show_warning(message)
+            return True
+        return False
+
+    def _build_progress(self, layout: QVBoxLayout) -> None:
+        """The progress bar and the status line under the buttons."""
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setFormat("%v / %m")
+        layout.addWidget(self.progress_bar)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
+
+    def cancel(self) -> None:
+        """Ask the running job to stop (it ends at its next check, cleaning up after itself)."""
+        if self.job is not None and self.job.running:
+            self.job.cancel()
+            self._cancelling()
+
+    def _cancelling(self) -> None:
+        """What the widget shows once a cancel was asked for."""
+        self.status_label.setText("Cancelling…")
+
+    def closeEvent(self, event: Any) -> None:
+        self.cancel()
+        super().closeEvent(event)
 
 
 def _call_gui(callback: Callable[..., None], *args: Any) -> None:
