@@ -79,8 +79,8 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    from .inference.accelerate import bf16_native
     from .inference.cpu.compact import load_kernels
+    from .inference.fastpath import bf16_native
 
     kernels = load_kernels()
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -130,7 +130,7 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager:
 
 def _predictor(name: str, precision: str, seed: int) -> tuple[Callable[[torch.Tensor], Any], str]:
     """Candidate ``name`` as a (B, 1, D, H, W) -> (B, 16, D, H, W) callable, and its description."""
-    from .inference.accelerate import accelerate
+    from .inference.fastpath import accelerate
     from .models import create_model
 
     torch.manual_seed(seed)

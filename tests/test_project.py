@@ -34,7 +34,7 @@ def test_inference_does_not_load_the_training_stack():
     import time here); the training names still resolve on first use."""
     code = (
         "import sys\n"
-        "import napari_e2enet.inference, napari_e2enet.inference.accelerate\n"
+        "import napari_e2enet.inference, napari_e2enet.inference.fastpath\n"
         "from napari_e2enet.training import load_model\n"
         "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & {'monai', 'matplotlib', 'pandas'})))\n"
         "from napari_e2enet.training import Trainer, DeepSupervisionLoss\n"

@@ -1,15 +1,13 @@
-"""Inference: the sliding window, the Predictor and the fast sparse path."""
+"""Inference: the sliding window, the Predictor and the fast sparse path.
 
+``accelerate`` is the function (:func:`napari_e2enet.inference.fastpath.accelerate`); its module is
+``inference.fastpath``, so the name never changes meaning when a submodule is first imported
+(it did while the module was also called ``accelerate``).
+"""
+
+from .fastpath import accelerate
 from .predictor import InputWarning, Prediction, PredictionCancelled, Predictor, PredictProgress
 from .sliding_window import SlidingWindowResult, TileProgress, iter_sliding_window, sliding_window_argmax
-
-
-def accelerate(model, precision: str = "fp32", **kwargs):
-    """The fastest equivalent inference module for a (sparse) E2ENet (see ``inference.accelerate``)."""
-    from .accelerate import accelerate as _accelerate
-
-    return _accelerate(model, precision=precision, **kwargs)
-
 
 __all__ = [
     "InputWarning",

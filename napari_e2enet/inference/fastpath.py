@@ -16,6 +16,10 @@ alternatives are in ``docs/cpu-fast-path.md``.
 
 Unsupported configurations (kernel depth ≠ 1, e.g. ``e2enet_k333``; non-InstanceNorm or
 non-LeakyReLU units) fall back to an evaluated copy of the model itself.
+
+The fusion decoder's wiring is not re-derived here: both backends run the model's own
+``E2ENet.fusion_plan()`` (which node reads which values, with which up/down sampling and which
+masked modules), the same plan the model's forward runs.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.fusion import FusionStep, last_reads
 from ..sparse.compact import effective_mask
 from .cpu.compact import (
     BufferPool,
@@ -449,20 +454,38 @@ class _DenseNode:
         return _run_units([self.first, *self.rest], self.build_input(fwd, deeper, shallower))  # type: ignore[return-value]
 
 
-def _concat_parts(c: int, c_down: int | None) -> Callable[[int], tuple[str, int]]:
+def _concat_parts(step: FusionStep) -> Callable[[int], tuple[str, int]]:
+    """Concat channel → (direction, channel within it), from the model's own slices."""
+    slices = sorted((lo, hi, part) for part, (lo, hi) in step.info.inputs.items())
+
     def part_of(ch: int) -> tuple[str, int]:
-        if ch < c:
-            return "forward", ch
-        if ch < 2 * c:
-            return "up", ch - c
-        return "down", ch - 2 * c
+        for lo, hi, part in slices:
+            if lo <= ch < hi:
+                return part, ch - lo
+        raise ValueError(f"fusion node {step.key}: concat channel {ch} is in no input slice")
 
     return part_of
 
 
-def _dense_node(node: nn.Module, info: Any, dtype: torch.dtype) -> _DenseNode:
-    c = info.channels
-    first_unit = node.fuse[0]
+def _check_step(step: FusionStep, decoder: nn.Module) -> None:
+    """What this forward relies on beyond the plan: the concatenation is [forward | up | down]
+    back to back (the kernels' channel pointer table is laid out so), up-sampling is a
+    ConvTranspose3d with stride = kernel, and the modules agree with the plan."""
+    order = [part for part in ("forward", "up", "down") if part in step.info.inputs]
+    if list(step.info.inputs) != order or (step.shallower is not None) != ("down" in step.info.inputs):
+        raise NotImplementedError(f"fusion node {step.key}: inputs {step.info.inputs} are not [forward | up | down]")
+    stops = [0] + [step.info.inputs[part][1] for part in order]
+    if any(step.info.inputs[part][0] != stops[n] for n, part in enumerate(order)):
+        raise NotImplementedError(f"fusion node {step.key}: input slices {step.info.inputs} are not contiguous")
+    up: nn.ConvTranspose3d = decoder.get_submodule(step.up)
+    if tuple(int(s) for s in up.stride) != tuple(int(k) for k in up.kernel_size) or \
+            tuple(int(k) for k in up.kernel_size) != tuple(step.up_kernel):
+        raise NotImplementedError(f"fusion node {step.key}: ConvTranspose3d with stride != kernel")
+
+
+def _dense_node(decoder: nn.Module, step: FusionStep, dtype: torch.dtype) -> _DenseNode:
+    _check_step(step, decoder)
+    first_unit = decoder.get_submodule(step.fuse[0])
     w = first_unit.conv.weight.detach().float()[:, :, 0]
     in_ch = w.shape[1]
     used = effective_mask(w, getattr(first_unit.conv, "kernel_mask", None)).any(0)
@@ -470,10 +493,11 @@ def _dense_node(node: nn.Module, info: Any, dtype: torch.dtype) -> _DenseNode:
         used[:1] = True  # keep one (all-zero) channel so the conv has an input
     active = used.nonzero().flatten().tolist()
     deltas = depth_offsets(in_ch, _shift_enabled(first_unit))
-    up_idx = [ch - c for ch in active if c <= ch < 2 * c]
+    up_lo, up_hi = step.info.inputs["up"]
+    up_idx = [ch - up_lo for ch in active if up_lo <= ch < up_hi]
     # the up part's compact source index is its position among the active up channels
     pos = {u: k for k, u in enumerate(up_idx)}
-    base = _concat_parts(c, None)
+    base = _concat_parts(step)
 
     def part_of(ch: int) -> tuple[str, int]:
         part, s = base(ch)
@@ -482,19 +506,17 @@ def _dense_node(node: nn.Module, info: Any, dtype: torch.dtype) -> _DenseNode:
     runs = _runs(active, part_of, deltas)
     first = _dense_unit(first_unit, dtype, compact=False)
     first.weight = w[:, active].to(dtype).contiguous(memory_format=_CL).clone()
-    up: nn.ConvTranspose3d = node.up
+    up: nn.ConvTranspose3d = decoder.get_submodule(step.up)
     wt = up.weight.detach().float()  # (Cu, C, kd, kh, kw)
     up_mask = getattr(up, "kernel_mask", None)
     if up_mask is not None:
         wt = wt * up_mask[..., None, None, None].to(wt.dtype)
-    kernel = tuple(int(k) for k in up.kernel_size)
-    if tuple(int(s) for s in up.stride) != kernel:
-        raise NotImplementedError("ConvTranspose3d with stride != kernel")
+    kernel = tuple(step.up_kernel)
     wsel = wt[:, up_idx]  # (Cu, n_up, kd, kh, kw)
     up_weight = wsel.permute(0, 2, 3, 4, 1).reshape(wt.shape[0], -1).to(dtype).contiguous().clone()
-    rest = [_dense_unit(u, dtype, compact=True) for u in list(node.fuse)[1:]]
-    return _DenseNode(level=info.level, up_weight=up_weight, n_up=len(up_idx), up_kernel=kernel,  # type: ignore[arg-type]
-                      down_pool=tuple(node.down_pool) if node.down_pool is not None else None,
+    rest = [_dense_unit(decoder.get_submodule(path), dtype, compact=True) for path in step.fuse[1:]]
+    return _DenseNode(level=step.info.level, up_weight=up_weight, n_up=len(up_idx), up_kernel=kernel,  # type: ignore[arg-type]
+                      down_pool=step.down_pool,
                       runs=runs, in_active=len(active), first=first, rest=rest)
 
 
@@ -652,23 +674,21 @@ def _up_piece_depth(channels: int, depth: int, height: int, width: int, kd: int)
     return max(kd, _UP_PIECE_DEPTH // kd * kd)
 
 
-def _sparse_node(node: nn.Module, info: Any) -> _SparseNode:
-    c = info.channels
-    units = [_sparse_unit(u) for u in node.fuse]
+def _sparse_node(decoder: nn.Module, step: FusionStep) -> _SparseNode:
+    _check_step(step, decoder)
+    units = [_sparse_unit(decoder.get_submodule(path)) for path in step.fuse]
     first_conv = units[0].conv
-    # up channels the first fusion conv reads: CSC columns [c, 2c) with entries
-    counts = (first_conv.colptr[1:] - first_conv.colptr[:-1])[c:2 * c]
+    # up channels the first fusion conv reads: CSC columns of the up slice with entries
+    up_lo, up_hi = step.info.inputs["up"]
+    counts = (first_conv.colptr[1:] - first_conv.colptr[:-1])[up_lo:up_hi]
     used = (counts > 0).nonzero().flatten()
-    up_map = torch.full((c,), -1, dtype=torch.int64)
+    up_map = torch.full((up_hi - up_lo,), -1, dtype=torch.int64)
     up_map[used] = torch.arange(used.numel())
-    up: nn.ConvTranspose3d = node.up
-    if tuple(int(s) for s in up.stride) != tuple(int(k) for k in up.kernel_size):
-        raise NotImplementedError("ConvTranspose3d with stride != kernel")
+    up: nn.ConvTranspose3d = decoder.get_submodule(step.up)
     w = up.weight.detach().float()[:, used]
     mask = getattr(up, "kernel_mask", None)
     csr = convt_csr(w, mask[:, used] if mask is not None else None)
-    return _SparseNode(info.level, c, csr, up_map,
-                       tuple(node.down_pool) if node.down_pool is not None else None, units)
+    return _SparseNode(step.info.level, up_hi - up_lo, csr, up_map, step.down_pool, units)
 
 
 # --------------------------------------------------------------------------------------------
@@ -703,16 +723,26 @@ class AcceleratedE2ENet(nn.Module):
         if self._pad_input:
             first.weight = torch.cat([first.weight, torch.zeros_like(first.weight)], 1).contiguous(memory_format=_CL)
         self._encoder[0][0] = first
-        self._levels = len(self._encoder)
-        infos = {(info.level, info.stage): info for info in model.decoder.node_info}
-        self._dense_nodes: dict[tuple[int, int], _DenseNode] = {}
-        self._sparse_nodes: dict[tuple[int, int], _SparseNode] = {}
-        for (i, j), info in infos.items():
-            node = model.decoder.nodes[info.key]
+        # the fusion wiring is the model's own (E2ENet.fusion_plan), not re-derived here
+        self._plan: tuple[FusionStep, ...] = tuple(model.fusion_plan())
+        # Sparse: stage by stage, deepest node first. Node i is then the last reader of its
+        # deeper input (nodes i + 1 and i + 2 read it as forward and down input before), and
+        # node 0 of its forward input, so each input is released as soon as it is consumed (one
+        # full-resolution buffer less at the peak: 440 MiB at 48 × 128³). Nodes of one stage are
+        # independent: same result as the model's order.
+        self._sparse_order = tuple(sorted(self._plan, key=lambda s: (s.info.stage, -s.info.level)))
+        self._last_reads = {"dense": last_reads(self._plan), "sparse": last_reads(self._sparse_order)}
+        heads_at = [s.position for s in self._plan if s.output and s.info.level == 0]
+        if len(heads_at) != 1:
+            raise NotImplementedError("the fusion plan has no single level-0 output for the head")
+        self._final: tuple[int, int] = heads_at[0]
+        self._dense_nodes: dict[str, _DenseNode] = {}
+        self._sparse_nodes: dict[str, _SparseNode] = {}
+        for step in self._plan:
             if backend == "sparse":
-                self._sparse_nodes[(i, j)] = _sparse_node(node, info)
+                self._sparse_nodes[step.key] = _sparse_node(model.decoder, step)
             else:
-                self._dense_nodes[(i, j)] = _dense_node(node, info, self._dtype)
+                self._dense_nodes[step.key] = _dense_node(model.decoder, step, self._dtype)
         for unit in self._dense_units():
             unit.kernels = kernels
         head = model.heads[0].weight.detach().float()  # (K, C0, 1, 1, 1)
@@ -780,36 +810,41 @@ class AcceleratedE2ENet(nn.Module):
         return self.encode(x)
 
     def _decode_dense(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        prev = dict(enumerate(feats))
-        for j in range(1, self._levels):
-            cur = {}
-            for i in range(self._levels - j):
-                cur[i] = self._dense_nodes[(i, j)](prev[i], prev[i + 1], prev[i - 1] if i > 0 else None)
-            prev = cur
-        x0 = prev[0]  # (D, C0, H, W)
+        values: dict[tuple[int, int], torch.Tensor] = {(i, 0): f for i, f in enumerate(feats)}
+        drops = self._last_reads["dense"]
+        for step in self._plan:
+            y = self._dense_nodes[step.key](values[step.forward], values[step.deeper],
+                                            values[step.shallower] if step.shallower is not None else None)
+            for src in drops[step.key]:
+                del values[src]
+            values[step.position] = y
+        x0 = values.pop(self._final)  # (D, C0, H, W)
         logits = F.conv2d(x0.float(), self._head_folded)  # (D, K, H, W) channels_last
         return logits.permute(1, 0, 2, 3).float().contiguous()
 
     def _decode_sparse(self, feats: list[torch.Tensor]) -> torch.Tensor:
         k, pool = self._kernels, self._pool
         assert k is not None
-        prev: dict[int, _Act] = {}
+        values: dict[tuple[int, int], _Act] = {}
         for i in range(len(feats)):
-            prev[i] = self._to_act(feats[i])
+            values[(i, 0)] = self._to_act(feats[i])
             feats[i] = None  # type: ignore[call-overload]  # free the folded copy early
-        for j in range(1, self._levels):
-            cur = {}
-            # Deepest node first: node i is then the last reader of prev[i + 1] (nodes i + 1 and
-            # i + 2 read it as forward and down input before), and node 0 of prev[0], so each
-            # input is released as soon as it is consumed (one full-resolution buffer less at the
-            # peak: 440 MiB at 48 × 128³). Nodes of one stage are independent: same result.
-            for i in reversed(range(self._levels - j)):
-                cur[i] = self._sparse_nodes[(i, j)](k, prev[i], prev[i + 1], prev[i - 1] if i > 0 else None, pool,
-                                                    last_reader_of_deeper=True, last_reader_of_fwd=i == 0)
-            for act in prev.values():
-                act.release()  # idempotent: all were released above
-            prev = cur
-        x0 = prev[0]
+        drops = self._last_reads["sparse"]
+        for step in self._sparse_order:
+            done = drops[step.key]
+            # the node releases its last-read forward input after its first unit and its
+            # last-read deeper input once up-sampled; the rest is released after it (idempotent)
+            y = self._sparse_nodes[step.key](
+                k, values[step.forward], values[step.deeper],
+                values[step.shallower] if step.shallower is not None else None, pool,
+                last_reader_of_deeper=step.deeper in done, last_reader_of_fwd=step.forward in done)
+            for src in done:
+                values.pop(src).release()
+            values[step.position] = y
+        for act in values.values():
+            if act is not values.get(self._final):
+                act.release()  # none left in an E2ENet plan: every value is read
+        x0 = values.pop(self._final)
         out = torch.empty((self._head.shape[0], x0.t.D, x0.t.H, x0.t.W), dtype=torch.float32)
         k.head(x0.t, self._head, out, norm=x0.norm)
         x0.release()
@@ -881,10 +916,19 @@ class _Fallback(nn.Module):
 
 def _unsupported(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(model, "backbone") or not hasattr(model, "decoder"):
+    if cfg is None or not hasattr(model, "backbone") or not hasattr(model, "decoder") or \
+            not hasattr(model, "fusion_plan"):
         return "not an E2ENet"
     if cfg.kernel[0] != 1:
         return f"kernel {cfg.kernel} has depth > 1"
+    plan = model.fusion_plan()
+    try:
+        for step in plan:
+            _check_step(step, model.decoder)
+    except NotImplementedError as exc:
+        return str(exc)
+    if sum(1 for step in plan if step.output and step.info.level == 0) != 1:
+        return "the fusion plan has no single level-0 output for the head"
     units = [u for stage in model.backbone.stages for u in stage]
     units += [u for node in model.decoder.nodes.values() for u in node.fuse]
     if any(_norm_act_params(u) is None for u in units):

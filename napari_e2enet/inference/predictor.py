@@ -125,7 +125,7 @@ class Predictor:
         if self._network is None:
             net: nn.Module = self.model
             if self.config.accelerate:
-                from .accelerate import accelerate
+                from .fastpath import accelerate
 
                 net = accelerate(self.model, precision=self.config.precision)
             self._network = net
@@ -232,7 +232,7 @@ class Predictor:
     def describe(self) -> dict[str, Any]:
         """The model, its settings and the backend that runs the tiles (``sparse-avx512``,
         ``sparse-avx2``, ``sparse-generic`` or ``dense``) with the reason (this builds the network)."""
-        from .accelerate import backend_info
+        from .fastpath import backend_info
 
         orientation = self.plan.orientation or "storage order (a model file from before orientation handling)"
         return {"source": self.source, "device": str(self.device), "patch": list(self.patch),

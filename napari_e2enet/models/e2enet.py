@@ -10,7 +10,7 @@ from torch import nn
 from ..config import ModelConfig
 from .backbone import Backbone
 from .blocks import init_weights
-from .fusion import FusionDecoder, NodeInfo
+from .fusion import FusionDecoder, FusionStep, NodeInfo
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,21 @@ class E2ENet(nn.Module):
         return [head(fused[i]) for i, head in enumerate(self.heads)]
 
     # -- DSFF hook points -----------------------------------------------------------------------
+    def fusion_plan(self) -> tuple[FusionStep, ...]:
+        """The fusion decoder's wiring in compute order, read-only: which values each node reads,
+        with which up/down sampling, and its modules (so its masks). The decoder's forward and
+        the accelerated inference forward both run it."""
+        return self.decoder.plan
+
     def _find_maskable(self) -> tuple[MaskableWeight, ...]:
         out = []
-        for info in self.decoder.node_info:
-            node = self.decoder.nodes[info.key]
-            prefix = f"decoder.nodes.{info.key}"
-            out.append(MaskableWeight(f"{prefix}.up.weight", node.up, info, "up", 1))
-            for u, unit in enumerate(node.fuse):
+        for step in self.decoder.plan:
+            up = self.decoder.get_submodule(step.up)
+            out.append(MaskableWeight(f"decoder.{step.up}.weight", up, step.info, "up", 1))
+            for u, path in enumerate(step.fuse):
                 role = "fuse" if u == 0 else f"fuse{u + 1}"
-                out.append(MaskableWeight(f"{prefix}.fuse.{u}.conv.weight", unit.conv, info, role, 0))
+                unit = self.decoder.get_submodule(path)
+                out.append(MaskableWeight(f"decoder.{path}.conv.weight", unit.conv, step.info, role, 0))
         return tuple(out)
 
     def maskable(self) -> tuple[MaskableWeight, ...]:

@@ -10,10 +10,15 @@ outputs and use two conv units. Stages are computed in order j = 1 .. L-1.
 
 Channel order of the concatenation (what the DSFF masks and the connectivity plots refer to):
 forward ``[0, C_i)``, up ``[C_i, 2 C_i)``, down ``[2 C_i, 2 C_i + C_{i-1})`` (no down at level 0).
+
+:attr:`FusionDecoder.plan` states this wiring once, as data (:class:`FusionStep`): the decoder's
+own forward runs it, and so does the accelerated inference forward
+(:mod:`napari_e2enet.inference.fastpath`), so the two cannot diverge.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +29,9 @@ from .backbone import FeatureInfo
 from .blocks import ConvUnit, Triple
 
 DIRECTIONS = ("forward", "up", "down")
+
+Position = tuple[int, int]
+"""(level, stage) of a decoder value; stage 0 is the backbone's feature at that level."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,49 @@ class NodeInfo:
 
 def node_key(level: int, stage: int) -> str:
     return f"x{level}_{stage}"
+
+
+@dataclass(frozen=True)
+class FusionStep:
+    """One fused node as data: which values it reads, how they are resampled, and which modules
+    (and so which DSFF masks: ``<module>.kernel_mask``) it applies. Module paths are relative to
+    the :class:`FusionDecoder`."""
+
+    info: NodeInfo  # level, stage, channels and the concat slices of each direction
+    forward: Position  # read as is: channels info.inputs["forward"]
+    deeper: Position  # up-sampled by ConvTranspose3d(kernel = stride = up_kernel): info.inputs["up"]
+    up_kernel: Triple
+    shallower: Position | None  # max-pooled by down_pool (kernel = stride): info.inputs["down"]
+    down_pool: Triple | None
+    up: str  # the ConvTranspose3d, weight (in, out, kd, kh, kw), mask (in, out)
+    fuse: tuple[str, ...]  # the ConvUnits in order; the first reads the concatenation, mask (out, in)
+    output: bool  # on the last anti-diagonal: a decoder output (head input at its level)
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+    @property
+    def position(self) -> Position:
+        return (self.info.level, self.info.stage)
+
+    @property
+    def sources(self) -> tuple[Position, ...]:
+        return (self.forward, self.deeper) + ((self.shallower,) if self.shallower is not None else ())
+
+
+def last_reads(order: Sequence[FusionStep]) -> dict[str, frozenset[Position]]:
+    """For the steps run in ``order``: by step key, the values that step reads for the last time
+    (a caller can free them after it). Any order in which each stage follows the one before is
+    valid: the nodes of one stage are independent."""
+    last: dict[Position, str] = {}
+    for step in order:
+        for src in step.sources:
+            last[src] = step.key
+    out: dict[str, set[Position]] = {step.key: set() for step in order}
+    for src, key in last.items():
+        out[key].add(src)
+    return {key: frozenset(srcs) for key, srcs in out.items()}
 
 
 class FusionNode(nn.Module):
@@ -76,6 +127,7 @@ class FusionDecoder(nn.Module):
         self.levels = levels
         self.nodes = nn.ModuleDict()
         infos: list[NodeInfo] = []
+        steps: list[FusionStep] = []
         for j in range(1, levels):
             for i in range(levels - j):
                 c = feature_info[i].channels
@@ -91,16 +143,27 @@ class FusionDecoder(nn.Module):
                 self.nodes[info.key] = FusionNode(info, feature_info[i + 1].channels, up_pool,
                                                   down_pool, units, kernel, shift)
                 infos.append(info)
+                steps.append(FusionStep(
+                    info, forward=(i, j - 1), deeper=(i + 1, j - 1), up_kernel=tuple(up_pool),  # type: ignore[arg-type]
+                    shallower=(i - 1, j - 1) if i > 0 else None,
+                    down_pool=tuple(down_pool) if down_pool is not None else None,  # type: ignore[arg-type]
+                    up=f"nodes.{info.key}.up", fuse=tuple(f"nodes.{info.key}.fuse.{u}" for u in range(units)),
+                    output=i + j == levels - 1))
         self.node_info: tuple[NodeInfo, ...] = tuple(infos)
+        # the wiring, in compute order (stage by stage, shallowest level first)
+        self.plan: tuple[FusionStep, ...] = tuple(steps)
+        self._last_reads = last_reads(self.plan)
 
     def forward(self, features: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        prev = dict(enumerate(features))  # stage j-1, by level
+        values: dict[Position, torch.Tensor] = {(i, 0): f for i, f in enumerate(features)}
         outputs: dict[int, torch.Tensor] = {}
-        for j in range(1, self.levels):
-            current = {}
-            for i in range(self.levels - j):
-                node = self.nodes[node_key(i, j)]
-                current[i] = node(prev[i], prev[i + 1], prev[i - 1] if i > 0 else None)
-            outputs[self.levels - 1 - j] = current[self.levels - 1 - j]  # the last-diagonal node
-            prev = current
+        for step in self.plan:
+            node = self.nodes[step.key]
+            y = node(values[step.forward], values[step.deeper],
+                     values[step.shallower] if step.shallower is not None else None)
+            for src in self._last_reads[step.key]:
+                del values[src]  # its last reader: not held while later nodes run
+            values[step.position] = y
+            if step.output:
+                outputs[step.info.level] = y
         return outputs

@@ -19,9 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_e2enet.inference.accelerate import AcceleratedE2ENet, accelerate, backend_info, bf16_native
 from napari_e2enet.inference.cpu import compact, find_compiler
 from napari_e2enet.inference.cpu.compact import conv_csc, convt_csr, depth_offsets, kernel_status
+from napari_e2enet.inference.fastpath import AcceleratedE2ENet, accelerate, backend_info, bf16_native
 from napari_e2enet.models import create_model
 from napari_e2enet.sparse.compact import block_size, effective_mask, uniform_block_masks
 
@@ -98,7 +98,7 @@ def test_up_sampling_in_depth_pieces_gives_the_same_logits_in_less_memory(monkey
     """Large nodes compute their up-sampled input a few slices at a time (pieces read across
     their borders through the depth shift), and the encoder writes its conv outputs into the
     arena slice by slice: same logits, a smaller arena."""
-    from napari_e2enet.inference import accelerate as acc
+    from napari_e2enet.inference import fastpath as acc
 
     torch.manual_seed(6)
     kwargs = {"pools": pools} if pools else {}
@@ -136,7 +136,7 @@ def test_no_depth_shift_and_two_input_channels(backend):
 
 def test_dense_backend_without_kernels(monkeypatch):
     """The pure-PyTorch path (no C compiler): same function, precise instance-norm statistics."""
-    import napari_e2enet.inference.accelerate as acc
+    import napari_e2enet.inference.fastpath as acc
 
     monkeypatch.setattr(acc, "kernel_status", lambda: (None, "no C compiler (test)"))
     torch.manual_seed(6)
@@ -403,3 +403,33 @@ def test_kernels_can_be_disabled(monkeypatch):
     model = create_model("e2enet_small", sparsity=0.9, seed=6)
     assert backend_info(accelerate(model)) == {"backend": "dense",
                                                "backend_reason": "disabled by NAPARI_E2ENET_NO_KERNELS=1"}
+
+
+def test_inference_accelerate_is_always_the_function():
+    """The module is ``inference.fastpath``: importing it does not turn ``inference.accelerate``
+    into a module (it did while both were called ``accelerate``)."""
+    import napari_e2enet.inference as inference
+    import napari_e2enet.inference.fastpath as fastpath
+
+    assert inference.accelerate is fastpath.accelerate and callable(inference.accelerate)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_accelerated_forward_follows_the_models_fusion_plan(backend):
+    """Rewire one node in the model's plan (x0_2 reads the backbone feature x0_0 instead of x0_1):
+    the model and the accelerated forward change together, because both run the plan."""
+    import dataclasses
+
+    from napari_e2enet.models.fusion import last_reads
+
+    torch.manual_seed(8)
+    model = create_model("e2enet_small", sparsity=0.8, seed=8)
+    x = torch.randn(1, 1, 16, 32, 32)
+    plan = model.fusion_plan()
+    model.decoder.plan = tuple(s if s.key != "x0_2" else dataclasses.replace(s, forward=(0, 0)) for s in plan)
+    model.decoder._last_reads = last_reads(model.decoder.plan)
+    rewired = _reference(model, x)
+    assert float((accelerate(model, backend=backend)(x) - rewired).abs().max()) <= TOL
+    model.decoder.plan = plan
+    model.decoder._last_reads = last_reads(plan)
+    assert float((rewired - _reference(model, x)).abs().max()) > 10 * TOL

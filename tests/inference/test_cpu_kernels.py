@@ -23,7 +23,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_e2enet.inference.accelerate import AcceleratedE2ENet, accelerate, backend_info
 from napari_e2enet.inference.cpu import bindings, build
 from napari_e2enet.inference.cpu.compact import (
     Kernels,
@@ -34,6 +33,7 @@ from napari_e2enet.inference.cpu.compact import (
     depth_offsets,
     kernel_status,
 )
+from napari_e2enet.inference.fastpath import AcceleratedE2ENet, accelerate, backend_info
 from napari_e2enet.models import create_model
 
 ROOT = Path(__file__).resolve().parents[2]

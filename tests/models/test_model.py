@@ -1,8 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
 from napari_e2enet import create_model, list_models
 from napari_e2enet.models import model_config
+from napari_e2enet.models.fusion import last_reads
 
 
 def test_registry_lists_paper_variant_small_variant_and_ablations():
@@ -108,3 +111,39 @@ def test_invalid_configs_are_refused():
         model_config("e2enet", pools=((2, 2, 2),) * 2)
     with pytest.raises(ValueError, match="odd"):
         model_config("e2enet", kernel=(2, 3, 3))
+
+
+def test_fusion_plan_states_the_wiring_the_decoder_runs():
+    """E2ENet.fusion_plan(): x(i, j) reads x(i, j-1) as is, x(i+1, j-1) up-sampled by the deeper
+    level's pool, x(i-1, j-1) max-pooled by its own (not at level 0); module paths name the masked
+    weights; the decoder's forward follows the plan (a node swapped in the plan changes its output)."""
+    model = create_model("e2enet_small", num_classes=2, widths=(4, 8, 8), pools=((1, 2, 2), (2, 2, 2)),
+                         sparsity=0.5, seed=0).eval()
+    plan = model.fusion_plan()
+    assert [s.key for s in plan] == [info.key for info in model.decoder.node_info] == ["x0_1", "x1_1", "x0_2"]
+    by_key = {s.key: s for s in plan}
+    x11 = by_key["x1_1"]
+    assert (x11.forward, x11.deeper, x11.shallower) == ((1, 0), (2, 0), (0, 0))
+    assert x11.up_kernel == (2, 2, 2) and x11.down_pool == (1, 2, 2)
+    assert by_key["x0_1"].shallower is None and by_key["x0_1"].down_pool is None
+    assert [s.output for s in plan] == [False, True, True] and len(by_key["x0_2"].fuse) == 2
+    masked = {f"decoder.{s.up}.weight" for s in plan} | {f"decoder.{p}.conv.weight" for s in plan for p in s.fuse}
+    assert masked == {mw.name for mw in model.maskable()} == set(model.masks())
+    x = torch.randn(1, 1, 4, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        model.decoder.plan = tuple(
+            s if s.key != "x0_2" else dataclasses.replace(s, forward=(0, 0)) for s in plan)
+        model.decoder._last_reads = last_reads(model.decoder.plan)
+        assert not torch.equal(model(x), ref)
+
+
+def test_last_reads_frees_each_value_after_its_last_reader():
+    plan = create_model("e2enet", sparsity=0).fusion_plan()
+    reads = last_reads(plan)
+    freed = [src for step in plan for src in reads[step.key]]
+    assert len(freed) == len(set(freed))  # each value once
+    assert set(freed) == {src for step in plan for src in step.sources}
+    deepest_first = sorted(plan, key=lambda s: (s.info.stage, -s.info.level))
+    for step, done in ((s, last_reads(deepest_first)[s.key]) for s in deepest_first):
+        assert step.deeper in done and (step.forward in done) == (step.info.level == 0)

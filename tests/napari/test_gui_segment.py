@@ -21,8 +21,8 @@ def _segment_widget(viewer):
     import importlib.util
 
     _, widget = viewer.window.add_plugin_dock_widget("napari-e2enet", "Segment")
-    # the sparse fast path is used whenever the core ships it (inference/accelerate.py)
-    widget.accelerate_check.setChecked(importlib.util.find_spec("napari_e2enet.inference.accelerate") is not None)
+    # the sparse fast path is used whenever the core ships it (inference/fastpath.py)
+    widget.accelerate_check.setChecked(importlib.util.find_spec("napari_e2enet.inference.fastpath") is not None)
     return widget
 
 
