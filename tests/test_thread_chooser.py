@@ -44,3 +44,23 @@ def test_one_candidate_is_never_switched():
     chooser = ThreadChooser(candidates=(1, 1))
     assert chooser.candidates == (1,)
     assert set(_run(chooser, 4, {1: 0.0})) == {1}
+
+
+def test_a_prediction_gives_the_thread_count_back_and_the_same_labels_with_one_thread():
+    from napari_e2enet.config import InferenceConfig
+    from napari_e2enet.data import make_phantom
+    from napari_e2enet.inference import Predictor
+
+    image, _ = make_phantom(0, shape=(64, 64, 40))
+    predictor = Predictor.from_bundled("phantom-abdomen-ct", config=InferenceConfig(device="cpu"))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        chosen = predictor.predict(image).array
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)  # a one-thread chooser never switches
+        single = predictor.predict(image).array
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert (chosen == single).all()

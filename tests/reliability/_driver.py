@@ -46,8 +46,8 @@ def install_hooks() -> None:
 
         original_tiles = predictor.Predictor._tile_predictor
 
-        def tile_predictor(self):
-            run = original_tiles(self)
+        def tile_predictor(self, *args):
+            run = original_tiles(self, *args)
 
             def counted(x):
                 counts["tile"] += 1
