@@ -33,6 +33,7 @@ included, stay exactly as the user left them).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -129,3 +130,46 @@ def apply_labels(layer: Any, new: np.ndarray) -> int:
     with layer.block_history():
         layer.data_setitem(indices, new[indices])
     return count
+
+
+RESULT_MODES = ("auto", "new", "replace", "fill")
+
+
+def result_action(mode: str, target_exists: bool, target_edited: bool, confirm_replace: Callable[[], bool]) -> str:
+    """Where Segment puts its result: "new" (a new layer), "replace" or "fill" (the latest result
+    layer of the image, as one undo step).
+
+    ``mode``: one of :data:`RESULT_MODES`. *auto* never touches an edited layer; *replace* asks
+    (``confirm_replace()``) before it destroys edits and makes a new layer when the user says no;
+    *fill* keeps every label the user painted or erased.
+    """
+    if mode not in RESULT_MODES:
+        raise ValueError(f"unknown result mode {mode!r}; one of {RESULT_MODES}")
+    if not target_exists or mode == "new":
+        return "new"
+    if mode == "auto":
+        return "new" if target_edited else "replace"
+    if mode == "replace":
+        return "replace" if not target_edited or confirm_replace() else "new"
+    return "fill"
+
+
+def put_result(layer: Any, new: np.ndarray, action: str) -> int:
+    """Write a new prediction ``new`` (display order) into the result ``layer`` ("replace" or "fill"),
+    as one step of napari's undo; returns the voxels changed.
+
+    What is remembered as the layer's prediction afterwards: the new one, except that voxels the user
+    had edited keep the old prediction as their baseline, so they still count as edits ("fill").
+    """
+    if action == "fill":
+        edited = edited_mask(layer)
+        merged = fill_unlabelled(np.array(layer.data), new, edited)
+        old = prediction_of(layer)
+        baseline = np.where(edited, old, merged) if edited is not None and old is not None else merged
+    elif action == "replace":
+        merged = baseline = np.asarray(new)
+    else:
+        raise ValueError(f"put_result writes into a layer by 'replace' or 'fill', not {action!r}")
+    changed = apply_labels(layer, merged)
+    remember_prediction(layer, baseline)
+    return changed

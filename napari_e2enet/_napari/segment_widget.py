@@ -454,19 +454,12 @@ class SegmentWidget(JobWidget):
         existing = self.result_layers(image_layer)
         target = existing[-1] if existing else None
         edited = target is not None and self.is_edited(target)
-        if target is None or mode == "new":
-            action = "new"
-        elif mode == "auto":
-            action = "new" if edited else "replace"
-            if edited:
-                show_info(f"napari-e2enet: {target.name!r} has edits; the new result goes to a new layer")
-        elif mode == "replace":
-            action = "replace"
-            if edited and not self.confirm(f"Labels layer {target.name!r} has been edited. Replace it with the "
-                                           "new segmentation (your corrections will be lost)?"):
-                action = "new"
-        else:  # fill
-            action = "fill"
+        action = edits.result_action(
+            mode, target is not None, edited,
+            lambda: self.confirm(f"Labels layer {target.name!r} has been edited. Replace it with the new "
+                                 "segmentation (your corrections will be lost)?"))
+        if mode == "auto" and edited:
+            show_info(f"napari-e2enet: {target.name!r} has edits; the new result goes to a new layer")
         if action == "new":
             name = f"{image_layer.name} labels"
             kwargs = labels_layer_kwargs(image_layer, table, name=name)
@@ -477,18 +470,7 @@ class SegmentWidget(JobWidget):
         else:
             # into the existing layer as ONE step of napari's undo (Ctrl-Z brings the old labels back)
             layer = target
-            if action == "fill":
-                edited = edits.edited_mask(layer)
-                current = np.array(layer.data)
-                merged = edits.fill_unlabelled(current, display, edited)
-                # edited voxels stay edited (baseline: the old prediction there), the rest is the new one
-                old = edits.prediction_of(layer)
-                baseline = np.where(edited, old, merged) if edited is not None and old is not None else merged
-                edits.apply_labels(layer, merged)
-            else:
-                baseline = display
-                edits.apply_labels(layer, display)
-            edits.remember_prediction(layer, baseline)
+            edits.put_result(layer, display, action)
             meta = dict(layer.metadata)
             meta[META_KEY] = {**meta.get(META_KEY, {}), "label_table": table.to_dict(),
                               "model": prediction.labels.name}
