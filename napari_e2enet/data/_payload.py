@@ -8,6 +8,11 @@ array. Every compressed payload — ``.nii.gz`` (:mod:`.io`), gzip/bzip2 NRRD, c
 goes through :class:`CheckedStream`, which streams the file through the decompressor once and
 refuses it unless every member's checksum and length match and nothing but zero padding follows.
 Detached data files must sit inside the header's folder.
+
+It also holds what every format shares and :mod:`.io` re-exports — the case name of a file
+(:func:`case_name`) and the label-map rule (:func:`as_label_array`, :func:`labels_dtype`) — so
+the readers (:mod:`.nrrd`, :mod:`.metaimage`, :mod:`.dicom`) never import :mod:`.io`, which
+dispatches to them.
 """
 
 from __future__ import annotations
@@ -18,11 +23,16 @@ import zlib
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 from ..errors import InputError
 
 _CHUNK = 1 << 22  # 4 MiB of compressed input per step
 # DEFLATE cannot compress better than ~1032:1: a header promising more bytes than that is lying.
 MAX_DEFLATE_RATIO = 1032
+# Files that hold one volume (a folder or .zip of DICOM is the other kind of input), longest first.
+VOLUME_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_NAME_SUFFIXES = (*VOLUME_SUFFIXES, ".zip", ".dcm")
 
 
 def matching_suffix(path: Path, suffixes: tuple[str, ...]) -> str | None:
@@ -33,6 +43,18 @@ def matching_suffix(path: Path, suffixes: tuple[str, ...]) -> str | None:
         if lower.endswith(suffix) and len(lower) > len(suffix):
             return suffix
     return None
+
+
+def case_name(path: str | Path) -> str:
+    """The name without its format suffix, any case (``liver_003.nii.gz`` → ``liver_003``,
+    ``ct.seg.nrrd`` → ``ct``, ``scan.MHA`` → ``scan``, ``series.zip`` → ``series``); a folder keeps
+    its name."""
+    path = Path(path)
+    lower = path.name.lower()
+    for suffix in _NAME_SUFFIXES:
+        if lower.endswith(suffix) and len(lower) > len(suffix):
+            return path.name[: -len(suffix)]
+    return path.name if path.is_dir() else path.stem
 
 
 def why(exc: BaseException) -> str:
@@ -276,8 +298,6 @@ def inflate(fh: BinaryIO, nbytes: int, where: Path, *, codec: str) -> bytearray:
 
 def read_ascii(fh: BinaryIO, count: int, dtype, where: Path):
     """``count`` whitespace-separated numbers as a numpy array of ``dtype`` (ASCII-encoded data)."""
-    import numpy as np
-
     try:
         tokens = fh.read().split()
     except OSError as exc:
@@ -297,10 +317,6 @@ def voxels_for_writing(array, where: Path):
     ``as_label_array``); float arrays are images, stored as float32; anything else is refused.
     The same rule as the NIfTI writer, so every format stores the same voxels.
     """
-    import numpy as np
-
-    from .io import as_label_array
-
     array = np.asarray(array)
     if array.dtype.kind in "biu":
         return as_label_array(array, where), True
@@ -310,3 +326,38 @@ def voxels_for_writing(array, where: Path):
             raise InputError("image contains NaN or Inf voxels", where)
         return data, False
     raise InputError(f"cannot write voxels of type {array.dtype}", where)
+
+
+def labels_dtype(lo: int, hi: int) -> np.dtype:
+    """The smallest of uint8 / int16 / int32 that holds [lo, hi]."""
+    if lo >= 0 and hi <= 255:
+        return np.dtype(np.uint8)
+    if lo >= -32768 and hi <= 32767:
+        return np.dtype(np.int16)
+    return np.dtype(np.int32)
+
+
+def as_label_array(array: np.ndarray, where: str | Path | None = None) -> np.ndarray:
+    """Validate and convert a label map: integer-valued, non-negative → uint8/int16/int32."""
+    array = np.asarray(array)
+    if array.dtype.kind == "b":
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise InputError("label map contains NaN or Inf", where)
+        fractional = array != np.round(array)
+        if fractional.any():
+            example = float(array[fractional].flat[0])
+            raise InputError(
+                f"label values must be integers; found {example:g} ({int(fractional.sum())} voxels)", where
+            )
+    elif array.dtype.kind not in "iu":
+        raise InputError(f"label map has unsupported type {array.dtype}", where)
+    if array.size == 0:
+        return array.astype(np.uint8)
+    lo, hi = float(array.min()), float(array.max())
+    if lo < 0:
+        raise InputError(f"negative label value {lo:g}; labels are 0 (background) or positive ids", where)
+    if hi > np.iinfo(np.int32).max:
+        raise InputError(f"label value {hi:g} is too large", where)
+    return array.astype(labels_dtype(int(lo), int(hi)), copy=False)

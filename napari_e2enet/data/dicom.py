@@ -61,8 +61,8 @@ import numpy as np
 from ..errors import InputError
 from ..fileio import atomic_output
 from ..labels import LabelTable, _normalise_name
+from ._payload import as_label_array
 from ._payload import why as _why
-from .io import as_label_array
 from .volume import Volume
 
 __all__ = [

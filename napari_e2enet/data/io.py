@@ -31,17 +31,22 @@ from ..errors import InputError
 from ..fileio import atomic_output
 from ..labels import LabelTable
 from ..pathcheck import special_kind
-from ._payload import CheckedStream, matching_suffix
+from ._payload import VOLUME_SUFFIXES, CheckedStream, as_label_array, case_name, labels_dtype, matching_suffix
 from ._payload import why as _why
 from .volume import Volume
 
+# case_name, as_label_array, labels_dtype and VOLUME_SUFFIXES live in _payload so that the format
+# readers (nrrd, metaimage, dicom), which io dispatches to, need not import io back; they stay
+# importable from here, where callers have always found them.
 __all__ = [
     "NIFTI_SUFFIXES",
     "OUTPUT_FORMATS",
     "VOLUME_SUFFIXES",
+    "as_label_array",
     "case_name",
     "float32_voxels",
     "is_volume_file",
+    "labels_dtype",
     "volume_format",
     "read_geometry",
     "read_image",
@@ -51,12 +56,9 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# Files that hold one volume (a folder or .zip of DICOM is the other kind of input), longest first.
-VOLUME_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # Output format name (CLI --output-format) → file suffix; the suffix picks the writer.
 OUTPUT_FORMATS = {"nii.gz": ".nii.gz", "nii": ".nii", "nrrd": ".nrrd", "seg.nrrd": ".seg.nrrd", "mha": ".mha",
                   "dcm": ".dcm"}
-_NAME_SUFFIXES = (*VOLUME_SUFFIXES, ".zip", ".dcm")
 _UNKNOWN_TYPE = ("not a NIfTI, NRRD or MetaImage file name (expected .nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, "
                  "or a DICOM folder or .zip)")
 
@@ -96,18 +98,6 @@ def _quiet() -> Iterator[None]:
 
 def _nifti_suffix(path: Path) -> str | None:
     return matching_suffix(path, NIFTI_SUFFIXES)
-
-
-def case_name(path: str | Path) -> str:
-    """The name without its format suffix, any case (``liver_003.nii.gz`` → ``liver_003``,
-    ``ct.seg.nrrd`` → ``ct``, ``scan.MHA`` → ``scan``, ``series.zip`` → ``series``); a folder keeps
-    its name."""
-    path = Path(path)
-    lower = path.name.lower()
-    for suffix in _NAME_SUFFIXES:
-        if lower.endswith(suffix) and len(lower) > len(suffix):
-            return path.name[: -len(suffix)]
-    return path.name if path.is_dir() else path.stem
 
 
 def is_volume_file(path: str | Path) -> bool:
@@ -401,41 +391,6 @@ def float32_voxels(array: np.ndarray, where: str | Path | None) -> np.ndarray:
 def _strip_channel(name: str) -> str:
     stem, _, tail = name.rpartition("_")
     return stem if stem and len(tail) == 4 and tail.isdigit() else name
-
-
-def labels_dtype(lo: int, hi: int) -> np.dtype:
-    """The smallest of uint8 / int16 / int32 that holds [lo, hi]."""
-    if lo >= 0 and hi <= 255:
-        return np.dtype(np.uint8)
-    if lo >= -32768 and hi <= 32767:
-        return np.dtype(np.int16)
-    return np.dtype(np.int32)
-
-
-def as_label_array(array: np.ndarray, where: str | Path | None = None) -> np.ndarray:
-    """Validate and convert a label map: integer-valued, non-negative → uint8/int16/int32."""
-    array = np.asarray(array)
-    if array.dtype.kind == "b":
-        return array.astype(np.uint8)
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)):
-            raise InputError("label map contains NaN or Inf", where)
-        fractional = array != np.round(array)
-        if fractional.any():
-            example = float(array[fractional].flat[0])
-            raise InputError(
-                f"label values must be integers; found {example:g} ({int(fractional.sum())} voxels)", where
-            )
-    elif array.dtype.kind not in "iu":
-        raise InputError(f"label map has unsupported type {array.dtype}", where)
-    if array.size == 0:
-        return array.astype(np.uint8)
-    lo, hi = float(array.min()), float(array.max())
-    if lo < 0:
-        raise InputError(f"negative label value {lo:g}; labels are 0 (background) or positive ids", where)
-    if hi > np.iinfo(np.int32).max:
-        raise InputError(f"label value {hi:g} is too large", where)
-    return array.astype(labels_dtype(int(lo), int(hi)), copy=False)
 
 
 def read_labels(path: str | Path) -> Volume:

@@ -47,6 +47,7 @@ from ..errors import InputError
 from ..fileio import atomic_output
 from ._payload import (
     MAX_DEFLATE_RATIO,
+    case_name,
     data_file_inside,
     inflate,
     matching_suffix,
@@ -244,8 +245,6 @@ def read_metaimage(path: str | Path, *, allow_channels: bool = False) -> Volume:
     (X, Y, Z) voxels in the file's dtype, or (C, X, Y, Z) for a multi-channel image when
     ``allow_channels``. Raises ``InputError("<path>: <problem>")`` for every kind of bad file.
     """
-    from .io import case_name
-
     layout = _layout(path, allow_channels)
     path = layout.path
     count = int(np.prod(layout.dims, dtype=np.int64)) * (layout.channels if layout.interleaved else 1)

@@ -58,8 +58,11 @@ from ..fileio import atomic_output
 from ..labels import LabelTable
 from ._payload import (
     MAX_DEFLATE_RATIO,
+    as_label_array,
+    case_name,
     data_file_inside,
     inflate,
+    labels_dtype,
     matching_suffix,
     read_ascii,
     read_exact,
@@ -138,12 +141,6 @@ def _suffix(path: Path) -> str | None:
 def is_nrrd_path(path: str | Path) -> bool:
     """True for a ``.nrrd``, ``.seg.nrrd`` or ``.nhdr`` file name (any case)."""
     return _suffix(Path(path)) is not None
-
-
-def _case_name(path: Path) -> str:
-    from .io import case_name
-
-    return case_name(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,8 +481,6 @@ def _segments(header: _Header) -> list[_Segment]:
 
 
 def _read_segmentation(header: _Header) -> tuple[Volume, LabelTable]:
-    from .io import as_label_array, labels_dtype
-
     path = header.path
     data = _spatial_array(header, _read_voxels(header))
     layers = data if data.ndim == 4 else data[None]
@@ -501,7 +496,7 @@ def _read_segmentation(header: _Header) -> tuple[Volume, LabelTable]:
                              "segments apart", path)
         labels = as_label_array(layers[0], path)
         ids = [int(v) for v in np.unique(labels) if v != 0]
-        volume = Volume(labels, header.affine.copy(), None, _case_name(path), {**_meta(header), "segmentation": True})
+        volume = Volume(labels, header.affine.copy(), None, case_name(path), {**_meta(header), "segmentation": True})
         return volume, LabelTable({i: f"label {i}" for i in ids})
     for seg in segments:
         if not 0 <= seg.layer < len(layers):
@@ -533,7 +528,7 @@ def _read_segmentation(header: _Header) -> tuple[Volume, LabelTable]:
         table = LabelTable(names, colors)
     except ValueError as exc:
         raise InputError(str(exc), path) from None
-    volume = Volume(out, header.affine.copy(), None, _case_name(path), {**_meta(header), "segmentation": True})
+    volume = Volume(out, header.affine.copy(), None, case_name(path), {**_meta(header), "segmentation": True})
     return volume, table
 
 
@@ -572,7 +567,7 @@ def read_nrrd_and_table(path: str | Path, *, allow_channels: bool = False) -> tu
         raise InputError(f"4D image with {header.channels} volumes (sizes {list(header.sizes)}); expected one "
                          "3D volume", header.path)
     data = _spatial_array(header, _read_voxels(header))
-    return Volume(data, header.affine.copy(), None, _case_name(header.path), _meta(header)), None
+    return Volume(data, header.affine.copy(), None, case_name(header.path), _meta(header)), None
 
 
 def read_seg_nrrd(path: str | Path) -> tuple[Volume, LabelTable]:
