@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .errors import InputError
 from .fileio import atomic_write_text
@@ -22,7 +22,7 @@ OPTIMIZERS = ("sgd", "adamw")
 VALIDATION_MODES = ("auto", "full", "patches")
 PRECISIONS = ("fp32", "bf16", "amp")
 
-T = TypeVar("T")
+T = TypeVar("T", bound="_DictMixin")
 
 Triple = tuple[int, int, int]
 
@@ -60,12 +60,17 @@ def _tupleize(value: Any) -> Any:
 
 
 class _DictMixin:
+    # Every subclass is a @dataclass; declaring the field table tells the checker so, which makes
+    # dataclasses.asdict / fields / replace accept ``self`` and ``cls`` here.
+    if TYPE_CHECKING:
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        known = {f.name: f for f in fields(cls)}
         unknown = set(data) - set(known)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
@@ -79,7 +84,7 @@ class _DictMixin:
         return cls(**kwargs)
 
     def replace(self: T, **changes: Any) -> T:
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        return dataclasses.replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -421,7 +426,7 @@ def load_config(path: str | Path, cls: type[T]) -> T:
     if not isinstance(data, dict):
         raise InputError("expected a mapping at the top level", path)
     try:
-        return cls.from_dict(data)  # type: ignore[attr-defined]
+        return cls.from_dict(data)
     except (TypeError, ValueError) as exc:
         raise InputError(str(exc), path) from None
     except RecursionError:

@@ -96,7 +96,7 @@ def remove_stale_temporaries(folder: str | Path, names: Iterable[str] | None = N
     process writes there. ``names``: only the temporaries of these destination names.
     """
     wanted = None if names is None else set(names)
-    removed = []
+    removed: list[Path] = []
     try:
         entries = list(os.scandir(folder))
     except OSError:
@@ -134,7 +134,7 @@ def _os_lock(fd: int) -> bool | None:
             import msvcrt
 
             os.lseek(fd, 1 << 20, os.SEEK_SET)  # a byte past the record, so others can still read it
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
         return True
     except (BlockingIOError, PermissionError):
         return False

@@ -477,9 +477,10 @@ def volumes_ml(
     for label_id, name in table.names.items():
         if label_id != 0:
             out[name] = float(counts[label_id]) * voxel_ml if label_id < counts.size else 0.0
-    for label_id in np.flatnonzero(counts):
-        if label_id != 0 and int(label_id) not in table.names:
-            out[table.name_of(int(label_id))] = float(counts[label_id]) * voxel_ml
+    for found in np.flatnonzero(counts):
+        found_id = int(found)
+        if found_id != 0 and found_id not in table.names:
+            out[table.name_of(found_id)] = float(counts[found_id]) * voxel_ml
     return out
 
 

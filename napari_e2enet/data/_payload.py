@@ -89,7 +89,7 @@ def data_file_inside(header_path: Path, name: str) -> Path:
     return target
 
 
-def read_exact(fh: BinaryIO, nbytes: int, where: Path) -> bytearray:
+def read_exact(fh: io.BufferedIOBase, nbytes: int, where: Path) -> bytearray:
     """Exactly ``nbytes`` from ``fh`` (a writable buffer), or InputError when the file ends early."""
     buf = bytearray(nbytes)
     view = memoryview(buf)
@@ -154,7 +154,7 @@ class CheckedStream(io.RawIOBase):
                 break
         return self._pos
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
+    def readinto(self, buffer) -> int:
         """Fill ``buffer`` completely unless the stream ends first; returns the bytes written."""
         view = memoryview(buffer).cast("B")
         got = 0

@@ -148,7 +148,8 @@ def extract_patch(
     """
     if matrix is None:
         sl = tuple(slice(int(s), int(s) + int(p)) for s, p in zip(start, patch, strict=True))
-        img = image.numpy()[(slice(None), *sl)].copy()
+        index = (slice(None), *sl)  # built apart: mypy reads x[(a, *b)] as the 3.11-only x[a, *b]
+        img = image.numpy()[index].copy()
         lab = label[sl].astype(np.int64)
         return img, lab
     shape = image.shape[1:]
@@ -269,7 +270,7 @@ def mirror(
     axes = [a for a in cfg.mirror_axes if rng.random() < cfg.p_mirror]
     if not axes:
         return img, lab
-    return np.flip(img, [a + 1 for a in axes]), np.flip(lab, axes)
+    return np.flip(img, tuple(a + 1 for a in axes)), np.flip(lab, tuple(axes))
 
 
 _LATERAL = re.compile(r"(?:^|[^a-z])(left|right)(?:[^a-z]|$)", re.IGNORECASE)

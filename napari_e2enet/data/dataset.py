@@ -317,9 +317,9 @@ class Dataset:
         if names is not None and len(names) != n:
             raise InputError(f"Dataset.from_arrays: {n} images but {len(names)} names")
         if affines is None or (isinstance(affines, np.ndarray) and affines.shape == (4, 4)):
-            affine_list: list[np.ndarray | None] = [affines] * n  # type: ignore[list-item]
+            affine_list: list[np.ndarray | None] = [affines] * n
         else:
-            affine_list = list(affines)  # type: ignore[arg-type]
+            affine_list = list(affines)
             if len(affine_list) != n:
                 raise InputError(f"Dataset.from_arrays: {n} images but {len(affine_list)} affines")
         cases: list[Case] = []
@@ -611,7 +611,8 @@ def _load_folder(root_in: Path, check: bool) -> Dataset:
                 )
         built.append(Case(_unique(case_id, built), images, label))
     modality = modality_from_channels(channel_names)
-    name = data.get("name") if isinstance(data.get("name"), str) else root_in.name
+    given_name = data.get("name")
+    name = given_name if isinstance(given_name, str) else root_in.name
     return Dataset(built, labels, channel_names, modality, name, root)
 
 

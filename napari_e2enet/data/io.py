@@ -338,31 +338,29 @@ def read_image(paths: str | Path | Sequence[str | Path], *, name: str | None = N
     channel files (nnU-Net ``CASE_0000``, ``CASE_0001``, ...) that must share their shape and affine.
     The result carries the first file's affine, header and ``meta``.
     """
-    if isinstance(paths, str | Path):
-        paths = [paths]
-    paths = [Path(p) for p in paths]
-    if not paths:
+    files = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+    if not files:
         raise InputError("read_image: no image files given")
-    if len(paths) == 1:
-        vol = read_volume(paths[0], allow_channels=True, series=series)
-        array = float32_voxels(vol.channels(), paths[0])
+    if len(files) == 1:
+        vol = read_volume(files[0], allow_channels=True, series=series)
+        array = float32_voxels(vol.channels(), files[0])
         return Volume(array, vol.affine, vol.header, name or _strip_channel(vol.name), vol.meta)
     if series is not None:
-        raise InputError("a series UID only applies to one DICOM folder or .zip", paths[0])
-    volumes = []
-    for path in paths:
+        raise InputError("a series UID only applies to one DICOM folder or .zip", files[0])
+    volumes: list[Volume] = []
+    for path in files:
         vol = read_volume(path)
         if volumes:
             first = volumes[0]
             if vol.spatial_shape != first.spatial_shape:
                 raise InputError(
-                    f"channel shape {vol.spatial_shape} differs from {first.spatial_shape} of {paths[0].name}",
+                    f"channel shape {vol.spatial_shape} differs from {first.spatial_shape} of {files[0].name}",
                     path,
                 )
             if not _same_geometry(vol.affine, first.affine):
-                raise InputError(f"channel affine differs from that of {paths[0].name}", path)
+                raise InputError(f"channel affine differs from that of {files[0].name}", path)
         volumes.append(vol)
-    array = np.stack([float32_voxels(v.array, p) for v, p in zip(volumes, paths, strict=True)])
+    array = np.stack([float32_voxels(v.array, p) for v, p in zip(volumes, files, strict=True)])
     first = volumes[0]
     return Volume(array, first.affine, first.header, name or _strip_channel(first.name), first.meta)
 

@@ -466,7 +466,8 @@ def _segments(header: _Header) -> list[_Segment]:
                 color = (rgb[0], rgb[1], rgb[2])
         try:
             value = int(get("LabelValue") or 1)  # files from before layers: one binary mask per layer
-            layer = int(get("Layer") if get("Layer") is not None else i)
+            layer_text = get("Layer")
+            layer = int(layer_text) if layer_text is not None else i
             extent_text = get("Extent")
             extent = tuple(int(v) for v in extent_text.split()) if extent_text else None
         except ValueError as exc:
@@ -475,7 +476,7 @@ def _segments(header: _Header) -> list[_Segment]:
             raise InputError(f"segment {name!r} has label value {value}; segments need a positive value", path)
         if extent is not None and len(extent) != 6:
             raise InputError(f"segment {name!r}: extent needs 6 numbers, got {len(extent)}", path)
-        out.append(_Segment(i, name, color, value, layer, extent))  # type: ignore[arg-type]
+        out.append(_Segment(i, name, color, value, layer, extent))
         i += 1
     return out
 

@@ -487,7 +487,7 @@ def preprocess(image: Volume, plan: Plan) -> tuple[np.ndarray, Inverse]:
     # normalised into an all-background result. read_image checks the same; this covers API Volumes.
     float32_voxels(arr, image.name or None)
     arr = normalise(arr, plan)
-    new_shape = _target_shape(arr.shape[1:], spacing, plan.target_spacing)  # type: ignore[arg-type]
+    new_shape = _target_shape(arr.shape[1:], spacing, plan.target_spacing)
     if tuple(arr.shape[1:]) != new_shape:
         arr = np.stack([_resample_image(c, spacing, new_shape, plan) for c in arr])
     out = np.ascontiguousarray(arr, dtype=np.float32)
@@ -504,7 +504,7 @@ def preprocess_labels(label: Volume, plan: Plan) -> np.ndarray:
     label, _ = canonical_orientation(label, plan.orientation)
     arr, _, spacing = _network_view(label, plan)
     arr = arr[0]
-    new_shape = _target_shape(arr.shape, spacing, plan.target_spacing)  # type: ignore[arg-type]
+    new_shape = _target_shape(arr.shape, spacing, plan.target_spacing)
     return np.ascontiguousarray(_resample_labels(arr, new_shape, plan.label_resampling))
 
 

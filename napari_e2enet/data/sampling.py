@@ -149,8 +149,8 @@ class PatchSampler:
             classes = self._classes[case]
             if b < n_fg and classes:
                 ident, locations = classes[int(rng.integers(len(classes)))]
-                voxel = np.unravel_index(int(locations[int(rng.integers(locations.size))]), shape)
-                voxel = tuple(int(v) for v in voxel)
+                flat = int(locations[int(rng.integers(locations.size))])
+                voxel = tuple(int(v) for v in np.unravel_index(flat, shape))
                 start = tuple(
                     int(np.clip(v - p // 2, 0, s - p))
                     for v, p, s in zip(voxel, self.patch, shape, strict=True)

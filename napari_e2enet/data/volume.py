@@ -98,7 +98,8 @@ class Volume:
             return self
         shift = np.eye(4)
         shift[:3, 3] = [b.start or 0 for b in box]
-        return Volume(self.array[(..., *box)], self.affine @ shift, self.header, self.name, dict(self.meta))
+        index = (..., *box)  # built apart: mypy reads x[(a, *b)] as the 3.11-only x[a, *b]
+        return Volume(self.array[index], self.affine @ shift, self.header, self.name, dict(self.meta))
 
     def __repr__(self) -> str:
         spacing = ", ".join(f"{s:.3g}" for s in self.spacing)

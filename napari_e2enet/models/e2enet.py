@@ -30,11 +30,12 @@ class MaskableWeight:
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.module.weight  # type: ignore[return-value]
+        return self.module.weight
 
     @property
     def kernel_shape(self) -> tuple[int, int]:
-        return tuple(self.weight.shape[:2])  # type: ignore[return-value]
+        rows, cols = self.weight.shape[:2]
+        return int(rows), int(cols)
 
 
 class E2ENet(nn.Module):

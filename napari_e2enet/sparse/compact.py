@@ -67,7 +67,7 @@ def uniform_block_masks(model: torch.nn.Module, sparsity: float, block: int, see
     """
     generator = torch.Generator().manual_seed(seed)
     masks: dict[str, torch.Tensor] = {}
-    for mw in model.maskable():  # type: ignore[attr-defined]
+    for mw in model.maskable():
         rows, cols = mw.kernel_shape
         b = block
         while b > 1 and (rows % b or cols % b):

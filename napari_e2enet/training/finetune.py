@@ -178,13 +178,14 @@ def masked_dice_ce(logits: list[torch.Tensor] | torch.Tensor, target: torch.Tens
 
 
 def _patch_size(config: FinetuneConfig, meta: dict[str, Any], divisor: tuple[int, int, int]) -> tuple[int, int, int]:
+    patch: tuple[int, ...]
     if config.patch is not None:
         patch = config.patch
     else:
         train = meta.get("train_config") or {}
-        patch = tuple((train.get("data") or {}).get("patch") or (48, 48, 48))
-        patch = tuple(min(int(p), 64) for p in patch)
-    return tuple(max(d, (int(p) // d) * d) for p, d in zip(patch, divisor, strict=True))  # type: ignore[return-value]
+        patch = tuple(min(int(p), 64) for p in (train.get("data") or {}).get("patch") or (48, 48, 48))
+    d, h, w = (max(k, (int(p) // k) * k) for p, k in zip(patch, divisor, strict=True))
+    return d, h, w
 
 
 def _pools_product(model: E2ENet) -> tuple[int, int, int]:
@@ -242,7 +243,8 @@ class _RegionSampler:
         for c in picks:
             start = self.start(c)
             sl = tuple(slice(start[k], start[k] + self.patch[k]) for k in range(3))
-            images.append(self.image[(slice(None), *sl)])
+            index = (slice(None), *sl)  # built apart: mypy reads x[(a, *b)] as the 3.11-only x[a, *b]
+            images.append(self.image[index])
             labels.append(self.labels[sl])
             masks.append(self.region[sl])
         mask = np.stack(masks)[:, None]
@@ -377,7 +379,8 @@ def _write_run(model: E2ENet, run_dir: Path, meta: dict[str, Any], info: dict[st
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"cannot create the run folder ({exc.strerror})", run_dir) from None
-    keep = {k: meta[k] for k in ("plan", "labels", "train_config", "mirror_axes", "intended_input") if k in meta}
+    keep: dict[str, Any] = {k: meta[k] for k in ("plan", "labels", "train_config", "mirror_axes", "intended_input")
+                            if k in meta}
     save_model(model, run_dir / MODEL_FILE, metadata={**keep, "iterations": info["config"]["iterations"],
                                                       "finetune": info})
     atomic_write_text(run_dir / FINETUNE_FILE, json.dumps(info, indent=2) + "\n")
