@@ -277,8 +277,8 @@ class Dataset:
         if labels is None:
             found: set[int] = set()
             for case in cases:
-                if case.label is not None:
-                    found |= set(int(v) for v in np.unique(read_labels(case.label).array))  # type: ignore[arg-type]
+                if isinstance(case.label, Path):  # from_pairs makes every label a path
+                    found |= set(int(v) for v in np.unique(read_labels(case.label).array))
             labels = {v: ("background" if v == 0 else f"label_{v}") for v in sorted(found | {0})}
         if modality is None:
             modality = modality_from_channels(channel_names)
@@ -323,29 +323,34 @@ class Dataset:
             if len(affine_list) != n:
                 raise InputError(f"Dataset.from_arrays: {n} images but {len(affine_list)} affines")
         cases: list[Case] = []
+        # the Volumes again, as Volumes (a Case may also hold paths)
+        vols: list[Volume] = []
+        labs: list[Volume | None] = []
         for i, image in enumerate(images):
             case_name = names[i] if names is not None else f"case_{i:03d}"
             vol = _array_case_image(image, affine_list[i], case_name)
             lab_vol = _array_case_label(None if labels is None else labels[i], vol, case_name)
             cases.append(Case(case_name, vol, lab_vol))
-        nc = {c.image.num_channels for c in cases}  # type: ignore[union-attr]
+            vols.append(vol)
+            labs.append(lab_vol)
+        nc = {v.num_channels for v in vols}
         if len(nc) != 1:
             raise InputError(f"Dataset.from_arrays: images have different channel counts {sorted(nc)}")
         num_channels = nc.pop()
         if label_names is None:
             found: set[int] = {0}
-            for c in cases:
-                if c.label is not None:
-                    found |= set(int(v) for v in np.unique(c.label.array))  # type: ignore[union-attr]
+            for lab in labs:
+                if lab is not None:
+                    found |= set(int(v) for v in np.unique(lab.array))
             label_names = {v: ("background" if v == 0 else f"label_{v}") for v in sorted(found)}
         table = _normalise_label_table(label_names, None)
-        for c in cases:
-            if c.label is not None:
-                check_label_values(c.label.array, list(table), f"case {c.name}")  # type: ignore[union-attr]
+        for c, lab in zip(cases, labs, strict=True):
+            if lab is not None:
+                check_label_values(lab.array, list(table), f"case {c.name}")
         if modality is None:
             modality = modality_from_channels(channel_names) if channel_names is not None else "other"
             if modality == "other":
-                first = cases[0].image.array  # type: ignore[union-attr]
+                first = vols[0].array
                 modality = "CT" if float(first.min()) < -500 else "MRI"
         if channel_names is None:
             channel_names = (
