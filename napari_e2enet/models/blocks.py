@@ -98,8 +98,14 @@ class ConvUnit(nn.Module):
         self.conv = conv_op(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=True)
         self.norm = norm_op(out_channels)
         self.act = act_op()
+        # shift + conv in one call, installed by training.sparse_conv for DSFF-masked units on the
+        # CPU (it skips the pruned kernels); used in training mode only, None: the modules above.
+        self.fused_conv: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = getattr(self, "fused_conv", None)  # getattr: units pickled before the attribute existed
+        if fused is not None and self.training:
+            return self.act(self.norm(fused(x)))
         return self.act(self.norm(self.conv(self.shift(x))))
 
 

@@ -149,6 +149,11 @@ class DSFFUpdater:
         return bool(self.masks) and is_update_step(
             iteration, self.update_every, self.total_iterations, self.config.stop_updates_at)
 
+    def needs_dense_grads(self, iteration: int) -> bool:
+        """Whether ``after_step(iteration)`` reads every kernel's gradient, the pruned ones' too
+        (gradient regrowth at an update iteration); other steps need the active kernels' only."""
+        return self.config.regrow == "gradient" and self.is_update_step(iteration)
+
     def prune_fraction(self, iteration: int) -> float:
         """r(t) at iteration ``t`` (cosine decay from ``config.prune_fraction`` to ``prune_fraction_min``)."""
         return prune_fraction(iteration, self.total_iterations, self.config.prune_fraction,

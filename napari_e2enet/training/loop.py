@@ -87,6 +87,7 @@ from ..models import E2ENet, create_model
 from ..sparse import ConnectivityRecord, DSFFUpdater, TopologyUpdate
 from .checkpoint import load_state, save_state
 from .losses import DeepSupervisionLoss
+from .sparse_conv import SparseTraining, install_sparse_training
 
 _VALIDATION_STREAM = 0x7A11  # the PatchSampler "rank" of the validation patches (apart from training's)
 _clock = time.monotonic  # the wall clock of the timed saves (tests replace it)
@@ -170,6 +171,7 @@ class _Run:
     sampler: PatchSampler | None = None
     autocast: Any = None
     scaler: Any = None
+    sparse: SparseTraining | None = None  # the masked units' sparse kernels (CPU), see training.sparse_conv
 
 
 class Trainer:
@@ -407,6 +409,8 @@ class Trainer:
         run = _Run(data=data, model=model, device=device, optimizer=optimizer, updater=updater,
                    record=ConnectivityRecord.for_model(model, sparsity=cfg.sparsity.sparsity, model_name=cfg.model),
                    t_start=t_start)
+        # DSFF-masked units skip their pruned kernels on the CPU (dense PyTorch elsewhere)
+        run.sparse = install_sparse_training(model, device) if updater is not None else None
         if state is not None:
             with _bad_content(state_path, "training state (does it belong to this run's config.json?)"):
                 model.set_masks({k: v for k, v in state["masks"].items()})
@@ -503,6 +507,9 @@ class Trainer:
             group["lr"] = lr
         images, target = run.sampler.batch(it)
         images, target = images.to(run.device), target.to(run.device)
+        if run.sparse is not None and run.updater is not None:
+            # gradient-based regrowth scores the pruned kernels: their gradients on those steps only
+            run.sparse.dense_weight_grads(run.updater.needs_dense_grads(it + 1))
         loss = train_step(run.ddp_model, run.optimizer, loss_fn, images, target, autocast=run.autocast,
                           scaler=run.scaler, grad_clip=cfg.grad_clip)
         update = run.updater.after_step(it + 1) if run.updater is not None else None

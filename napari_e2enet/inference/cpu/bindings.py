@@ -38,7 +38,7 @@ __all__ = [
     "pp_slack",
 ]
 
-ABI_VERSION = 3  # E2E_ABI_VERSION in kernels.h
+ABI_VERSION = 4  # E2E_ABI_VERSION in kernels.h
 PAD_FLOATS = 16  # E2E_PAD_FLOATS: zero floats before a PP buffer's first plane
 ALIGN_BYTES = 64
 KernelBuildError = _build.KernelBuildError
@@ -81,6 +81,15 @@ SIGNATURES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ("int", "kw"), ("const float *", "in"), ("int64_t", "istride"),
         ("const float *", "ia"), ("const float *", "ib"), ("const float *", "is"),
         ("float *", "out"), ("int", "P"), ("int64_t", "ostride"), ("int", "nthreads"))),
+    # the training kernels (kernels_train.c)
+    "e2e_tconv_fwd": ("int", (
+        ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("const float *", "x"),
+        ("const int *", "ishift"), ("int", "CH"), ("const int *", "ptr"), ("const int *", "idx"),
+        ("const float *", "wts"), ("float *", "y"), ("const int *", "oshift"), ("int", "nthreads"))),
+    "e2e_tconv_dw": ("int", (
+        ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("const float *", "x"),
+        ("const int *", "ishift"), ("const float *", "dy"), ("int", "CH"), ("const int *", "ptr"),
+        ("const int *", "idx"), ("double *", "dw"), ("int", "nthreads"))),
 }
 
 _CTYPES: dict[str, type | None] = {"void": None, "int": ctypes.c_int, "int64_t": ctypes.c_int64,
@@ -379,6 +388,75 @@ class KernelLibrary:
         sp = _tensor(fn, "scale", scale, torch.float32, (c,))
         hp = _tensor(fn, "shift", shift, torch.float32, (c,))
         self._lib.e2e_cl_norm_act(x.numel() // max(c, 1), c, src, sp, hp, float(slope), _threads(fn, threads))
+
+    # -- training kernels (kernels_train.c) ---------------------------------------------------
+    def tconv_fwd(self, *, x: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                  chunk: int, y: torch.Tensor, ishift: torch.Tensor | None = None,
+                  oshift: torch.Tensor | None = None, threads: int = 1) -> None:
+        """Kernel-sparse (1,3,3) conv of a contiguous (N, I, D, H, W) float32 ``x`` into ``y``
+        (N, O, D, H, W), see kernels.h: chunked CSR ``ptr`` (ceil(I/chunk)·O + 1,) / ``idx``
+        (nnz,) int32, ``weights`` (nnz, 9) float32, depth offsets ``ishift`` (I,) / ``oshift``
+        (O,) int32 in {-1, 0, 1} or None."""
+        fn = "tconv_fwd"
+        n, i_count, o_count, d, h, w = _train_dims(fn, x, y)
+        nnz = _train_index(fn, ptr, idx, i_count, o_count, chunk)
+        _tensor(fn, "weights", weights, torch.float32, (nnz, 9))
+        ish = _train_shift(fn, "ishift", ishift, i_count)
+        osh = _train_shift(fn, "oshift", oshift, o_count)
+        rc = self._lib.e2e_tconv_fwd(n, i_count, o_count, d, h, w, x.data_ptr(), ish, chunk, ptr.data_ptr(),
+                                     idx.data_ptr(), weights.data_ptr(), y.data_ptr(), osh, _threads(fn, threads))
+        if rc:
+            raise MemoryError(f"{fn}: the kernel could not allocate its scratch planes")
+
+    def tconv_dw(self, *, x: torch.Tensor, dy: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, chunk: int,
+                 dw: torch.Tensor, ishift: torch.Tensor | None = None, threads: int = 1) -> None:
+        """Weight gradient of the active kernels of :meth:`tconv_fwd`'s conv: ``dw`` (nnz, 9)
+        float64 (overwritten) from ``x`` (N, I, D, H, W) and ``dy`` (N, O, D, H, W)."""
+        fn = "tconv_dw"
+        n, i_count, o_count, d, h, w = _train_dims(fn, x, dy)
+        nnz = _train_index(fn, ptr, idx, i_count, o_count, chunk)
+        _tensor(fn, "dw", dw, torch.float64, (nnz, 9))
+        ish = _train_shift(fn, "ishift", ishift, i_count)
+        rc = self._lib.e2e_tconv_dw(n, i_count, o_count, d, h, w, x.data_ptr(), ish, dy.data_ptr(), chunk,
+                                    ptr.data_ptr(), idx.data_ptr(), dw.data_ptr(), _threads(fn, threads))
+        if rc:
+            raise MemoryError(f"{fn}: the kernel could not allocate its scratch planes")
+
+
+def _train_dims(fn: str, x: object, y: object) -> tuple[int, int, int, int, int, int]:
+    """(N, I, O, D, H, W) of a training kernel's contiguous float32 5-D input and output."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        raise ValueError(f"{fn}: x must be a 5-D (N, C, D, H, W) tensor")
+    _tensor(fn, "x", x, torch.float32)
+    n, i_count, d, h, w = (int(v) for v in x.shape)
+    o_count = y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 5 else -1
+    _tensor(fn, "output", y, torch.float32, (n, o_count, d, h, w))
+    if min(n, i_count, o_count, d, h, w) < 1 or max(x.numel(), y.numel()) > 2**62 or max(n * d, i_count, o_count) > 2**20:
+        raise ValueError(f"{fn}: unsupported shape x {tuple(x.shape)} -> {tuple(y.shape)}")
+    if (i_count + 2) * (h + 6) * (w + 34) > 2**31 - 1:
+        raise ValueError(f"{fn}: one slice of {tuple(x.shape)} is too large for the kernels' scratch index")
+    return n, i_count, o_count, d, h, w
+
+
+def _train_index(fn: str, ptr: torch.Tensor, idx: torch.Tensor, i_count: int, o_count: int, chunk: int) -> int:
+    """Check a chunked CSR structure (kernels.h) and return nnz."""
+    if not isinstance(chunk, int) or not 1 <= chunk <= 2**20:
+        raise ValueError(f"{fn}: chunk must be a positive int, got {chunk!r}")
+    chunks = -(-i_count // chunk)
+    nnz = _sparse_index(fn, "ptr", ptr, "idx", idx, chunks * o_count, i_count)
+    segment = np.repeat(np.arange(chunks * o_count) // o_count, np.diff(ptr.numpy()))
+    if nnz and (idx.numpy() // chunk != segment).any():
+        raise ValueError(f"{fn}: idx holds an input channel outside its chunk's range")
+    return nnz
+
+
+def _train_shift(fn: str, name: str, shift: torch.Tensor | None, channels: int) -> int | None:
+    if shift is None:
+        return None
+    _tensor(fn, name, shift, torch.int32, (channels,))
+    if np.abs(shift.numpy()).max() > 1:
+        raise ValueError(f"{fn}: {name} must be -1, 0 or 1 (the restricted depth shift)")
+    return shift.data_ptr()
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-SOURCES = ("kernels.c", "kernels.h")
+SOURCES = ("kernels.c", "kernels.h", "kernels_train.c")  # kernels_train.c: the training kernels
 FAMILIES = ("avx512", "avx2", "generic")
 
 _BASE_FLAGS = ("-O3", "-ffp-contract=fast", "-std=gnu11", "-fPIC", "-shared")
@@ -176,7 +176,8 @@ def _compile(cc: str, flags: tuple[str, ...], source_dir: Path, target: Path) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [cc, *flags, "-I", str(source_dir), "-o", str(out), str(source_dir / "kernels.c")]
+        cmd = [cc, *flags, "-I", str(source_dir), "-o", str(out),
+               *(str(source_dir / name) for name in SOURCES if name.endswith(".c"))]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         except (OSError, subprocess.SubprocessError) as exc:

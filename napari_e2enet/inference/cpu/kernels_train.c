@@ -1,0 +1,216 @@
+/* napari-e2enet training kernels: the kernel-sparse (1,3,3) convolution of the DSFF-masked fusion
+   convs, forward and backward, on plain contiguous (N, C, D, H, W) float32 tensors (what autograd
+   hands around), with the restricted depth shift folded in. See kernels.h for the contract and
+   napari_e2enet/training/sparse_conv.py for the autograd function that calls them.
+
+   Work is proportional to the active (out, in) kernels. One (sample, slice) is one task: its
+   input channels are copied once into a zero-padded scratch plane stack (the depth shift is
+   applied by reading slice d + shift[c]; the halo replaces bounds checks), then each output
+   channel's tile of 4 rows x 16 columns is accumulated in 8 vector registers over its active
+   inputs, 72 FMAs per (kernel, tile). Inputs are visited in chunks of CH channels (CSR by chunk
+   and output) so that a chunk's rows of a tile stay in L1 across the outputs that use them.
+   The same function computes dX (the transposed mask, flipped taps, shift applied on the way
+   out); the weight gradient of the active kernels is 9 dot products per kernel and slice.
+
+   Portable C with GCC/Clang vector extensions (v8: 8 floats: one AVX2 register, two SSE/NEON
+   ones) and OpenMP where the compiler has it. */
+#include "kernels.h"
+
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define T_OMP_ONLY(x) ((void)0)
+#else
+#define T_OMP_ONLY(x) ((void)(x)) /* without OpenMP the thread count is not used */
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));
+#define T_LDU(p) (*(const v8u *)(p))
+#define T_STU(p, v) (*(v8u *)(p) = (v))
+#define T_BC(s) ((v8){0} + (float)(s))
+#define T_TR 4  /* tile rows */
+#define T_TC 16 /* tile columns */
+
+static int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+static float *scratch(int64_t floats) {
+    /* 64-byte aligned, zeroed: the halo rows and columns of the padded planes stay zero. */
+    size_t bytes = (size_t)round_up(floats * (int64_t)sizeof(float), 64);
+    float *p = aligned_alloc(64, bytes);
+    if (p) memset(p, 0, bytes);
+    return p;
+}
+
+/* Slice d of x (C, D, H, W), shifted by sh (x[c, d + sh[c]], zero outside), into the interior of
+   xp (C planes of pl floats, rows of Wp: voxel (h, w) at (h + 1) * Wp + w + 1). Only the interior
+   is written; the halo is zero from scratch(). */
+static void pad_slice(int C, int D, int H, int W, int Wp, int64_t pl, const float *x, const int *sh, int d,
+                      float *xp) {
+    int64_t cs = (int64_t)D * H * W;
+    for (int c = 0; c < C; c++) {
+        float *o = xp + c * pl + Wp + 1;
+        int ds = d + (sh ? sh[c] : 0);
+        if (ds < 0 || ds >= D) {
+            for (int h = 0; h < H; h++) memset(o + (int64_t)h * Wp, 0, sizeof(float) * (size_t)W);
+            continue;
+        }
+        const float *s = x + c * cs + (int64_t)ds * H * W;
+        for (int h = 0; h < H; h++) memcpy(o + (int64_t)h * Wp, s + (int64_t)h * W, sizeof(float) * (size_t)W);
+    }
+}
+
+/* ys (rows of Wq) tile at (h0, c0) (+)= sum over kernels kb..ke-1 of conv3x3(xp[idx[k]], wts[k]). */
+static inline void tile(const float *xp, int64_t pl, int Wp, int h0, int c0, int kb, int ke, const int *idx,
+                        const float *wts, float *ys, int Wq, int first) {
+    v8 a[T_TR][2];
+    float *yt = ys + (int64_t)h0 * Wq + c0;
+    for (int j = 0; j < T_TR; j++) {
+        a[j][0] = first ? (v8){0} : T_LDU(yt + (int64_t)j * Wq);
+        a[j][1] = first ? (v8){0} : T_LDU(yt + (int64_t)j * Wq + 8);
+    }
+    for (int k = kb; k < ke; k++) {
+        const float *x = xp + idx[k] * pl + (int64_t)h0 * Wp + c0;
+        const float *w = wts + 9 * (int64_t)k;
+#pragma GCC unroll 6
+        for (int r = 0; r < T_TR + 2; r++) {
+#pragma GCC unroll 3
+            for (int kw = 0; kw < 3; kw++) {
+                v8 A = T_LDU(x + (int64_t)r * Wp + kw), B = T_LDU(x + (int64_t)r * Wp + kw + 8);
+#pragma GCC unroll 4
+                for (int j = 0; j < T_TR; j++) {
+                    int kh = r - j;
+                    if (kh < 0 || kh > 2) continue;
+                    v8 s = T_BC(w[kh * 3 + kw]);
+                    a[j][0] += s * A;
+                    a[j][1] += s * B;
+                }
+            }
+        }
+    }
+    for (int j = 0; j < T_TR; j++) {
+        T_STU(yt + (int64_t)j * Wq, a[j][0]);
+        T_STU(yt + (int64_t)j * Wq + 8, a[j][1]);
+    }
+}
+
+int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const float *x, const int *ishift, int CH,
+                   const int *ptr, const int *idx, const float *wts, float *y, const int *oshift, int nthreads) {
+    int Hq = (int)round_up(H, T_TR), Wq = (int)round_up(W, T_TC), Wp = (int)round_up(Wq + 2, 16);
+    int64_t pl = (int64_t)(Hq + 2) * Wp, HW = (int64_t)H * W, vol = (int64_t)D * HW;
+    int64_t yplane = (int64_t)Hq * Wq;
+    int nch = (I + CH - 1) / CH, tasks = N * D, failed = 0;
+    T_OMP_ONLY(nthreads);
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *xp = scratch(I * pl), *ys = scratch(O * yplane);
+        if (!xp || !ys) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < tasks; t++) {
+            if (!xp || !ys) continue;
+            int n = t / D, d = t % D;
+            pad_slice(I, D, H, W, Wp, pl, x + (int64_t)n * I * vol, ishift, d, xp);
+            for (int h0 = 0; h0 < Hq; h0 += T_TR)
+                for (int c0 = 0; c0 < Wq; c0 += T_TC)
+                    for (int ch = 0; ch < nch; ch++)
+                        for (int o = 0; o < O; o++) {
+                            int kb = ptr[ch * O + o], ke = ptr[ch * O + o + 1];
+                            if (kb == ke && ch) continue;
+                            tile(xp, pl, Wp, h0, c0, kb, ke, idx, wts, ys + o * yplane, Wq, ch == 0);
+                        }
+            float *yn = y + (int64_t)n * O * vol;
+            for (int o = 0; o < O; o++) {
+                int dd = d + (oshift ? oshift[o] : 0); /* the adjoint of reading slice d + shift */
+                if (dd < 0 || dd >= D) continue;
+                float *dst = yn + o * vol + dd * HW;
+                for (int h = 0; h < H; h++)
+                    memcpy(dst + (int64_t)h * W, ys + o * yplane + (int64_t)h * Wq, sizeof(float) * (size_t)W);
+            }
+        }
+        free(xp);
+        free(ys);
+    }
+    if (oshift) { /* slices no computed slice lands on (an edge of the shifted groups) are zero */
+        for (int n = 0; n < N; n++)
+            for (int o = 0; o < O; o++) {
+                int s = oshift[o];
+                for (int dd = 0; dd < D; dd++)
+                    if (dd - s < 0 || dd - s >= D) memset(y + ((int64_t)n * O + o) * vol + dd * HW, 0, sizeof(float) * (size_t)HW);
+            }
+    }
+    return failed; /* 1: a thread could not allocate its scratch (the result is incomplete) */
+}
+
+int e2e_tconv_dw(int N, int I, int O, int D, int H, int W, const float *x, const int *ishift, const float *dy,
+                  int CH, const int *ptr, const int *idx, double *dw, int nthreads) {
+    int Wq = (int)round_up(W, 8), Wp = (int)round_up(Wq + 2, 16);
+    int64_t pl = (int64_t)(H + 2) * Wp, HW = (int64_t)H * W, vol = (int64_t)D * HW, gplane = (int64_t)H * Wq;
+    int nch = (I + CH - 1) / CH, tasks = N * D, failed = 0;
+    int64_t nnz = ptr[nch * O];
+    T_OMP_ONLY(nthreads);
+    /* One float64 accumulator per thread, a static schedule and the sum in thread order after the
+       loop: the result depends on the thread count only, not on timing (exact resume needs it). */
+    int team = nthreads < 1 ? 1 : nthreads;
+    double *acc = calloc((size_t)team * (size_t)(9 * nnz + 1), sizeof(double));
+    if (!acc) return 1;
+#pragma omp parallel num_threads(team) reduction(| : failed)
+    {
+#ifdef _OPENMP
+        double *mine = acc + (size_t)omp_get_thread_num() * (size_t)(9 * nnz + 1);
+#else
+        double *mine = acc;
+#endif
+        float *xp = scratch(I * pl), *gp = scratch(gplane);
+        if (!xp || !gp) failed = 1;
+#pragma omp for schedule(static)
+        for (int t = 0; t < tasks; t++) {
+            if (!xp || !gp) continue;
+            int n = t / D, d = t % D;
+            pad_slice(I, D, H, W, Wp, pl, x + (int64_t)n * I * vol, ishift, d, xp);
+            for (int o = 0; o < O; o++) {
+                const float *g = dy + ((int64_t)n * O + o) * vol + d * HW;
+                if (Wq != W) { /* rows of Wq with zero tails: every vector load stays in the row */
+                    for (int h = 0; h < H; h++) memcpy(gp + (int64_t)h * Wq, g + (int64_t)h * W, sizeof(float) * (size_t)W);
+                    g = gp;
+                }
+                for (int ch = 0; ch < nch; ch++)
+                    for (int k = ptr[ch * O + o]; k < ptr[ch * O + o + 1]; k++) {
+                        const float *xb = xp + idx[k] * pl;
+                        v8 a[9];
+                        for (int q = 0; q < 9; q++) a[q] = (v8){0};
+                        for (int h = 0; h < H; h++) {
+                            const float *xr = xb + (int64_t)h * Wp;
+                            const float *gr = g + (int64_t)h * Wq;
+                            for (int c = 0; c < Wq; c += 8) {
+                                v8 G = T_LDU(gr + c);
+#pragma GCC unroll 3
+                                for (int kh = 0; kh < 3; kh++)
+#pragma GCC unroll 3
+                                    for (int kw = 0; kw < 3; kw++)
+                                        a[kh * 3 + kw] += G * T_LDU(xr + (int64_t)kh * Wp + c + kw);
+                            }
+                        }
+                        for (int q = 0; q < 9; q++) {
+                            double sum = 0;
+                            for (int l = 0; l < 8; l++) sum += a[q][l];
+                            mine[9 * (int64_t)k + q] += sum;
+                        }
+                    }
+            }
+        }
+        free(xp);
+        free(gp);
+    }
+    for (int64_t q = 0; q < 9 * nnz; q++) {
+        double sum = 0;
+        for (int t = 0; t < team; t++) sum += acc[(size_t)t * (size_t)(9 * nnz + 1) + (size_t)q];
+        dw[q] = sum;
+    }
+    free(acc);
+    return failed;
+}

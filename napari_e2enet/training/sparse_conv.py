@@ -1,0 +1,247 @@
+"""Training that uses its sparsity: the DSFF-masked fusion convs skip pruned kernels in forward and backward.
+
+A DSFF-masked fusion :class:`~napari_e2enet.models.blocks.ConvUnit` (its ``conv.kernel_mask``
+(out, in) switches whole 3 × 3 kernels off) computes, in a plain PyTorch step, all of its
+kernels: the masked ones are stored zeros and oneDNN multiplies them like any other. On the CPU
+this module replaces the unit's depth shift + conv by one autograd function over the C training
+kernels (``inference/cpu/kernels_train.c``) whose work is proportional to the active kernels:
+
+- forward: the kernel-sparse conv, the depth shift folded in (no shifted copy of the input);
+- dX: the same kernel on the transposed mask with flipped taps, shifted back on the way out;
+- dW: only the active kernels' 9 taps; the pruned kernels' gradient is zero (not stale), so
+  optimisers, clipping and exact resume see what a masked step gives them. Where the DSFF
+  updater scores pruned kernels by their gradient (``regrow="gradient"``, RigL), the trainer
+  asks for dense weight gradients on those iterations only (:meth:`SparseTraining.dense_weight_grads`).
+
+Measured (AMD EPYC, AVX2, one thread, interleaved; level-0 shape 96 → 48 over 64 × 64 planes,
+random masks at density 0.2): oneDNN dense fwd / dX / dW 1.00 / 0.90 / 1.97, these kernels
+0.67 / 0.66 / 0.41 (level 1, 240 → 96 on 32², 0.42 / 0.54 / 0.38 against 1.00 / 1.10 / 1.31).
+
+Used where it pays: CPU float32 tensors (no autocast), the unit's mask density below
+:data:`MAX_DENSITY`, and the kernels built (no compiler, ``NAPARI_E2ENET_NO_KERNELS=1`` or a failed
+build: the dense PyTorch path, as before). Anything else (CUDA, bf16 autocast, eval mode, dense
+models) runs the unit's own modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..inference.cpu.compact import Kernels, depth_offsets, load_kernels
+from ..models.blocks import ConvUnit, DepthShift
+
+__all__ = ["MAX_DENSITY", "SparseConvPlan", "SparseTraining", "sparse_conv133", "install_sparse_training"]
+
+# Above this kernel density a unit stays on oneDNN. The sum fwd + dX + dW of the sparse kernels is
+# 0.45x oneDNN's at density 0.2 on the level-0 and level-1 shapes (AVX2, one thread), i.e. the
+# break-even lies near 0.4; 0.35 keeps a margin for the per-call overhead of small layers.
+MAX_DENSITY = 0.35
+# Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more
+# (a 2 x 24 -> 8 x 16^3 call at density 0.2: 1.2 ms on one thread, 3-8 ms on two, machine busy).
+_SMALL_MACS = 1 << 23
+# Inputs per chunk of the CSR order: 16 channels' rows of one 4 x 16 tile stay in L1 (AVX2, 32 KiB).
+CHUNK = 16
+
+
+def _chunked_csr(mask: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunked CSR of an (A, B) bool mask by row a, columns grouped in chunks of ``chunk``:
+    ``ptr`` (ceil(B/chunk)·A + 1,) int32, ``idx`` (nnz,) int32 column b, ``flat`` (nnz,) int64 a·B + b."""
+    a_count, b_count = mask.shape
+    nz = mask.nonzero()  # sorted by a, then b
+    segment = (nz[:, 1] // chunk) * a_count + nz[:, 0]
+    order = torch.argsort(segment, stable=True)
+    nz, segment = nz[order], segment[order]
+    chunks = -(-b_count // chunk)
+    counts = torch.bincount(segment, minlength=chunks * a_count)
+    ptr = torch.zeros(chunks * a_count + 1, dtype=torch.int32)
+    ptr[1:] = counts.cumsum(0).to(torch.int32)
+    return ptr, nz[:, 1].to(torch.int32).contiguous(), (nz[:, 0] * b_count + nz[:, 1]).contiguous()
+
+
+@dataclass(frozen=True)
+class SparseConvPlan:
+    """The index structures of one (O, I) kernel mask: forward / dW (CSR by output over inputs)
+    and dX (CSR by input over outputs), and the unit's per-input-channel depth offsets."""
+
+    in_channels: int
+    out_channels: int
+    ptr: torch.Tensor
+    idx: torch.Tensor
+    flat: torch.Tensor
+    ptr_t: torch.Tensor
+    idx_t: torch.Tensor
+    flat_t: torch.Tensor  # index into the (O·I) kernels of the flipped weight, ordered for dX
+    ishift: torch.Tensor | None
+    chunk: int = CHUNK
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, *, shift: bool, chunk: int = CHUNK) -> SparseConvPlan:
+        mask = mask.detach().to(device="cpu", dtype=torch.bool)
+        o_count, i_count = mask.shape
+        ptr, idx, flat = _chunked_csr(mask, chunk)
+        ptr_t, idx_t, flat_io = _chunked_csr(mask.t(), chunk)
+        # flat_io indexes (I, O); the weight is (O, I): kernel (i, o) is o·I + i
+        i_of, o_of = flat_io // o_count, flat_io % o_count
+        ishift = depth_offsets(i_count) if shift and i_count >= 3 else None
+        return cls(i_count, o_count, ptr, idx, flat, ptr_t, idx_t, o_of * i_count + i_of, ishift, chunk)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.idx.numel())
+
+
+def _threads(plan: SparseConvPlan, x: torch.Tensor) -> int:
+    macs = 9 * plan.nnz * x.numel() // max(1, plan.in_channels)
+    return 1 if macs < _SMALL_MACS else max(1, torch.get_num_threads())
+
+
+class _SparseConv133(torch.autograd.Function):
+    """y = conv3d(shift(x), weight ⊙ mask, bias) with (1,3,3) kernels, "same" padding, stride 1."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                plan: SparseConvPlan, kernels: Kernels, dense_dw: bool) -> torch.Tensor:
+        x = x.contiguous()
+        n, _, d, h, w = x.shape
+        taps = weight.detach().reshape(-1, 9)
+        y = torch.empty(n, plan.out_channels, d, h, w, dtype=x.dtype)
+        kernels.library.tconv_fwd(x=x, ptr=plan.ptr, idx=plan.idx, weights=taps[plan.flat].contiguous(),
+                                  chunk=plan.chunk, y=y, ishift=plan.ishift, threads=_threads(plan, x))
+        if bias is not None:
+            y += bias.detach().view(1, -1, 1, 1, 1)
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.kernels, ctx.dense_dw, ctx.has_bias = plan, kernels, dense_dw, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        plan: SparseConvPlan = ctx.plan
+        lib = ctx.kernels.library
+        threads = _threads(plan, x)
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.detach().flip(-1, -2).reshape(-1, 9)
+            gx = torch.empty_like(x)
+            lib.tconv_fwd(x=gy, ptr=plan.ptr_t, idx=plan.idx_t, weights=flipped[plan.flat_t].contiguous(),
+                          chunk=plan.chunk, y=gx, oshift=plan.ishift, threads=threads)
+        if ctx.needs_input_grad[1]:
+            if ctx.dense_dw:
+                # Every kernel's gradient (the pruned ones' too): what gradient-based regrowth scores.
+                xs = x if plan.ishift is None else DepthShift()(x)
+                gw = torch.ops.aten.convolution_backward(
+                    gy, xs, weight, None, (1, 1, 1), (0, 1, 1), (1, 1, 1), False, (0, 0, 0), 1,
+                    (False, True, False))[1]
+            else:
+                dw = torch.empty(plan.nnz, 9, dtype=torch.float64)
+                lib.tconv_dw(x=x, dy=gy, ptr=plan.ptr, idx=plan.idx, chunk=plan.chunk, dw=dw, ishift=plan.ishift,
+                             threads=threads)
+                flat = torch.zeros(plan.out_channels * plan.in_channels, 9, dtype=weight.dtype)
+                flat[plan.flat] = dw.to(weight.dtype)
+                gw = flat.view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(dim=(0, 2, 3, 4))
+        return gx, gw, gb, None, None, None
+
+
+def sparse_conv133(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: SparseConvPlan,
+                   kernels: Kernels, *, dense_weight_grad: bool = False) -> torch.Tensor:
+    """conv3d(shift(x), weight, bias) over the active kernels of ``plan`` only (x (N, I, D, H, W)
+    float32 on the CPU, weight (O, I, 1, 3, 3) with its pruned kernels stored as zeros). The
+    weight gradient is zero for pruned kernels unless ``dense_weight_grad``."""
+    return _SparseConv133.apply(x, weight, bias, plan, kernels, dense_weight_grad)
+
+
+def _eligible(unit: ConvUnit) -> bool:
+    """A (1,3,3) stride-1 "same" conv with a (possibly no-op) restricted depth shift in front."""
+    conv = unit.conv
+    return (isinstance(conv, nn.Conv3d) and type(conv) is nn.Conv3d and conv.kernel_size == (1, 3, 3)
+            and conv.stride == (1, 1, 1) and conv.padding == (0, 1, 1) and conv.dilation == (1, 1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(unit.shift, (DepthShift, nn.Identity)))
+
+
+class _UnitConv:
+    """The replacement of one unit's shift + conv (``ConvUnit.fused_conv``); falls back to the
+    unit's own modules wherever the sparse kernels do not apply or would not pay."""
+
+    def __init__(self, unit: ConvUnit, kernels: Kernels, owner: SparseTraining) -> None:
+        self.unit = unit
+        self.kernels = kernels
+        self.owner = owner
+        self.calls = 0  # sparse calls made (tests and benchmarks read it)
+        self._plan: tuple[int, int, SparseConvPlan] | None = None
+
+    def plan(self, mask: torch.Tensor) -> SparseConvPlan:
+        # Masks change in place or are replaced at topology updates: key on identity and version.
+        key = (id(mask), mask._version)
+        if self._plan is None or self._plan[:2] != key:
+            self._plan = (*key, SparseConvPlan.from_mask(mask, shift=isinstance(self.unit.shift, DepthShift)))
+        return self._plan[2]
+
+    def applies(self, x: torch.Tensor) -> bool:
+        conv = self.unit.conv
+        mask = getattr(conv, "kernel_mask", None)
+        return (self.owner.enabled and mask is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and conv.weight.dtype == torch.float32 and x.dim() == 5 and not torch.is_autocast_enabled("cpu")
+                and float(mask.float().mean()) < self.owner.max_density)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        unit = self.unit
+        if not self.applies(x):
+            return unit.conv(unit.shift(x))
+        self.calls += 1
+        plan = self.plan(unit.conv.kernel_mask)
+        return sparse_conv133(x, unit.conv.weight, unit.conv.bias, plan, self.kernels,
+                              dense_weight_grad=self.owner.dense_grads)
+
+
+class SparseTraining:
+    """The sparse training path installed on a model's masked fusion units (see the module doc).
+
+    ``dense_weight_grads(True)`` before a backward whose weight gradients the DSFF updater scores
+    (``DSFFUpdater.needs_dense_grads``); ``remove()`` restores the plain modules.
+    """
+
+    def __init__(self, model: nn.Module, kernels: Kernels, *, max_density: float = MAX_DENSITY) -> None:
+        self.kernels = kernels
+        self.max_density = float(max_density)
+        self.enabled = True
+        self.dense_grads = False
+        self.units: dict[str, _UnitConv] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, ConvUnit) and hasattr(module.conv, "kernel_mask") and _eligible(module):
+                hook = _UnitConv(module, kernels, self)
+                module.fused_conv = hook
+                self.units[name] = hook
+
+    def dense_weight_grads(self, on: bool) -> None:
+        """Whether the next backward computes every kernel's weight gradient (pruned ones too)."""
+        self.dense_grads = bool(on)
+
+    @property
+    def calls(self) -> int:
+        """Sparse conv calls made so far over all units."""
+        return sum(u.calls for u in self.units.values())
+
+    def remove(self) -> None:
+        for hook in self.units.values():
+            if hook.unit.fused_conv is hook:
+                hook.unit.fused_conv = None
+        self.units.clear()
+
+
+def install_sparse_training(model: nn.Module, device: torch.device | str = "cpu") -> SparseTraining | None:
+    """Install the sparse path on ``model``'s masked fusion units when training on the CPU with the
+    kernels available; None otherwise (CUDA, no compiler, no masked unit)."""
+    if torch.device(device).type != "cpu":
+        return None
+    kernels = load_kernels()
+    if kernels is None:
+        return None
+    sparse = SparseTraining(model, kernels)
+    return sparse if sparse.units else None

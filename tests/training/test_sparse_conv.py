@@ -1,0 +1,169 @@
+"""The sparse training path (training/sparse_conv.py over inference/cpu/kernels_train.c): the same
+numbers as the dense masked conv, the path really taken, the trainer using it, bad arguments refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from napari_e2enet import create_model
+from napari_e2enet.config import SparsityConfig
+from napari_e2enet.inference.cpu import find_compiler
+from napari_e2enet.inference.cpu.compact import load_kernels
+from napari_e2enet.models.blocks import ConvUnit
+from napari_e2enet.sparse import DSFFUpdater
+from napari_e2enet.training import Trainer
+from napari_e2enet.training.sparse_conv import SparseConvPlan, SparseTraining, sparse_conv133
+
+pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler: the dense path runs (tested elsewhere)")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = load_kernels()
+    assert k is not None, "a C compiler exists, so the kernels must build"  # fail, not skip
+    return k
+
+
+def _masked_unit(i: int, o: int, density: float, seed: int, shift: bool = True) -> tuple[ConvUnit, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    unit = ConvUnit(i, o, shift=shift)
+    mask = torch.rand(o, i, generator=g) < density
+    mask[0, -1] = True
+    with torch.no_grad():
+        unit.conv.weight.copy_(torch.randn(unit.conv.weight.shape, generator=g) * mask[..., None, None, None])
+        unit.conv.bias.copy_(torch.randn(o, generator=g))
+    return unit, mask
+
+
+@pytest.mark.parametrize("shape, density, shift", [
+    ((2, 7, 5, 4, 5, 9), 0.4, True),      # odd H, W: the tile and vector tails
+    ((1, 37, 12, 3, 8, 16), 0.2, True),   # 37 inputs: three CSR chunks, the last one short
+    ((1, 2, 3, 2, 3, 3), 0.5, True),      # C < 3: no depth shift
+    ((2, 6, 4, 3, 4, 8), 0.3, False),     # a unit without the shift
+])
+def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift):
+    n, i, o, d, h, w = shape
+    unit, mask = _masked_unit(i, o, density, seed=i * o, shift=shift)
+    x = torch.randn(n, i, d, h, w, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    ref = unit.conv(unit.shift(x))
+    gy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+    params = (x, unit.conv.weight, unit.conv.bias)
+    rx, rw, rb = torch.autograd.grad(ref, params, gy)
+    active = mask[..., None, None, None]
+    plan = SparseConvPlan.from_mask(mask, shift=shift)
+    for dense in (False, True):
+        y = sparse_conv133(x, unit.conv.weight, unit.conv.bias, plan, kernels, dense_weight_grad=dense)
+        sx, sw, sb = torch.autograd.grad(y, params, gy)
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sx, rx, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sb, rb, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(sw * active, rw * active, atol=1e-4, rtol=1e-4)
+        if dense:  # every kernel's gradient, as gradient regrowth reads it
+            torch.testing.assert_close(sw, rw, atol=1e-4, rtol=1e-4)
+        else:  # pruned kernels: exactly zero
+            assert not (sw * ~active).any()
+            assert (rw * ~active).abs().max() > 0.1  # (the dense gradient there is not)
+
+
+def _tiny_masked_model(sparsity: float = 0.8):
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        return create_model("e2enet_small", sparsity=sparsity, seed=0, widths=(8, 16, 16),
+                            pools=((2, 2, 2),) * 2, num_heads=2, num_classes=3)
+
+
+def test_a_masked_model_takes_the_sparse_path_with_the_same_gradients(kernels):
+    dense = _tiny_masked_model().train()
+    sparse_model = copy.deepcopy(dense)
+    sparse = SparseTraining(sparse_model, kernels)
+    masked = [m for m in sparse_model.modules()
+              if isinstance(m, ConvUnit) and getattr(m.conv, "kernel_mask", None) is not None]
+    assert masked and len(sparse.units) == len(masked)
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
+
+    def grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = sum((out.square().mean() for out in model(x)), torch.zeros(()))
+        loss.backward()
+        return loss.detach(), {k: p.grad for k, p in model.named_parameters()}
+
+    loss_d, grad_d = grads(dense)
+    loss_s, grad_s = grads(sparse_model)
+    assert sparse.calls == len(masked)  # every masked unit ran the kernels, nothing fell back
+    torch.testing.assert_close(loss_s, loss_d, atol=1e-5, rtol=1e-5)
+    masks = dict(sparse_model.masks())
+    params = dict(sparse_model.named_parameters())
+    hooked = {id(u.unit.conv.weight) for u in sparse.units.values()}
+    for name, g in grad_d.items():
+        if name in masks:
+            keep = masks[name][..., None, None, None]
+            torch.testing.assert_close(grad_s[name] * keep, g * keep, atol=1e-4, rtol=1e-3)
+            if id(params[name]) in hooked:  # (the up ConvTransposes stay dense)
+                assert not (grad_s[name] * ~keep).any(), name
+        else:
+            torch.testing.assert_close(grad_s[name], g, atol=1e-4, rtol=1e-3)
+    sparse.dense_weight_grads(True)
+    _, grad_full = grads(sparse_model)
+    for name in masks:
+        torch.testing.assert_close(grad_full[name], grad_d[name], atol=1e-4, rtol=1e-3)
+    calls = sparse.calls
+    sparse_model.eval()
+    with torch.no_grad():
+        sparse_model(x)
+    assert sparse.calls == calls  # inference never takes the training path
+    sparse.remove()
+    assert all(m.fused_conv is None for m in masked)
+
+
+def test_dense_layers_and_a_high_density_stay_on_pytorch(kernels):
+    unit, mask = _masked_unit(6, 4, 1.0, seed=0)
+    unit.conv.register_buffer("kernel_mask", mask)
+    holder = torch.nn.Sequential(unit).train()
+    sparse = SparseTraining(holder, kernels)
+    holder(torch.randn(1, 6, 2, 4, 8))
+    assert sparse.calls == 0  # density 1 >= MAX_DENSITY
+    unit.conv.kernel_mask = None
+    holder(torch.randn(1, 6, 2, 4, 8))
+    assert sparse.calls == 0
+
+
+def test_dense_weight_gradients_only_at_gradient_regrowth_updates():
+    model = _tiny_masked_model()
+    for regrow, expected in (("gradient", [False, True, False, True]), ("random", [False] * 4)):
+        updater = DSFFUpdater(model, None, SparsityConfig(sparsity=0.8, update_every=2, regrow=regrow), 10)
+        assert [updater.needs_dense_grads(it) for it in (1, 2, 3, 4)] == expected
+
+
+def test_the_trainer_trains_masked_units_sparsely(tmp_path, tiny_train_config, tiny_phantoms, kernels):
+    trainer = Trainer(tiny_train_config.replace(iterations=1, iterations_per_epoch=1), tmp_path, dataset=tiny_phantoms)
+    list(trainer.iter_fit())
+    hooks = [m.fused_conv for m in trainer.model.modules() if isinstance(m, ConvUnit) and m.fused_conv is not None]
+    assert hooks and all(h.calls == 1 for h in hooks)  # every masked unit, its training forward
+
+
+def test_bindings_refuse_bad_arguments(kernels):
+    lib = kernels.library
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    plan = SparseConvPlan.from_mask(mask, shift=True, chunk=2)
+    x, y = torch.zeros(1, 5, 2, 3, 8), torch.zeros(1, 4, 2, 3, 8)
+    taps = torch.zeros(plan.nnz, 9)
+    good = dict(x=x, ptr=plan.ptr, idx=plan.idx, weights=taps, chunk=2, y=y, ishift=plan.ishift)
+    lib.tconv_fwd(**good)
+    bad = [
+        ({"chunk": 0}, "chunk"),
+        ({"chunk": 3}, "ptr"),  # the structure was built for chunks of 2
+        ({"idx": plan.idx.flip(0).contiguous()}, "chunk's range"),
+        ({"weights": torch.zeros(plan.nnz, 8)}, "weights"),
+        ({"y": torch.zeros(1, 4, 2, 3, 7)}, "output"),
+        ({"x": x.transpose(3, 4)}, "x"),
+        ({"ishift": torch.full((5,), 2, dtype=torch.int32)}, "ishift"),
+        ({"x": x.double()}, "x"),
+    ]
+    for change, words in bad:
+        with pytest.raises(ValueError, match=words):
+            lib.tconv_fwd(**{**good, **change})
+    with pytest.raises(ValueError, match="dw"):
+        lib.tconv_dw(x=x, dy=y, ptr=plan.ptr, idx=plan.idx, chunk=2, dw=torch.zeros(plan.nnz, 9))
