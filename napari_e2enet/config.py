@@ -393,12 +393,17 @@ class InferenceConfig(_DictMixin):
     device: str = "auto"
     tiles_per_batch: int = 1
     accelerate: bool = True
+    # "auto": the fast path's sparse and dense backends are timed on the first tile (where the
+    # volume has enough tiles to repay it) and the faster runs; "sparse"/"dense" force one
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         _real("InferenceConfig", "overlap", self.overlap, 0.0, 1.0, high_open=True)
         _whole("InferenceConfig", "tiles_per_batch", self.tiles_per_batch, 1)
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"InferenceConfig: precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"InferenceConfig: precision must be fp32, bf16 or auto, got {self.precision!r}")
+        if self.backend not in ("auto", "sparse", "dense"):
+            raise ValueError(f"InferenceConfig: backend must be auto, sparse or dense, got {self.backend!r}")
 
 
 _NESTED: dict[tuple[str, str], type[_DictMixin]] = {

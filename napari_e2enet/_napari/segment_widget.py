@@ -163,7 +163,7 @@ class SegmentWidget(JobWidget):
         self.tta_check = QCheckBox("mirror test-time augmentation (8× slower)")
         form.addRow("TTA", self.tta_check)
         self.precision_combo = QComboBox()
-        self.precision_combo.addItems(["fp32", "bf16"])
+        self.precision_combo.addItems(["auto", "fp32", "bf16"])
         form.addRow("Precision", self.precision_combo)
         self.accelerate_check = QCheckBox("sparse fast path (compacted model)")
         self.accelerate_check.setChecked(True)
@@ -422,8 +422,9 @@ class SegmentWidget(JobWidget):
             return
         layer = self._put_result(self.viewer.layers[image_name], prediction, mode)
         self._warm_up_finetune()
+        ran = f" ({prediction.backend} {prediction.precision}: {prediction.backend_reason})" if prediction.backend else ""
         self.status_label.setText(f"{layer.name}: {prediction.tiles} tiles in {prediction.seconds:.1f} s on "
-                                  f"{prediction.device}")
+                                  f"{prediction.device}{ran}")
 
     def _warm_up_finetune(self) -> None:
         """Once: load what a fine-tune's first step needs in a background thread while the user looks

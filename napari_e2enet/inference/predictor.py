@@ -14,6 +14,7 @@ time follows the content, not the padding around it.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,8 +38,9 @@ from ..labels import LabelTable
 from ..memory import check_memory, network_grid, prediction_bytes
 from ..modelcard import DEFAULT_MODEL, ModelCard, bundled_model, load_model, model_file_in, resolve_model
 from ..models import E2ENet
-from .sliding_window import SlidingWindowResult, TileProgress, iter_sliding_window
+from .sliding_window import SlidingWindowResult, TileProgress, iter_sliding_window, tile_starts
 
+PROBE_MIN_TILES = 8  # fewer tiles than this: the fast path's backend is not timed (see _allow_probe)
 MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))  # tensor dims of (N, C, D, H, W)
 
 
@@ -76,6 +78,9 @@ class Prediction:
     tiles: int
     label_table: LabelTable
     warnings: tuple[str, ...] = ()
+    backend: str = ""  # what ran the tiles ("dense", "sparse-avx2", ...) and why (measured or not)
+    backend_reason: str = ""
+    precision: str = ""  # the precision that ran ("fp32" or "bf16")
 
 
 class Predictor:
@@ -125,9 +130,11 @@ class Predictor:
         if self._network is None:
             net: nn.Module = self.model
             if self.config.accelerate:
-                from .fastpath import accelerate
+                from .fastpath import accelerate_measured
 
-                net = accelerate(self.model, precision=self.config.precision)
+                # backend/precision "auto" are decided by timing the first tile of each tile shape
+                # (MeasuredE2ENet); the choice is kept with the network, so once per Predictor
+                net = accelerate_measured(self.model, self.config.precision, backend=self.config.backend)
             self._network = net
         return self._network
 
@@ -137,7 +144,7 @@ class Predictor:
         threads = threads or ThreadChooser((torch.get_num_threads(),))
         net, device, tta = self.network, self.device, self.config.tta
         flips = tta_flips(self.mirror_axes)
-        use_autocast = self.config.precision == "bf16" and not self.config.accelerate
+        use_autocast = not self.config.accelerate and self._model_precision() == "bf16"
 
         @torch.inference_mode()
         def run(x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +161,37 @@ class Predictor:
                 return (acc / len(flips)).cpu()
 
         return run
+
+    def _model_precision(self) -> str:
+        """The precision the PyTorch model runs in without the fast path (autocast bf16 or fp32)."""
+        from .fastpath import offered_precisions
+
+        return offered_precisions(self.config.precision)[0][0]
+
+    def precision_info(self) -> dict[str, str]:
+        """``{"precision": what ran (or runs next), "reason": why}`` (builds the network)."""
+        from .fastpath import offered_precisions
+
+        offered, why = offered_precisions(self.config.precision)
+        if not self.config.accelerate:
+            return {"precision": offered[0], "reason": why}
+        ran = str(getattr(self.network, "precision", offered[0]))
+        if len(offered) > 1:
+            why = f"{why}; timed against {', '.join(offered)} (see backend_reason)"
+        return {"precision": ran, "reason": why}
+
+    def _allow_probe(self, shape: tuple[int, ...]) -> None:
+        """Let a MeasuredE2ENet time its candidates only when the volume has enough tiles to repay the
+        probe (each candidate runs the first tile twice, warm-up and timed: 3 tile runs more with two
+        candidates; the bundled models' backends differ by 1.8-2x on an AVX2 EPYC, which repays that
+        within 8 tiles, and the choice is kept for later volumes of the same Predictor)."""
+        from .fastpath import MeasuredE2ENet
+
+        net = self.network
+        if isinstance(net, MeasuredE2ENet):
+            tiles = math.prod(len(tile_starts(max(int(s), p), p, self.config.overlap))
+                              for s, p in zip(shape, self.patch, strict=True))
+            net.probe = tiles >= PROBE_MIN_TILES
 
     def check_input(self, volume: Volume) -> list[str]:
         """Raise InputError when the model cannot take ``volume`` (channel count); return one-line
@@ -199,6 +237,7 @@ class Predictor:
             crop = volume.crop(box)
             image, inverse = preprocess(crop, self.plan)
             result: SlidingWindowResult | None = None
+            self._allow_probe(image.shape[1:])
             # the CPU thread count is chosen by timing tiles: on a busy 2-core CPU one thread beat two
             # (phantom CT at load 5.5: 11 s vs 18 s, identical labels); on a quiet one two threads win
             with ThreadChooser(None if self.device.type == "cpu" else (torch.get_num_threads(),)) as threads:
@@ -216,7 +255,16 @@ class Predictor:
             labels[box] = inverse.labels_to_source(result.labels)
         out = Volume(labels, volume.affine.copy(), header=volume.header,
                      name=f"{volume.name}_labels" if volume.name else "labels", meta=dict(volume.meta))
-        yield Prediction(out, time.perf_counter() - t0, str(self.device), tiles, self.labels, warnings)
+        ran = self.ran()
+        yield Prediction(out, time.perf_counter() - t0, str(self.device), tiles, self.labels, warnings,
+                         ran["backend"], ran["backend_reason"], ran["precision"])
+
+    def ran(self) -> dict[str, str]:
+        """The backend, its reason and the precision of the last tiles (builds the network)."""
+        from .fastpath import backend_info
+
+        info = backend_info(self.network, "InferenceConfig.accelerate is off: the PyTorch model as is")
+        return {**info, "precision": self.precision_info()["precision"]}
 
     def _check_memory(self, crop: Volume, name: str | None) -> None:
         """Refuse (one line naming the model file) a volume whose resampling to this model's voxel size
@@ -245,7 +293,8 @@ class Predictor:
         return {"source": self.source, "device": str(self.device), "patch": list(self.patch),
                 **backend_info(self.network, "InferenceConfig.accelerate is off: the PyTorch model as is"),
                 "classes": self.labels.names, "sparsity": round(self.model.sparsity, 4),
-                "precision": self.config.precision, "tta": self.config.tta, "overlap": self.config.overlap,
+                "precision": self.precision_info()["precision"], "precision_reason": self.precision_info()["reason"],
+                "tta": self.config.tta, "overlap": self.config.overlap,
                 "orientation": orientation, "intended_input": self.intended.to_dict()}
 
 

@@ -1,0 +1,129 @@
+"""Backend and precision chosen by measurement (issue 18), and the bf16 accuracy gate.
+
+``MeasuredE2ENet`` times its candidates on the first input of a shape (interleaved, after one
+warm-up each), keeps the fastest per shape and returns that candidate's own output; the gate offers a
+precision only where the recorded bundled-model Dice delta is within 0.005 of fp32, and one test
+recomputes that delta on a crop of each bundled model (bf16 through oneDNN, emulated on CPUs without
+native bf16: slow, so one tile each).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from napari_e2enet import create_model
+from napari_e2enet.bundled import sample_files
+from napari_e2enet.config import InferenceConfig
+from napari_e2enet.data import make_phantom, read_volume
+from napari_e2enet.inference import Predictor, fastpath
+from napari_e2enet.inference.cpu import find_compiler
+from napari_e2enet.inference.fastpath import (
+    PRECISION_DICE_DELTA,
+    PRECISION_DICE_TOLERANCE,
+    MeasuredE2ENet,
+    accelerate_measured,
+    backend_info,
+    offered_precisions,
+    precision_passed,
+)
+from napari_e2enet.metrics import dice
+
+
+class _Slow(nn.Module):
+    """Adds ``value`` after sleeping ``seconds``; counts its calls."""
+
+    def __init__(self, seconds: float, value: float, name: str) -> None:
+        super().__init__()
+        self.seconds, self.value, self.calls = seconds, value, 0
+        self.backend_name, self.precision = name, "fp32"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(self.seconds)
+        return x + self.value
+
+
+def test_the_faster_candidate_is_kept_per_shape_and_its_own_output_returned():
+    slow, fast = _Slow(0.03, 1.0, "sparse-x"), _Slow(0.0, 2.0, "dense")
+    net = MeasuredE2ENet([("sparse-x fp32", slow), ("dense fp32", fast)], rounds=2, default_reason="density rule")
+    assert "not measured yet" in backend_info(net)["backend_reason"]
+    x = torch.zeros(1, 1, 2, 2, 2)
+    out = net(x)
+    assert torch.equal(out, x + 2.0)  # the winner's output, not the warm-up's or the loser's
+    assert (slow.calls, fast.calls) == (3, 3)  # one warm-up + two timed rounds each
+    assert net(x).eq(2.0).all() and (slow.calls, fast.calls) == (3, 4)  # cached: only the winner runs
+    info = backend_info(net)
+    assert info["backend"] == "dense" and info["backend_reason"].endswith(": dense fp32")
+    assert "sparse-x fp32 0.03" in info["backend_reason"] and "per tile (1x1x2x2x2)" in info["backend_reason"]
+    y = torch.zeros(1, 1, 4, 2, 2)  # a new tile shape is timed again
+    net.probe = False  # ... unless the job is too small: then candidate 0 runs untimed
+    assert net(y).eq(1.0).all() and (4, 4) == (slow.calls, fast.calls)
+    assert tuple(y.shape) not in net.choices
+
+
+def test_measured_choice_on_a_masked_model_matches_the_model():
+    torch.manual_seed(0)
+    model = create_model("e2enet_small", sparsity=0.9, seed=1, widths=(4, 8, 8), pools=((2, 2, 2),) * 2)
+    net = accelerate_measured(model, "fp32")
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        ref = model.eval()(x)
+    if find_compiler() is None:  # one backend offered: no probe, the module accelerate builds
+        assert not isinstance(net, MeasuredE2ENet)
+    else:
+        assert isinstance(net, MeasuredE2ENet) and len(net.names) == 2
+        assert sorted(n.split("-")[0].split()[0] for n in net.names) == ["dense", "sparse"]
+        assert net.names[0].startswith("sparse")  # the density rule's pick (0.1 < 0.5) runs first
+    assert float((net(x) - ref).abs().max()) <= 1e-4
+    assert float((net(x) - ref).abs().max()) <= 1e-4  # the cached choice
+    assert "per tile" in backend_info(net)["backend_reason"] or not isinstance(net, MeasuredE2ENet)
+    dense = accelerate_measured(model, "fp32", backend="dense")
+    assert backend_info(dense) == {"backend": "dense", "backend_reason": "backend='dense' requested"}
+
+
+def test_the_gate_offers_only_precisions_within_the_tolerance(monkeypatch):
+    assert precision_passed("fp32")[0]
+    ok, why = precision_passed("bf16")
+    assert ok and "≤ 0.005" in why
+    monkeypatch.setattr(fastpath, "bf16_native", lambda: True)
+    assert offered_precisions("auto")[0] == ["bf16", "fp32"]
+    monkeypatch.setitem(PRECISION_DICE_DELTA, "bf16", {**PRECISION_DICE_DELTA["bf16"], "x/dense": -0.006})
+    ok, why = precision_passed("bf16")
+    assert not ok and "x/dense" in why and "> 0.005" in why
+    assert offered_precisions("auto")[0] == ["fp32"]
+    monkeypatch.setattr(fastpath, "bf16_native", lambda: False)
+    monkeypatch.setitem(PRECISION_DICE_DELTA, "bf16", {})
+    assert offered_precisions("auto") == (["fp32"], "no native bf16 on this CPU: fp32")
+    assert offered_precisions("bf16")[0] == ["bf16"]  # an explicit request is honoured
+
+
+def _one_tile_case(name: str):
+    """A 32³-voxel crop of the bundled model's sample (on the model's grid already: one tile of a
+    32³ patch), with its reference labels."""
+    if name == "mni152-tissue":
+        files = sample_files()
+        image, ref = read_volume(files["image"]), read_volume(files["labels"])
+        box = (slice(34, 66), slice(42, 74), slice(36, 68))
+    else:
+        image, ref = make_phantom(0)
+        box = (slice(32, 64), slice(32, 64), slice(16, 48))
+    return image.crop(box), ref.array[box]
+
+
+@pytest.mark.parametrize("name", ["mni152-tissue", "phantom-abdomen-ct"])
+def test_bf16_dice_of_the_bundled_models_stays_within_the_gate(name):
+    image, ref = _one_tile_case(name)
+    classes = [int(c) for c in np.unique(ref) if c != 0]
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        predictor = Predictor.from_bundled(name, InferenceConfig(device="cpu", precision=precision, backend="dense"))
+        predictor.patch = (32, 32, 32)  # one tile (emulated bf16 is ~6x slower than fp32 on AVX2)
+        labels = predictor.predict(image).array
+        scores[precision] = float(np.mean([dice(labels, ref, c) for c in classes]))
+    assert scores["fp32"] > 0.5  # the crop is segmented at all
+    assert abs(scores["bf16"] - scores["fp32"]) <= PRECISION_DICE_TOLERANCE
