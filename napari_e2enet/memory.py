@@ -15,8 +15,13 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .data.preprocess import Plan
+    from .data.volume import Volume
 
 GIB = float(1 << 30)
 
@@ -92,7 +97,7 @@ def check_memory(need: float, what: str, path: str | Path | None) -> None:
                          f"available ({bound})", path)
 
 
-def network_grid(volume, plan) -> tuple[int, int, int]:
+def network_grid(volume: Volume, plan: Plan) -> tuple[int, int, int]:
     """(D, H, W) of ``volume`` on the network grid ``plan`` resamples it to (no voxel is touched)."""
     from .data.preprocess import _network_view, _target_shape, canonical_orientation
 

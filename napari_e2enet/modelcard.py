@@ -351,7 +351,8 @@ class _SkipInitOnMeta(torch.overrides.TorchFunctionMode):
     """In-place ops (weight init) on meta tensors are no-ops: only shapes are wanted, and torch's first
     ``normal_`` on the meta device costs seconds. Thread-local, like the ``torch.device`` context."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         name = getattr(func, "__name__", "")
         if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor) \
                 and args[0].is_meta:

@@ -21,9 +21,13 @@ import bz2
 import io
 import zlib
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 from ..errors import InputError
 
@@ -154,7 +158,7 @@ class CheckedStream(io.RawIOBase):
                 break
         return self._pos
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         """Fill ``buffer`` completely unless the stream ends first; returns the bytes written."""
         view = memoryview(buffer).cast("B")
         got = 0
@@ -296,7 +300,7 @@ def inflate(fh: BinaryIO, nbytes: int, where: Path, *, codec: str) -> bytearray:
     return buf
 
 
-def read_ascii(fh: BinaryIO, count: int, dtype, where: Path):
+def read_ascii(fh: BinaryIO, count: int, dtype: npt.DTypeLike, where: Path) -> np.ndarray:
     """``count`` whitespace-separated numbers as a numpy array of ``dtype`` (ASCII-encoded data)."""
     try:
         tokens = fh.read().split()
@@ -310,7 +314,7 @@ def read_ascii(fh: BinaryIO, count: int, dtype, where: Path):
         raise InputError(f"corrupt ASCII voxel data ({why(exc)})", where) from None
 
 
-def voxels_for_writing(array, where: Path):
+def voxels_for_writing(array: npt.ArrayLike, where: Path) -> tuple[np.ndarray, bool]:
     """The array as a writer stores it, and whether it is a label map.
 
     Integer / bool arrays are label maps (uint8, int16 or int32: the smallest that fits, via

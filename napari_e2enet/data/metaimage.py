@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import InputError
 from ..fileio import atomic_output
@@ -303,7 +304,7 @@ def _number(value: float) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
-def _numbers(values) -> str:
+def _numbers(values: npt.ArrayLike) -> str:
     return " ".join(_number(v) for v in np.asarray(values, dtype=np.float64).ravel())
 
 

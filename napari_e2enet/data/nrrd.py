@@ -49,6 +49,7 @@ import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -126,7 +127,7 @@ _ENCODINGS = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2
 _KEY_VALUE = re.compile(r"([^:]*):=(.*)$")
 
 
-def _pynrrd(path: Path):
+def _pynrrd(path: Path) -> ModuleType:
     try:
         import nrrd
     except ImportError:
@@ -614,7 +615,7 @@ def _space_fields(affine: np.ndarray, channels: bool) -> dict[str, Any]:
     }
 
 
-def _encode(nrrd, data: np.ndarray, fields: dict[str, Any], pairs: dict[str, str], path: Path) -> bytes:
+def _encode(nrrd: ModuleType, data: np.ndarray, fields: dict[str, Any], pairs: dict[str, str], path: Path) -> bytes:
     """Header + gzip payload as bytes, with ``pairs`` added as UTF-8 ``key:=value`` lines."""
     data = data.astype(data.dtype.newbyteorder("<"), copy=False)
     buffer = io.BytesIO()

@@ -437,7 +437,8 @@ class _Weighting:
 
 
 def _check_arguments(
-    image: torch.Tensor, num_classes: int, tiles_per_batch: int, accumulate_dtype: torch.dtype, patch, overlap
+    image: torch.Tensor, num_classes: int, tiles_per_batch: int, accumulate_dtype: torch.dtype,
+    patch: int | Sequence[int], overlap: float | Sequence[float],
 ) -> tuple[tuple[int, int, int], tuple[float, float, float], tuple[int, int, int]]:
     """Raise ValueError for a bad argument; return the patch, the overlaps and the (D, H, W) shape."""
     if image.ndim != 4:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -73,7 +74,7 @@ def model_cost(model_or_config: E2ENet | ModelConfig, patch: tuple[int, int, int
     macs_dense = macs_effective = 0
     flops_paper = 0.0
 
-    def make_hook(name: str):
+    def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             nonlocal macs_dense, macs_effective, flops_paper
             w = module.weight
