@@ -96,12 +96,111 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _cpu_flags_and_ghz() -> tuple[set[str], float | None]:
+    """The CPU's feature flags and its clock in GHz: the highest "CPU max MHz" (lscpu's source,
+    cpufreq) where the kernel exposes it, else the highest "cpu MHz" of /proc/cpuinfo (a VM often
+    shows only its nominal clock there)."""
+    flags: set[str] = set()
+    mhz: list[float] = []
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if line.startswith(("flags", "Features")) and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("cpu MHz"):
+                with contextlib.suppress(ValueError):
+                    mhz.append(float(line.split(":", 1)[1]))
+    with contextlib.suppress(OSError, ValueError), \
+            open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq", encoding="utf-8") as fh:
+        mhz.append(int(fh.read().strip()) / 1000)
+    return flags, (max(mhz) / 1000 if mhz else None)
+
+
+def mac_per_cycle(precision: str, flags: set[str]) -> tuple[int, str]:
+    """(MACs per cycle and core, the ISA assumed) for ``precision``: two FMA ports of the widest
+    vectors (AVX2+FMA fp32 2 × 8 = 16, AVX-512 32, SSE/NEON 8); bf16 AVX512-BF16 64 (VDPBF16PS, 2
+    ports × 16 pairs), AMX-BF16 1024 (one TMUL tile op per 16 cycles = 16 × 16 × 32 / 16). bf16
+    without native support is converted and computed in fp32: the fp32 peak."""
+    if precision == "bf16":
+        if "amx_bf16" in flags:
+            return 1024, "AMX-BF16"
+        if "avx512_bf16" in flags:
+            return 64, "AVX512-BF16"
+    if "avx512f" in flags:
+        return 32, "AVX-512 fp32" + (" (bf16 emulated)" if precision == "bf16" else "")
+    if "avx2" in flags and "fma" in flags:
+        return 16, "AVX2+FMA fp32" + (" (bf16 emulated)" if precision == "bf16" else "")
+    return 8, "128-bit fp32"
+
+
+def peak_gmacs(precision: str, cores: int) -> dict[str, Any]:
+    """The machine's peak for ``precision`` on ``cores`` cores: cores × GHz × MAC/cycle, with the
+    assumptions (``gmacs`` None where the clock is unknown). An upper bound: all-core turbo, memory
+    traffic and the non-conv work of a network are not in it."""
+    flags, ghz = _cpu_flags_and_ghz()
+    per_cycle, isa = mac_per_cycle(precision, flags)
+    return {"gmacs": cores * ghz * per_cycle if ghz else None, "cores": cores, "ghz": ghz,
+            "mac_per_cycle": per_cycle, "isa": isa}
+
+
+def conv_macs(model: nn.Module, shape: Sequence[int]) -> int:
+    """Multiply-accumulates of the convolutions of one forward of a (1, C, *shape) input, counted as
+    ``models.cost`` does (a ConvTranspose per input voxel), on a meta-device twin (nothing computed)."""
+    import copy
+
+    twin = copy.deepcopy(model).to("meta").eval()
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        nonlocal total
+        w = module.weight
+        taps = math.prod(w.shape[2:])
+        if isinstance(module, nn.ConvTranspose3d | nn.ConvTranspose2d):
+            total += inputs[0].numel() * w.shape[1] * taps
+        else:
+            total += output.numel() * w.shape[1] * taps
+
+    for module in twin.modules():
+        if isinstance(module, nn.Conv3d | nn.ConvTranspose3d | nn.Conv2d | nn.ConvTranspose2d):
+            module.register_forward_hook(hook)
+    first = next(m for m in twin.modules() if isinstance(m, nn.Conv3d | nn.Conv2d))
+    with torch.no_grad():
+        twin(torch.empty((1, first.in_channels, *shape), device="meta"))
+    return total
+
+
+def _cores(threads: int) -> int:
+    """Cores the peak is counted for: the threads used, at most the logical CPUs (one thread per core
+    assumed: SMT siblings share the FMA ports)."""
+    return max(1, min(threads, os.cpu_count() or threads))
+
+
+def _rate(macs: int | None, seconds: float | None, peak: dict[str, Any]) -> dict[str, Any]:
+    """``gmacs_per_s`` and ``peak_share`` (of ``peak``) for ``macs`` done in ``seconds``."""
+    if not macs or not seconds:
+        return {"gmacs_per_s": None, "peak_share": None}
+    rate = macs / seconds / 1e9
+    return {"gmacs_per_s": rate, "peak_share": rate / peak["gmacs"] if peak.get("gmacs") else None}
+
+
+def _peak_line(peak: dict[str, Any]) -> str:
+    clock = f"{peak['ghz']:.2f} GHz" if peak.get("ghz") else "clock unknown"
+    value = f"{peak['gmacs']:.0f} GMAC/s" if peak.get("gmacs") else "peak unknown"
+    return f"peak {value} = {peak['cores']} core(s) × {clock} × {peak['mac_per_cycle']} MAC/cycle ({peak['isa']})"
+
+
+def _rate_cells(r: dict[str, Any]) -> str:
+    gm = f"{r['gmacs_per_s']:.1f}" if r.get("gmacs_per_s") is not None else "—"
+    share = f"{100 * r['peak_share']:.1f} %" if r.get("peak_share") is not None else "—"
+    return f"{gm:>8s} {share:>7s}"
+
+
 @dataclass
 class _Candidate:
     name: str
     description: str
     fn: Callable[[torch.Tensor], Any]
     x: torch.Tensor
+    macs: Callable[[Sequence[int]], int]
 
 
 def _plain_unet() -> nn.Module:
@@ -128,10 +227,14 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _predictor(name: str, precision: str, seed: int) -> tuple[Callable[[torch.Tensor], Any], str]:
-    """Candidate ``name`` as a (B, 1, D, H, W) -> (B, 16, D, H, W) callable, and its description."""
+def _predictor(name: str, precision: str, seed: int
+               ) -> tuple[Callable[[torch.Tensor], Any], str, Callable[[Sequence[int]], int]]:
+    """Candidate ``name`` as a (B, 1, D, H, W) -> (B, 16, D, H, W) callable, its description, and the
+    MACs one sample of a given (D, H, W) costs it: the convolutions it computes, so masked kernels
+    count for the models run as built and the dense backend (zeros computed), not for the sparse one."""
     from .inference.fastpath import accelerate
     from .models import create_model
+    from .models.cost import model_cost
 
     torch.manual_seed(seed)
 
@@ -149,14 +252,16 @@ def _predictor(name: str, precision: str, seed: int) -> tuple[Callable[[torch.Te
         if name == "plain_cl":
             model = model.to(memory_format=torch.channels_last_3d)
         desc = "nnU-Net PlainConvUNet" + (" (channels_last_3d)" if name == "plain_cl" else "")
-        return eager(model, name == "plain_cl"), desc
+        return eager(model, name == "plain_cl"), desc, lambda shape: conv_macs(model, shape)
     if name == "segresnet":
-        return eager(_segresnet()), "MONAI SegResNet(16)"
+        peer = _segresnet()
+        return eager(peer), "MONAI SegResNet(16)", lambda shape: conv_macs(peer, shape)
     arch = "e2enet" if name.startswith("e2enet") else "e2enet_small"
     label = "E2ENet" if arch == "e2enet" else "E2ENet-small"
     if name.endswith("_dense"):
         model = create_model(arch, sparsity=0.9, seed=seed, num_classes=NUM_CLASSES).eval()
-        return eager(model), f"{label} S=0.9 dense with zeros"
+        return eager(model), f"{label} S=0.9 dense with zeros", \
+            lambda shape: model_cost(model, tuple(shape)).macs_dense  # type: ignore[arg-type]
     sparsity = 0.8 if "_s08" in name else 0.9
     model = create_model(arch, sparsity=sparsity, seed=seed, num_classes=NUM_CLASSES)
     blocks = ""
@@ -169,14 +274,20 @@ def _predictor(name: str, precision: str, seed: int) -> tuple[Callable[[torch.Te
     backend = "dense" if "_folded_" in name else "auto"
     fast = accelerate(model, precision, backend=backend)
     kind = "folded oneDNN, zeros kept" if backend == "dense" else f"fast ({fast.backend})"
-    return fast, f"{label} S={sparsity} {kind}{blocks}"
+    skips = getattr(fast, "backend", "") == "sparse"  # the dense backend and the fallback compute the zeros
+
+    def macs(shape: Sequence[int]) -> int:
+        cost = model_cost(model, tuple(shape))  # type: ignore[arg-type]
+        return cost.macs_effective if skips else cost.macs_dense
+
+    return fast, f"{label} S={sparsity} {kind}{blocks}", macs
 
 
 def _build(name: str, size: int, precision: str, seed: int) -> _Candidate:
     torch.manual_seed(seed)
     x = torch.randn(1, 1, size, size, size)
-    fn, desc = _predictor(name, precision, seed)
-    return _Candidate(name, desc, fn, x)
+    fn, desc, macs = _predictor(name, precision, seed)
+    return _Candidate(name, desc, fn, x, macs)
 
 
 def run_patch_benchmark(
@@ -229,12 +340,15 @@ def run_patch_benchmark(
                         times[c.name].append(time.perf_counter() - t0)
                     say(f"{size}^3 {precision}: round {r + 1}/{repeats} done")
             base = statistics.median(times["plain"]) if times.get("plain") else None
+            peak = peak_gmacs(precision, _cores(torch.get_num_threads()))
             for c in cands:
                 med = statistics.median(times[c.name])
+                macs = c.macs((size,) * 3)
                 results.append({
                     "size": size, "precision": precision, "model": c.name, "description": c.description,
                     "median_s": med, "min_s": min(times[c.name]), "times_s": times[c.name],
-                    "ratio_to_plain": (med / base) if base else None,
+                    "ratio_to_plain": (med / base) if base else None, "macs": macs, **_rate(macs, med, peak),
+                    "peak": peak,
                 })
             del cands
     return results
@@ -258,10 +372,10 @@ def _volume_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Child process body: one whole-volume sliding window; its own peak RSS is the measurement."""
     import resource
 
-    from .inference.sliding_window import sliding_window_argmax
+    from .inference.sliding_window import TileGrid, sliding_window_argmax
 
     torch.set_num_threads(int(spec["threads"]))
-    predictor, desc = _predictor(spec["model"], spec["precision"], int(spec["seed"]))
+    predictor, desc, macs = _predictor(spec["model"], spec["precision"], int(spec["seed"]))
     image = _synthetic_volume(spec["shape"])
     with torch.inference_mode():
         predictor(torch.zeros(1, 1, *([int(spec["patch"])] * 3)))  # warm-up (kernel builds) outside the clock
@@ -271,8 +385,11 @@ def _volume_worker(spec: dict[str, Any]) -> dict[str, Any]:
                                    overlap=float(spec["overlap"]))
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    patch = (int(spec["patch"]),) * 3
+    tiles = len(TileGrid.plan(tuple(spec["shape"]), patch, (float(spec["overlap"]),) * 3, "nnunet", "auto").tiles())
     return {"description": desc, "seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": rss_ready,
-            "labels_shape": list(labels.shape)}
+            "labels_shape": list(labels.shape), "tiles": tiles, "macs": tiles * macs(patch),
+            **_rate(tiles * macs(patch), seconds, peak_gmacs(spec["precision"], _cores(int(spec["threads"]))))}
 
 
 def run_volume_benchmark(
@@ -307,7 +424,7 @@ def run_volume_benchmark(
             proc = subprocess.run([sys.executable, "-m", "napari_e2enet.bench", "--volume-worker", json.dumps(spec)],
                                   capture_output=True, text=True, check=False)
             row: dict[str, Any] = {"shape": spec["shape"], "model": name, "patch": patch, "overlap": overlap,
-                                   "precision": precision}
+                                   "precision": precision, "threads": threads}
             if proc.returncode == 0 and proc.stdout.strip():
                 row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
             else:
@@ -440,6 +557,9 @@ def run_training_benchmark(
             row.update({"mask_apply_s": apply_s, "topology_update_s": update_s, "update_every": every,
                         "run_length": run_length,
                         "dsff_percent": 100 * (apply_s + update_s / every) / (step + apply_s + update_s / every)})
+        row["threads"] = threads
+        row["macs"] = _training_macs(run["name"], seed, patch, batch, skips=run.get("sparse_units", 0) > 0)
+        row.update(_rate(row["macs"], step, peak_gmacs("fp32", _cores(threads))))
         if run["name"] == "plain":
             base = step
         results.append(row)
@@ -460,8 +580,13 @@ def format_table(results: list[dict[str, Any]], machine: dict[str, Any] | None =
     keys = sorted({(r["size"], r["precision"]) for r in results}, key=lambda k: (k[0], k[1] != "fp32", k[1]))
     for size, precision in keys:
         lines.append("")
-        lines.append(f"{size}^3, {precision}, batch 1, {NUM_CLASSES} classes — median of interleaved rounds")
-        lines.append(f"  {'model':20s} {'description':44s} {'median s':>9s} {'min s':>8s} {'× plain':>8s}")
+        peak = next((r["peak"] for r in results if (r["size"], r["precision"]) == (size, precision) and "peak" in r),
+                    None)
+        lines.append(f"{size}^3, {precision}, batch 1, {NUM_CLASSES} classes — median of interleaved rounds"
+                     + (f"; GMAC/s of the convs each path computes (the sparse path skips masked kernels), "
+                        f"% of the {_peak_line(peak)}" if peak else ""))
+        lines.append(f"  {'model':20s} {'description':44s} {'median s':>9s} {'min s':>8s} {'× plain':>8s} "
+                     f"{'GMAC/s':>8s} {'% peak':>7s}")
         for r in results:
             if (r["size"], r["precision"]) != (size, precision):
                 continue
@@ -469,7 +594,8 @@ def format_table(results: list[dict[str, Any]], machine: dict[str, Any] | None =
                 lines.append(f"  {r['model']:20s} error: {r['error'][:80]}")
                 continue
             ratio = f"{r['ratio_to_plain']:.2f}" if r["ratio_to_plain"] is not None else "—"
-            lines.append(f"  {r['model']:20s} {r['description'][:44]:44s} {r['median_s']:9.3f} {r['min_s']:8.3f} {ratio:>8s}")
+            lines.append(f"  {r['model']:20s} {r['description'][:44]:44s} {r['median_s']:9.3f} {r['min_s']:8.3f} "
+                         f"{ratio:>8s} {_rate_cells(r)}")
     return "\n".join(lines)
 
 
@@ -481,10 +607,32 @@ def format_volume_table(results: list[dict[str, Any]]) -> str:
             lines.append(f"  {shape:12s} {r['model']:18s} error: {r['error'][:80]}")
             continue
         ratio = f"{r['ratio_to_plain']:.2f}" if r.get("ratio_to_plain") is not None else "—"
-        lines.append(f"  {shape:12s} {r['model']:18s} {r['seconds']:9.1f} s {r['peak_rss_mb']:9.0f} MiB {ratio:>8s}")
+        lines.append(f"  {shape:12s} {r['model']:18s} {r['seconds']:9.1f} s {r['peak_rss_mb']:9.0f} MiB {ratio:>8s} "
+                     f"{_rate_cells(r)}")
     head = (f"whole volume, sliding window {results[0]['patch']}^3, overlap {results[0]['overlap']}, "
             f"{NUM_CLASSES} classes, {results[0]['precision']}" if results else "whole volume")
-    return "\n".join(["", head, f"  {'shape':12s} {'model':18s} {'time':>11s} {'peak RSS':>13s} {'× plain':>8s}", *lines])
+    if results:
+        peak = peak_gmacs(results[0]["precision"], _cores(int(results[0].get("threads", 1))))
+        head += f"; GMAC/s = tiles × MACs per tile / wall time (blending included), % of the {_peak_line(peak)}"
+    return "\n".join(["", head, f"  {'shape':12s} {'model':18s} {'time':>11s} {'peak RSS':>13s} {'× plain':>8s} "
+                                 f"{'GMAC/s':>8s} {'% peak':>7s}", *lines])
+
+
+def _training_macs(name: str, seed: int, patch: int, batch: int, *, skips: bool) -> int:
+    """MACs of one training step: 3 × the forward's (forward, input gradients, weight gradients; the
+    first conv's input gradient is counted too) × batch; the masked kernels are left out where the
+    sparse training kernels skip them. Counted on a fresh copy of candidate ``name`` (same seed, same
+    masks): the trained one holds the training kernels' ctypes handles, which cannot be copied."""
+    from .models import E2ENet
+    from .models.cost import model_cost
+
+    model, _ = _train_model(name, seed)
+    if isinstance(model, E2ENet):
+        cost = model_cost(model, (patch,) * 3)
+        forward = cost.macs_effective if skips else cost.macs_dense
+    else:
+        forward = conv_macs(model, (patch,) * 3)
+    return 3 * batch * forward
 
 
 def format_training_table(results: list[dict[str, Any]]) -> str:
@@ -493,9 +641,15 @@ def format_training_table(results: list[dict[str, Any]]) -> str:
         dsff = (f"{r['dsff_percent']:.2f} % (apply {r['mask_apply_s'] * 1e3:.1f} ms/it, update "
                 f"{r['topology_update_s'] * 1e3:.0f} ms every {r['update_every']} it)") if "dsff_percent" in r else "—"
         ratio = f"{r['ratio_to_plain']:.2f}" if r.get("ratio_to_plain") is not None else "—"
-        lines.append(f"  {r['model']:12s} {r['params'] / 1e6:7.2f} M {r['seconds_per_iteration']:9.2f} {ratio:>8s}   {dsff}")
+        lines.append(f"  {r['model']:17s} {r['params'] / 1e6:7.2f} M {r['seconds_per_iteration']:9.2f} {ratio:>8s} "
+                     f"{_rate_cells(r)}   {dsff}")
     head = (f"training step, {results[0]['patch']}^3 batch {results[0]['batch']}, fp32 (median)" if results else "training")
-    return "\n".join(["", head, f"  {'model':12s} {'params':>9s} {'s/it':>9s} {'× plain':>8s}   DSFF cost", *lines])
+    if results:
+        peak = peak_gmacs("fp32", _cores(int(results[0].get("threads", 1))))
+        head += (f"; GMAC/s = 3 × forward MACs × batch per step (masked kernels left out where the sparse "
+                 f"training kernels skip them), % of the {_peak_line(peak)}")
+    return "\n".join(["", head, f"  {'model':17s} {'params':>9s} {'s/it':>9s} {'× plain':>8s} {'GMAC/s':>8s} "
+                                 f"{'% peak':>7s}   DSFF cost", *lines])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

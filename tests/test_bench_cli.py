@@ -13,6 +13,11 @@ def test_bench_json_reports_machine_and_medians():
     rows = {r["model"]: r for r in report["results"]}
     assert set(rows) == {"small_dense", "small_fast_s09"}
     assert all(r["median_s"] > 0 for r in rows.values())
+    # achieved GMAC/s of the convs each path computes: the sparse path skips ~90 % of the fusion MACs
+    assert rows["small_fast_s09"]["macs"] < rows["small_dense"]["macs"]
+    for r in rows.values():
+        assert abs(r["gmacs_per_s"] - r["macs"] / r["median_s"] / 1e9) < 1e-6 * r["gmacs_per_s"]
+        assert 0 < r["peak_share"] < 1 and r["peak"]["mac_per_cycle"] in (8, 16, 32)
 
 
 def test_bench_unknown_candidate_is_exit_2():
@@ -32,6 +37,7 @@ def test_bench_volume_reports_time_and_peak_rss_per_run():
         assert row["labels_shape"] == [40, 48, 48]
         assert row["seconds"] > 0 and row["peak_rss_mb"] >= row["rss_before_mb"] > 0
         assert row["ratio_to_plain"] is None  # no plain in this run
+        assert row["tiles"] == 8 and 0 < row["peak_share"] < 1  # 40x48x48 in 32³ tiles at overlap 0.5: 2 × 2 × 2
 
 
 def test_bench_training_rows_and_dsff_cost():
@@ -45,6 +51,7 @@ def test_bench_training_rows_and_dsff_cost():
     assert 0 < rows["small_s8"]["dsff_percent"] < 100
     assert "dsff_percent" not in rows["small_s0"]  # dense fusion: no updater, no DSFF cost
     assert rows["small_s8"]["params"] == rows["small_s0"]["params"]
+    assert rows["small_s0"]["gmacs_per_s"] > 0 and rows["small_s8"]["macs"] <= rows["small_s0"]["macs"]
 
 
 def test_bench_rejects_bad_volume_shape_and_training_model():
@@ -53,3 +60,20 @@ def test_bench_rejects_bad_volume_shape_and_training_model():
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr[-500:]
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_peak_and_mac_counts_follow_the_isa_and_the_conv_shapes():
+    import torch
+
+    from napari_e2enet.bench import conv_macs, mac_per_cycle, peak_gmacs
+
+    assert mac_per_cycle("fp32", {"avx2", "fma"}) == (16, "AVX2+FMA fp32")
+    assert mac_per_cycle("fp32", {"avx2", "fma", "avx512f"})[0] == 32
+    assert mac_per_cycle("bf16", {"avx2", "fma"}) == (16, "AVX2+FMA fp32 (bf16 emulated)")
+    assert mac_per_cycle("bf16", {"avx512f", "avx512_bf16"})[0] == 64
+    assert mac_per_cycle("bf16", {"avx512f", "avx512_bf16", "amx_bf16"})[0] == 1024
+    peak = peak_gmacs("fp32", 2)
+    assert peak["gmacs"] is None or abs(peak["gmacs"] - 2 * peak["ghz"] * peak["mac_per_cycle"]) < 1e-9
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ConvTranspose3d(4, 3, 2, stride=2))
+    # conv: 8³ outputs × 4 × 2 × 27; transposed: 8³ inputs × 4 × 3 × 8 (per input voxel)
+    assert conv_macs(net, (8, 8, 8)) == 512 * 4 * 2 * 27 + 512 * 4 * 3 * 8
