@@ -10,6 +10,11 @@ E2ENet with widths (4, 8, 8), phantoms of 32×32×16 voxels, training runs of a 
   so "one line on stderr" is judged the way a user sees it.
 - ``cli_process``: start the real console code in a child process (``python -m napari_e2enet.cli``,
   or ``_driver.py`` for the hooks used to place signals and crashes deterministically).
+- ``reference_run``: the uninterrupted run an interrupted one must reproduce bit for bit, trained in
+  this process once per training configuration for the whole session (a child costs seconds of imports).
+- Torch uses one thread in this process during these tests, as the children do (OMP_NUM_THREADS=1):
+  the tiny models gain nothing from a second thread, which only contends with the children, and the
+  float sums of a training run depend on the thread count, so references match children bit for bit.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +181,50 @@ def write_train_config(path: Path, source: Path | str, **changes) -> Path:
     config.update(changes)
     path.write_text(json.dumps(config, indent=1))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SAVE_ONLY_KEYS = ("checkpoint_every_s", "checkpoint_every_epochs")  # when the state is saved, not what is trained
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Callable[[Path], Path]:
+    """``reference_run(config)``: the folder of an uninterrupted ``train`` run of that config file.
+
+    Trained in this process with one torch thread (the children's count: the thread count changes the
+    float sums) and shared by every test whose config trains the same: the keys that only decide when
+    the state is saved are left out of the comparison key, since a run must not depend on them either."""
+    from napari_e2enet.config import TrainConfig, load_config
+    from napari_e2enet.training import Trainer
+
+    done: dict[str, Path] = {}
+
+    def run(config: Path) -> Path:
+        trained = {k: v for k, v in json.loads(config.read_text()).items() if k not in SAVE_ONLY_KEYS}
+        key = json.dumps(trained, sort_keys=True)
+        if key not in done:
+            import torch
+
+            out = tmp_path_factory.mktemp("reference") / "run"
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                Trainer(load_config(config, TrainConfig), out).fit()
+            finally:
+                torch.set_num_threads(before)
+            done[key] = out
+        return done[key]
+
+    return run
 
 
 def write_phantom_cases(folder: Path, seeds, *, suffix: str = "_0000") -> list[Path]:

@@ -26,22 +26,13 @@ from .conftest import Child, run_child, screen_lines, write_train_config
 pytestmark = pytest.mark.slow
 
 RUN_FILES = ["config.json", "connectivity.json", "metrics.csv", "model.safetensors", "training_state.pt"]
-ITERATIONS = 12  # 6 epochs of 2 iterations, a checkpoint after each
+ITERATIONS = 8  # 4 epochs of 2 iterations, a checkpoint after each: a kill, a crash in a save, then the end
 
 
 @pytest.fixture(scope="module")
 def train_config(tmp_path_factory, assets) -> Path:
     folder = tmp_path_factory.mktemp("train-config")
     return write_train_config(folder / "train.json", assets.dataset, iterations=ITERATIONS)
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, train_config) -> Path:
-    """The uninterrupted run the interrupted ones must reproduce exactly."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    child = run_child(["train", "--config", str(train_config), "--out", str(out)])
-    assert child.proc.returncode == 0, child.text_err
-    return out
 
 
 def assert_run_folder_whole(run: Path, iteration: int, *, allow_temp: tuple[str, ...] = (),
@@ -84,6 +75,7 @@ def assert_same_result(run: Path, reference: Path) -> None:
 
 
 def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, train_config, reference_run):
+    reference = reference_run(train_config)
     run = tmp_path / "run"
     # 1. kill -9 while the 5th step is about to run: checkpoints of iterations 2 and 4 exist.
     child = Child(["train", "--config", str(train_config), "--out", str(run)], driver=True,
@@ -93,7 +85,7 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, train_
     assert child.finish() == -signal.SIGKILL
     assert_run_folder_whole(run, 4, killed=True)
 
-    # 2. resume, and kill -9 again in the middle of writing a checkpoint (iteration 8's state).
+    # 2. resume, and kill -9 again in the middle of writing a checkpoint (iteration 8's state, the last).
     child = Child(["train", "--resume", "--out", str(run)], driver=True, hooks={"E2E_CRASH_WRITE": "state:2"})
     assert child.finish() == -signal.SIGKILL
     assert "CRASH writing" in child.text_err and ".training_state.pt." in child.text_err
@@ -103,11 +95,12 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, train_
     child = run_child(["train", "--resume", "--out", str(run)])
     assert child.proc.returncode == 0, child.text_err
     assert "took over train.lock from pid" in child.text_err  # the note about the dead holder
-    assert_same_result(run, reference_run)
+    assert_same_result(run, reference)
     assert sorted(p.name for p in run.iterdir()) == RUN_FILES  # its lock and the half temporary are gone
 
 
 def test_ctrl_c_stops_at_the_next_iteration_saves_and_resumes_exactly(tmp_path, train_config, reference_run):
+    reference = reference_run(train_config)
     run = tmp_path / "run"
     child = Child(["train", "--config", str(train_config), "--out", str(run)], driver=True,
                   hooks={"E2E_GATE_ITER": "3"})
@@ -122,4 +115,4 @@ def test_ctrl_c_stops_at_the_next_iteration_saves_and_resumes_exactly(tmp_path, 
 
     child = run_child(["train", "--resume", "--out", str(run)])
     assert child.proc.returncode == 0, child.text_err
-    assert_same_result(run, reference_run)
+    assert_same_result(run, reference)
