@@ -27,6 +27,7 @@
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 typedef int i16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32))); /* one AVX2 register */
 #if defined(__clang__)
 #define ILO(e, f) __builtin_shufflevector(e, f, 0,16,1,17,2,18,3,19,4,20,5,21,6,22,7,23)
 #define IHI(e, f) __builtin_shufflevector(e, f, 8,24,9,25,10,26,11,27,12,28,13,29,14,30,15,31)
@@ -168,6 +169,41 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                         X[3 * j + 2] = xform(LDU(r + 1), a, b, sl) * mright;
                     }
                 }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+                /* AVX2 has 16 ymm registers and a v16 is two of them: the AVX-512 order below (9
+                   broadcast taps + 2 × RB v16 accumulators = 34 ymm) spilled on every FMA and ran at
+                   ~2 % of the FMA peak (0.6 vs oneDNN's 8 GMAC/s, 2026-12-07). Here one tap at a time:
+                   one broadcast, RB rows × 2 halves = 8 independent ymm accumulators, the inputs as
+                   memory operands (X is in L1): 9 + 8 registers' worth, no spill. */
+                const v8 *X8 = (const v8 *)X;
+                for (int k = k0; k < k1; k++) {
+                    float *acc_o = acc + (size_t)rowidx[k] * RB * 16;
+                    const float *q = wts + 9 * (size_t)k;
+                    v8 A0[RB], A1[RB];
+#pragma GCC unroll 16
+                    for (int j = 0; j < RB; j++) {
+                        A0[j] = *(const v8 *)(acc_o + 16 * j);
+                        A1[j] = *(const v8 *)(acc_o + 16 * j + 8);
+                    }
+#pragma GCC unroll 3
+                    for (int dy = 0; dy < 3; dy++) {
+#pragma GCC unroll 3
+                        for (int dx = 0; dx < 3; dx++) {
+                            const v8 w = (v8){0} + q[3 * dy + dx];
+#pragma GCC unroll 16
+                            for (int j = 0; j < RB; j++) {
+                                A0[j] += w * X8[2 * (3 * (j + dy) + dx)];
+                                A1[j] += w * X8[2 * (3 * (j + dy) + dx) + 1];
+                            }
+                        }
+                    }
+#pragma GCC unroll 16
+                    for (int j = 0; j < RB; j++) {
+                        *(v8 *)(acc_o + 16 * j) = A0[j];
+                        *(v8 *)(acc_o + 16 * j + 8) = A1[j];
+                    }
+                }
+#else
                 for (int k = k0; k < k1; k++) {
                     float *acc_o = acc + (size_t)rowidx[k] * RB * 16;
                     const float *q = wts + 9 * (size_t)k;
@@ -193,6 +229,7 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
 #pragma GCC unroll 16
                     for (int j = 0; j < RB; j++) *(v16 *)(acc_o + 16 * j) = A[j] + B[j];
                 }
+#endif
             }
             const int c0 = w0, c1 = wb == nwb - 1 ? P : w0 + ncol;
             for (int o = 0; o < O; o++) {
@@ -285,6 +322,31 @@ static inline __attribute__((always_inline)) void convt_acc(const int KK, const 
     for (int p = 0; p < KK; p++) { acc[p] = A[p]; acc[8 + p] = B[p]; }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* AVX2: the tile's KK taps for one output channel, 8 low-res columns at a time (KK ymm accumulators,
+   one input vector, one broadcast: no spill; convt_acc's 2 × KK v16 = 32 ymm spilled on every FMA
+   and, with its v16 interleaving shuffles, ran the bundled MNI model's up-sampling at ~0.15 GMAC/s,
+   30x slower than a dense matmul, 2026-12-07). tile[p][c]: tap p, low-res column c of the tile. */
+static inline __attribute__((always_inline)) void convt_seg8(const int KK, float (*tile)[32], int nseg, const float *ib,
+                                                             int64_t bstride, const int *colidx, const float *wts,
+                                                             int k0, int k1)
+{
+    for (int g = 0; g < nseg; g++) {
+        v8 A[8];
+#pragma GCC unroll 8
+        for (int p = 0; p < KK; p++) A[p] = (v8){0};
+        for (int k = k0; k < k1; k++) {
+            const v8 x = *(const v8 *)(ib + (size_t)colidx[k] * bstride + 8 * g);
+            const float *q = wts + (size_t)KK * k;
+#pragma GCC unroll 8
+            for (int p = 0; p < KK; p++) A[p] += ((v8){0} + q[p]) * x;
+        }
+#pragma GCC unroll 8
+        for (int p = 0; p < KK; p++) *(v8 *)&tile[p][8 * g] = A[p];
+    }
+}
+#endif
+
 /* Sparse ConvTranspose3d with kernel == stride == (kd,kh,kw), kw in {1,2}, no bias.
    in: Ci channels PP (Dl, Hl, Wl, pitch Pl), channel c at in + c*istride, read through the lazy
    norm (ia, iib, is). CSR by output channel: inputs colidx[rowptr[o]..rowptr[o+1]), taps
@@ -321,6 +383,34 @@ void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, in
                 ib = (const float *)xt;
                 bstride = 32;
             }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+            for (int o = 0; o < O; o++) {
+                const int k0 = rowptr[o], k1 = rowptr[o + 1], nseg = (ncol + 7) / 8;
+                float tile[8][32] __attribute__((aligned(32)));
+                if (K == 8) convt_seg8(8, tile, nseg, ib, bstride, colidx, wts, k0, k1);
+                else if (K == 4) convt_seg8(4, tile, nseg, ib, bstride, colidx, wts, k0, k1);
+                else if (K == 2) convt_seg8(2, tile, nseg, ib, bstride, colidx, wts, k0, k1);
+                else convt_seg8(1, tile, nseg, ib, bstride, colidx, wts, k0, k1);
+                float *ob = out + (size_t)o * ostride;
+                for (int a = 0; a < kd; a++) {
+                    float *pl = ob + (size_t)(kd * dl + a) * oplane;
+                    for (int b = 0; b < kh; b++) {
+                        const int h = kh * hl + b;
+                        float *row = pl + (size_t)(h + 1) * P, *dst = row + kw * w0;
+                        const float *t0 = tile[(a * kh + b) * kw];
+                        if (kw == 1) memcpy(dst, t0, sizeof(float) * (size_t)ncol);
+                        else {
+                            const float *t1 = tile[(a * kh + b) * kw + 1];
+                            for (int c = 0; c < ncol; c++) { dst[2 * c] = t0[c]; dst[2 * c + 1] = t1[c]; }
+                        }
+                        if (wb == nwb - 1) memset(row + W, 0, sizeof(float) * (size_t)(P - W));
+                        if (h == 0) memset(pl + oc0, 0, sizeof(float) * (size_t)(oc1 - oc0));
+                        if (h == H - 1) memset(pl + (size_t)(H + 1) * P + oc0, 0, sizeof(float) * (size_t)(oc1 - oc0));
+                    }
+                }
+            }
+            (void)nt;
+#else
             for (int o = 0; o < O; o++) {
                 const int k0 = rowptr[o], k1 = rowptr[o + 1];
                 if (K == 8) { if (nv == 2) convt_acc(8, 2, acc, ib, bstride, colidx, wts, k0, k1); else convt_acc(8, 1, acc, ib, bstride, colidx, wts, k0, k1); }
@@ -349,6 +439,7 @@ void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, in
                     }
                 }
             }
+#endif
         }
         free(acc);
         free(xt);
