@@ -261,7 +261,7 @@ def _predictor(name: str, precision: str, seed: int
     if name.endswith("_dense"):
         model = create_model(arch, sparsity=0.9, seed=seed, num_classes=NUM_CLASSES).eval()
         return eager(model), f"{label} S=0.9 dense with zeros", \
-            lambda shape: model_cost(model, tuple(shape)).macs_dense  # type: ignore[arg-type]
+            lambda shape: model_cost(model, tuple(shape)).macs_dense
     sparsity = 0.8 if "_s08" in name else 0.9
     model = create_model(arch, sparsity=sparsity, seed=seed, num_classes=NUM_CLASSES)
     blocks = ""
@@ -418,7 +418,7 @@ def run_volume_benchmark(
     for shape in shapes:
         rows = []
         for name in names:
-            spec = {"model": name, "shape": [int(v) for v in shape], "patch": patch, "overlap": overlap,
+            spec: dict[str, Any] = {"model": name, "shape": [int(v) for v in shape], "patch": patch, "overlap": overlap,
                     "precision": precision, "threads": threads, "seed": seed}
             say(f"volume {'x'.join(map(str, spec['shape']))}: {name}")
             proc = subprocess.run([sys.executable, "-m", "napari_e2enet.bench", "--volume-worker", json.dumps(spec)],

@@ -94,7 +94,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         self.plan = plan
         self.labels = labels
-        self.patch = tuple(int(p) for p in patch)
+        self.patch: tuple[int, int, int] = (int(patch[0]), int(patch[1]), int(patch[2]))
         self.source = source
         self.mirror_axes = tuple(int(a) for a in mirror_axes)  # network axes TTA may flip
         self.intended = intended or IntendedInput.from_plan(plan)
@@ -152,12 +152,13 @@ class Predictor:
             with threads.step(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
                 if not tta:
                     return net(x).float().cpu()
-                acc = None
+                acc: torch.Tensor | None = None
                 for axes in flips:
                     xi = torch.flip(x, axes) if axes else x
                     out = net(xi).float()
                     out = torch.flip(out, axes) if axes else out
                     acc = out if acc is None else acc + out
+                assert acc is not None  # flips always holds the identity
                 return (acc / len(flips)).cpu()
 
         return run
@@ -231,7 +232,7 @@ class Predictor:
             self._check_memory(volume.crop(box), volume.name)
         for message in warnings:
             yield InputWarning(message)
-        labels = np.zeros(volume.spatial_shape, _label_dtype(self.model.config.num_classes))
+        labels: np.ndarray = np.zeros(volume.spatial_shape, _label_dtype(self.model.config.num_classes))
         tiles = 0
         if box is not None:  # else: nothing but background, and no network call
             crop = volume.crop(box)
