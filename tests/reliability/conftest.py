@@ -193,6 +193,18 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def resume_here(run: Path, capfd: pytest.CaptureFixture[str]) -> str:
+    """``train --resume`` through the console code in this process (one torch thread, as in the children;
+    the children are for the interruptions, a resume needs no fresh interpreter); its stderr."""
+    from napari_e2enet.cli import main
+
+    capfd.readouterr()
+    code = main(["train", "--resume", "--out", str(run)])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    return err
+
+
 SAVE_ONLY_KEYS = ("checkpoint_every_s", "checkpoint_every_epochs")  # when the state is saved, not what is trained
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -40,7 +41,7 @@ from napari_e2enet.training import Trainer, load_model, load_state
 from napari_e2enet.training import loop as loop_module
 from napari_e2enet.training.checkpoint import save_state
 
-from .conftest import Child, file_snapshot, run_child, screen_lines, write_phantom_cases, write_train_config
+from .conftest import Child, file_snapshot, resume_here, screen_lines, write_phantom_cases, write_train_config
 
 RESULT_FILES = ["connectivity.json", "metrics.csv", "model.safetensors", "training_state.pt"]
 RUN_FILES = sorted(["config.json", *RESULT_FILES])
@@ -53,10 +54,19 @@ def _config(tmp: Path, assets, name: str, **changes) -> Path:
     return write_train_config(tmp / f"{name}.json", assets.dataset, **changes)
 
 
-def _finished_run(tmp: Path, assets, name: str = "run", **changes) -> Path:
+@pytest.fixture(scope="module")
+def finished_template(tmp_path_factory, assets) -> Path:
+    """A finished 2-iteration run, trained once for the module; tests get a copy (``_finished_run``)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    config = load_config(_config(tmp, assets, "run-config", iterations=2), TrainConfig)
+    Trainer(config, tmp / "run").fit()
+    return tmp / "run"
+
+
+def _finished_run(tmp: Path, template: Path, name: str = "run") -> Path:
+    """A copy of the finished run: every file byte for byte (a run folder holds no path of its own)."""
     out = tmp / name
-    config = load_config(_config(tmp, assets, f"{name}-config", **changes), TrainConfig)
-    Trainer(config, out).fit()
+    shutil.copytree(template, out)
     return out
 
 
@@ -93,8 +103,8 @@ def assert_same_result(run: Path, reference: Path, iterations: int) -> None:
 
 
 @pytest.mark.parametrize("present", RESULT_FILES)
-def test_a_new_run_refuses_a_folder_that_holds_a_run(present, tmp_path, assets, capfd):
-    run = _finished_run(tmp_path, assets, iterations=2)
+def test_a_new_run_refuses_a_folder_that_holds_a_run(present, tmp_path, assets, finished_template, capfd):
+    run = _finished_run(tmp_path, finished_template)
     for name in RESULT_FILES:  # a run folder holding only `present` (plus its config.json)
         if name != present:
             (run / name).unlink()
@@ -116,8 +126,9 @@ def test_a_folder_with_only_the_config_of_a_run_that_never_saved_is_reused(tmp_p
 
 
 @pytest.mark.parametrize("init_from_itself", [False, True], ids=["new-config", "init-from-the-old-run"])
-def test_overwrite_moves_the_old_run_aside_byte_for_byte(init_from_itself, tmp_path, assets, capfd):
-    run = _finished_run(tmp_path, assets, iterations=2)
+def test_overwrite_moves_the_old_run_aside_byte_for_byte(init_from_itself, tmp_path, assets, finished_template,
+                                                        capfd):
+    run = _finished_run(tmp_path, finished_template)
     old = file_snapshot(run)
     argv = ["train", "--config", str(_config(tmp_path, assets, "new", iterations=4)), "--out", str(run), "--overwrite"]
     if init_from_itself:  # fine-tune from the run being replaced: it is read from where it moved
@@ -135,26 +146,25 @@ def test_overwrite_moves_the_old_run_aside_byte_for_byte(init_from_itself, tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("second", ["new", "overwrite", "resume"])
-def test_a_second_process_is_refused_while_a_run_holds_the_folder(second, tmp_path, assets):
+def test_a_second_process_is_refused_while_a_run_holds_the_folder(tmp_path, assets, capfd):
+    """One holder (a child gated at its 3rd step), refused three ways: a new run, ``--overwrite`` and
+    ``--resume``, each through the console code in this process (a process other than the holder)."""
     run = tmp_path / "run"
     config = _config(tmp_path, assets, "c", iterations=4, checkpoint_every_s=0.0)
     first = Child(["train", "--config", str(config), "--out", str(run)], driver=True, hooks={"E2E_GATE_ITER": "3"})
     try:
         first.wait_for(r"GATE iteration 3")  # epoch 1 saved; the first process holds the lock
         before = file_snapshot(run)
-        argv = {"new": ["train", "--config", str(config), "--out", str(run)],
-                "overwrite": ["train", "--config", str(config), "--out", str(run), "--overwrite"],
-                "resume": ["train", "--resume", "--out", str(run)]}[second]
-        child = run_child(argv)
-        assert child.proc.returncode == 2, child.text_err
-        lines = screen_lines(child.text_err)
-        assert len(lines) == 1 and "Traceback" not in child.text_err, lines
         pattern = (rf"napari-e2enet train: error: {re.escape(str(run / 'train.lock'))}: the folder is in use by "
                    rf"another run: pid {first.proc.pid} on {re.escape(fileio._HOST)} since "
                    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(napari-e2enet train --config .*\)")
-        assert re.match(pattern, lines[0]), lines[0]
-        assert file_snapshot(run) == before  # nothing moved, nothing written
+        for second in (["train", "--config", str(config), "--out", str(run)],
+                       ["train", "--config", str(config), "--out", str(run), "--overwrite"],
+                       ["train", "--resume", "--out", str(run)]):
+            capfd.readouterr()
+            line = _one_line(capfd, main(second))
+            assert re.match(pattern, line), (second, line)
+            assert file_snapshot(run) == before, second  # nothing moved, nothing written
     finally:
         first.release_gate()
     assert first.finish() == 0, first.text_err
@@ -162,8 +172,8 @@ def test_a_second_process_is_refused_while_a_run_holds_the_folder(second, tmp_pa
     assert load_state(run / "training_state.pt")["iteration"] == 4
 
 
-def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(tmp_path, assets):
-    run = _finished_run(tmp_path, assets, iterations=2)
+def test_a_lock_left_by_a_dead_process_is_taken_over_with_a_note(tmp_path, finished_template):
+    run = _finished_run(tmp_path, finished_template)
     dead = _dead_pid()
     (run / "train.lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "then",
                                                 "command": "napari-e2enet train"}))
@@ -239,10 +249,9 @@ def test_predict_never_writes_over_an_input(how, tmp_path, assets, capfd):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_training_saves_and_resumes_exactly(tmp_path, assets):
-    config = _config(tmp_path, assets, "c", iterations=6, checkpoint_every_s=0.0)
-    reference = tmp_path / "reference"
-    assert run_child(["train", "--config", str(config), "--out", str(reference)]).proc.returncode == 0
+def test_sigterm_stops_training_saves_and_resumes_exactly(tmp_path, assets, reference_run, capfd):
+    config = _config(tmp_path, assets, "c", iterations=8, checkpoint_every_s=0.0)
+    reference = reference_run(config)  # the same training as test_interrupted_training's: one reference
     run = tmp_path / "run"
     child = Child(["train", "--config", str(config), "--out", str(run)], driver=True, hooks={"E2E_GATE_ITER": "3"})
     child.wait_for(r"GATE iteration 3")
@@ -254,9 +263,8 @@ def test_sigterm_stops_training_saves_and_resumes_exactly(tmp_path, assets):
     assert "Traceback" not in child.text_err
     assert load_state(run / "training_state.pt")["iteration"] == 3  # the step in flight finished, then saved
     assert sorted(p.name for p in run.iterdir()) == RUN_FILES
-    child = run_child(["train", "--resume", "--out", str(run)])
-    assert child.proc.returncode == 0, child.text_err
-    assert_same_result(run, reference, 6)
+    resume_here(run, capfd)
+    assert_same_result(run, reference, 8)
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)], ids=["SIGTERM", "SIGHUP"])
@@ -321,11 +329,11 @@ def test_the_state_is_saved_by_wall_time_at_iteration_boundaries(tmp_path, asset
 
 
 @pytest.mark.slow
-def test_kill_9_in_the_first_minute_after_the_first_iterations_finds_a_saved_state(tmp_path, assets):
-    config = _config(tmp_path, assets, "c", iterations=6, iterations_per_epoch=100)  # default checkpoint_every_s
+def test_kill_9_in_the_first_minute_after_the_first_iterations_finds_a_saved_state(tmp_path, assets,
+                                                                                   reference_run, capfd):
+    config = _config(tmp_path, assets, "c", iterations=4, iterations_per_epoch=100)  # default checkpoint_every_s
     assert load_config(config, TrainConfig).checkpoint_every_s == 60.0
-    reference = tmp_path / "reference"
-    assert run_child(["train", "--config", str(config), "--out", str(reference)]).proc.returncode == 0
+    reference = reference_run(config)
     run = tmp_path / "run"
     child = Child(["train", "--config", str(config), "--out", str(run)], driver=True, hooks={"E2E_GATE_ITER": "3"})
     child.wait_for(r"GATE iteration 3")  # seconds into the run: no epoch has ended
@@ -333,25 +341,23 @@ def test_kill_9_in_the_first_minute_after_the_first_iterations_finds_a_saved_sta
     assert child.finish() == -signal.SIGKILL
     assert load_state(run / "training_state.pt")["iteration"] == 1  # the save after the first iteration
     load_model(run / "model.safetensors")
-    child = run_child(["train", "--resume", "--out", str(run)])
-    assert child.proc.returncode == 0, child.text_err
-    assert_same_result(run, reference, 6)
+    resume_here(run, capfd)
+    assert_same_result(run, reference, 4)
 
 
-KILL_ITERATIONS = 40  # ten kills advance the run by at most 30 iterations
+KILL_ITERATIONS = 32  # ten kills advance the run by at most 30 iterations; the last resume trains the rest
 
 
 @pytest.mark.slow
-def test_ten_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, assets):
+def test_ten_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, assets, reference_run, capfd):
     """Ten kill -9, each at a random point: before a random step, or halfway through writing the
     state or the model file of a random save. The state is saved after every iteration here
     (checkpoint_every_s tiny), so each kill must leave exactly the last completed iteration's state."""
     config = _config(tmp_path, assets, "c", iterations=KILL_ITERATIONS, iterations_per_epoch=4,
                      checkpoint_every_s=1e-6)
     reference_config = _config(tmp_path, assets, "r", iterations=KILL_ITERATIONS, iterations_per_epoch=4,
-                               checkpoint_every_s=0.0)
-    reference = tmp_path / "reference"
-    assert run_child(["train", "--config", str(reference_config), "--out", str(reference)]).proc.returncode == 0
+                               checkpoint_every_s=0.0)  # saved per epoch only: saves must not change a run
+    reference = reference_run(reference_config)
     run = tmp_path / "run"
     rng = random.Random(16)
     at = 0  # the iteration of the saved state
@@ -376,9 +382,7 @@ def test_ten_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, ass
         assert state["iteration"] == at, (kill, kind, k, state["iteration"])
         load_model(run / "model.safetensors")
     assert {"step", "state", "model"} <= set(kinds)
-    child = run_child(["train", "--resume", "--out", str(run)])
-    assert child.proc.returncode == 0, child.text_err
-    assert "took over train.lock" in child.text_err
+    assert "took over train.lock" in resume_here(run, capfd)
     assert_same_result(run, reference, KILL_ITERATIONS)
     assert sorted(p.name for p in run.iterdir()) == RUN_FILES  # no lock, no temporaries left
 
@@ -407,8 +411,8 @@ def test_stale_temporaries_of_dead_writers_are_deleted_and_live_ones_kept(tmp_pa
     assert remove_stale_temporaries(out) == []
 
 
-def test_a_run_deletes_the_temporaries_a_killed_run_left_in_its_folder(tmp_path, assets):
-    run = _finished_run(tmp_path, assets, iterations=2)
+def test_a_run_deletes_the_temporaries_a_killed_run_left_in_its_folder(tmp_path, finished_template):
+    run = _finished_run(tmp_path, finished_template)
     leftovers = [run / ".training_state.pt.abcd1234.tmp", run / ".model.safetensors.1-somehost.x1y2z3w4.tmp"]
     for p in leftovers:
         p.write_bytes(b"half")
@@ -423,8 +427,8 @@ def test_a_run_deletes_the_temporaries_a_killed_run_left_in_its_folder(tmp_path,
 # ------------------------------------------------------------------ class 3 (part): state checksum, lost model
 
 
-def _state_file(tmp_path, assets) -> Path:
-    return _finished_run(tmp_path, assets, iterations=2) / "training_state.pt"
+def _state_file(tmp_path, template: Path) -> Path:
+    return _finished_run(tmp_path, template) / "training_state.pt"
 
 
 def _same(a, b) -> bool:
@@ -438,8 +442,8 @@ def _same(a, b) -> bool:
 
 
 @pytest.fixture(scope="module")
-def saved_state(tmp_path_factory, assets) -> tuple[Path, dict]:
-    path = _state_file(tmp_path_factory.mktemp("state"), assets)
+def saved_state(tmp_path_factory, finished_template) -> tuple[Path, dict]:
+    path = _state_file(tmp_path_factory.mktemp("state"), finished_template)
     return path, load_state(path)
 
 
@@ -462,8 +466,8 @@ def test_single_byte_damage_in_the_training_state_never_goes_unnoticed(seed, sav
     assert _same(state, original), f"byte {where} changed the content without being noticed"
 
 
-def test_resume_refuses_a_state_whose_tensor_bytes_changed(tmp_path, assets, capfd):
-    run = _finished_run(tmp_path, assets, iterations=2)
+def test_resume_refuses_a_state_whose_tensor_bytes_changed(tmp_path, finished_template, capfd):
+    run = _finished_run(tmp_path, finished_template)
     state = torch.load(run / "training_state.pt", weights_only=True)
     name = next(k for k, v in state["model"].items() if v.is_floating_point() and v.numel() > 4)
     state["model"][name].view(-1)[3] += 1.0  # a flipped value, the stored checksum kept
@@ -475,8 +479,8 @@ def test_resume_refuses_a_state_whose_tensor_bytes_changed(tmp_path, assets, cap
     assert file_snapshot(run) == before
 
 
-def test_a_state_saved_before_checksums_still_loads(tmp_path, assets):
-    path = _state_file(tmp_path, assets)
+def test_a_state_saved_before_checksums_still_loads(tmp_path, finished_template):
+    path = _state_file(tmp_path, finished_template)
     state = torch.load(path, weights_only=True)
     del state["content_sha256"]
     torch.save(state, path)
