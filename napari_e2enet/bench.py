@@ -442,15 +442,17 @@ def run_volume_benchmark(
 def training_candidate(name: str) -> tuple[str, float]:
     """(architecture, sparsity) of a training candidate: ``plain``, ``e2enet_sN`` or ``small_sN`` with
     S = N/10, N = 0..9; a leading zero is allowed (``e2enet_s08``), the spelling of the patch
-    candidates (``e2enet_fast_s08``). ValueError names the candidate and the accepted forms."""
+    candidates (``e2enet_fast_s08``). A ``_dense`` suffix (``e2enet_s08_dense``) trains the same
+    network without the sparse kernels (``training.sparse_conv``), all kernels computed as before.
+    ValueError names the candidate and the accepted forms."""
     import re
 
     if name == "plain":
         return "plain", 0.0
-    match = re.fullmatch(r"(e2enet|small)_s0?(\d)", name)
+    match = re.fullmatch(r"(e2enet|small)_s0?(\d)(?:_dense)?", name)
     if match is None:
         raise ValueError(f"unknown training candidate {name!r}: plain, e2enet_sN or small_sN "
-                         "(S = N/10, N = 0..9, e.g. e2enet_s8 or e2enet_s08)")
+                         "(S = N/10, N = 0..9, e.g. e2enet_s8 or e2enet_s08; _dense: without the sparse kernels)")
     return ("e2enet" if match[1] == "e2enet" else "e2enet_small"), int(match[2]) / 10
 
 
@@ -509,6 +511,7 @@ def run_training_benchmark(
     from .sparse import DSFFUpdater
     from .training.loop import train_step
     from .training.losses import DeepSupervisionLoss
+    from .training.sparse_conv import install_sparse_training
 
     models = list(models)
     check_training_candidates(models, patch)
@@ -527,7 +530,10 @@ def run_training_benchmark(
             # ΔT = 1 here so every timed call of the updater is a full topology update.
             updater = DSFFUpdater(model, opt, SparsityConfig(sparsity=sparsity, update_every=1), 10 * iterations,
                                   seed=seed)
+        # as the Trainer does on the CPU: the masked fusion units skip their pruned kernels
+        sparse = install_sparse_training(model) if updater is not None and not name.endswith("_dense") else None
         runs.append({"name": name, "model": model, "opt": opt, "updater": updater, "sparsity": sparsity,
+                     "sparse_units": len(sparse.units) if sparse is not None else 0,
                      "step": [], "update": [], "apply": []})
     for it in range(iterations + 1):
         for run in runs:
@@ -550,7 +556,8 @@ def run_training_benchmark(
     for run in runs:
         step = statistics.median(run["step"])
         row: dict[str, Any] = {"model": run["name"], "patch": patch, "batch": batch, "seconds_per_iteration": step,
-                               "params": sum(p.numel() for p in run["model"].parameters())}
+                               "params": sum(p.numel() for p in run["model"].parameters()),
+                               "sparse_units": run["sparse_units"]}
         if run["updater"] is not None:
             every = SparsityConfig(sparsity=run["sparsity"]).resolved_update_every(run_length)
             apply_s, update_s = statistics.median(run["apply"]), statistics.median(run["update"])

@@ -13,9 +13,11 @@ kernels (``inference/cpu/kernels_train.c``) whose work is proportional to the ac
   updater scores pruned kernels by their gradient (``regrow="gradient"``, RigL), the trainer
   asks for dense weight gradients on those iterations only (:meth:`SparseTraining.dense_weight_grads`).
 
-Measured (AMD EPYC, AVX2, one thread, interleaved; level-0 shape 96 → 48 over 64 × 64 planes,
-random masks at density 0.2): oneDNN dense fwd / dX / dW 1.00 / 0.90 / 1.97, these kernels
-0.67 / 0.66 / 0.41 (level 1, 240 → 96 on 32², 0.42 / 0.54 / 0.38 against 1.00 / 1.10 / 1.31).
+Measured (AMD EPYC, AVX2, one thread, interleaved, a shared machine at load ~2.5; the paper
+network's level-0 fusion conv 96 → 48 over 64 × 64 planes, random masks at density 0.2, time
+relative to oneDNN's dense forward): oneDNN fwd / dX / dW 1.00 / 0.90 / 1.97, these kernels
+0.67 / 0.66 / 0.41 with chunks of 16 inputs (fwd 0.43–0.51 with chunks of 64, the default); level
+1, 240 → 96 on 32²: oneDNN 1.00 / 1.10 / 1.31, these kernels 0.42 / 0.54 / 0.38.
 
 Used where it pays: CPU float32 tensors (no autocast), the unit's mask density below
 :data:`MAX_DENSITY`, and the kernels built (no compiler, ``NAPARI_E2ENET_NO_KERNELS=1`` or a failed
@@ -43,8 +45,11 @@ MAX_DENSITY = 0.35
 # Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more
 # (a 2 x 24 -> 8 x 16^3 call at density 0.2: 1.2 ms on one thread, 3-8 ms on two, machine busy).
 _SMALL_MACS = 1 << 23
-# Inputs per chunk of the CSR order: 16 channels' rows of one 4 x 16 tile stay in L1 (AVX2, 32 KiB).
-CHUNK = 16
+# Inputs per chunk of the CSR order. Smaller chunks keep a tile's input rows in L1 but reload and
+# store the output tile once per chunk; measured forward time / oneDNN's at density 0.2 (AVX2, one
+# thread, busy machine) for chunks 4 / 8 / 16 / 32 / 64 / all: 96 -> 48 on 64^2 0.86 / 0.68 / 0.68 /
+# 0.50-0.59 / 0.43-0.51 / 0.44-0.50; 240 -> 96 on 32^2 0.64 / 0.56 / 0.49 / 0.48-0.51 / 0.45-0.49 / 0.50-0.55.
+CHUNK = 64
 
 
 def _chunked_csr(mask: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

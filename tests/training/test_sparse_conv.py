@@ -38,13 +38,13 @@ def _masked_unit(i: int, o: int, density: float, seed: int, shift: bool = True) 
     return unit, mask
 
 
-@pytest.mark.parametrize("shape, density, shift", [
-    ((2, 7, 5, 4, 5, 9), 0.4, True),      # odd H, W: the tile and vector tails
-    ((1, 37, 12, 3, 8, 16), 0.2, True),   # 37 inputs: three CSR chunks, the last one short
-    ((1, 2, 3, 2, 3, 3), 0.5, True),      # C < 3: no depth shift
-    ((2, 6, 4, 3, 4, 8), 0.3, False),     # a unit without the shift
+@pytest.mark.parametrize("shape, density, shift, chunk", [
+    ((2, 7, 5, 4, 5, 9), 0.4, True, 64),     # odd H, W: the tile and vector tails
+    ((1, 37, 12, 3, 8, 16), 0.2, True, 16),  # 37 inputs: three CSR chunks, the last one short
+    ((1, 2, 3, 2, 3, 3), 0.5, True, 64),     # C < 3: no depth shift
+    ((2, 6, 4, 3, 4, 8), 0.3, False, 4),     # a unit without the shift
 ])
-def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift):
+def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift, chunk):
     n, i, o, d, h, w = shape
     unit, mask = _masked_unit(i, o, density, seed=i * o, shift=shift)
     x = torch.randn(n, i, d, h, w, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -53,7 +53,7 @@ def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift
     params = (x, unit.conv.weight, unit.conv.bias)
     rx, rw, rb = torch.autograd.grad(ref, params, gy)
     active = mask[..., None, None, None]
-    plan = SparseConvPlan.from_mask(mask, shift=shift)
+    plan = SparseConvPlan.from_mask(mask, shift=shift, chunk=chunk)
     for dense in (False, True):
         y = sparse_conv133(x, unit.conv.weight, unit.conv.bias, plan, kernels, dense_weight_grad=dense)
         sx, sw, sb = torch.autograd.grad(y, params, gy)

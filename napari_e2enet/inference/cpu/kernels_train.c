@@ -8,7 +8,8 @@
    applied by reading slice d + shift[c]; the halo replaces bounds checks), then each output
    channel's tile of 4 rows x 16 columns is accumulated in 8 vector registers over its active
    inputs, 72 FMAs per (kernel, tile). Inputs are visited in chunks of CH channels (CSR by chunk
-   and output) so that a chunk's rows of a tile stay in L1 across the outputs that use them.
+   and output): small chunks keep a tile's input rows in L1 across the outputs that use them, at
+   one load + store of the output tile per chunk (the caller picks CH; sparse_conv.py says why).
    The same function computes dX (the transposed mask, flipped taps, shift applied on the way
    out); the weight gradient of the active kernels is 9 dot products per kernel and slice.
 
