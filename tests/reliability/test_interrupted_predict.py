@@ -62,9 +62,9 @@ def test_kill_9_mid_folder_leaves_whole_files_and_a_rerun_completes(tmp_path, as
     # finished cases are skipped, the others written whole.
     capfd.readouterr()
     code = main([*argv, "--json"])
-    out, err = capfd.readouterr()
-    assert code == 0, err
-    status = {c["case"]: c["status"] for c in json.loads(out)["cases"]}
+    shown = capfd.readouterr()
+    assert code == 0, shown.err
+    status = {c["case"]: c["status"] for c in json.loads(shown.out)["cases"]}
     assert status == {"case000": "skipped (exists)", "case001": "skipped (exists)",
                       "case002": "ok", "case003": "ok", "case004": "ok"}
     final = [n for n in _outputs(out) if not n.startswith(".")]
