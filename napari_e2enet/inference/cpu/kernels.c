@@ -568,6 +568,38 @@ void e2e_maxpool(int C, int D, int H, int W, int Pi, int kd, int kh, int kw,
         const float *base = in + (size_t)c * istride + (size_t)(kd * d) * iplane + (size_t)(kh * h + 1) * Pi;
         const int idn = is_identity(ia, ib, is, c);
         const float fa = idn ? 1.f : ia[c], fb = idn ? 0.f : ib[c], fs = idn ? 1.f : is[c];
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        if (kw == 2) {
+            /* AVX2: 8 outputs from 16 inputs per step with in-lane shuffles (the 32-lane v16
+               deinterleave below lowers to a long shuffle sequence on 256-bit registers) */
+            const __m256 va = _mm256_set1_ps(fa), vb = _mm256_set1_ps(fb), vs = _mm256_set1_ps(fs);
+            for (int w0 = 0; w0 < Wo; w0 += 8) {
+                __m256 m = _mm256_set1_ps(-__builtin_inff());
+                for (int a = 0; a < kd; a++)
+                    for (int b = 0; b < kh; b++) {
+                        const float *src = base + (size_t)a * iplane + (size_t)b * Pi + 2 * w0;
+                        __m256 e = _mm256_load_ps(src), f = _mm256_load_ps(src + 8);
+                        if (!idn) {
+                            e = _mm256_fmadd_ps(va, e, vb);
+                            e = _mm256_max_ps(e, _mm256_mul_ps(vs, e));
+                            f = _mm256_fmadd_ps(va, f, vb);
+                            f = _mm256_max_ps(f, _mm256_mul_ps(vs, f));
+                        }
+                        /* [e0 e2 f0 f2 | e4 e6 f4 f6] and the odd columns: pair maxima in lane order */
+                        const __m256 ev = _mm256_shuffle_ps(e, f, 0x88), od = _mm256_shuffle_ps(e, f, 0xDD);
+                        m = _mm256_max_ps(m, _mm256_max_ps(ev, od));
+                    }
+                m = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(m), 0xD8)); /* 64-bit pairs 0 2 1 3 */
+                const int n = Wo - w0 < 8 ? Wo - w0 : 8;
+                if (n == 8) _mm256_storeu_ps(row + w0, m);
+                else {
+                    float tmp[8] __attribute__((aligned(32)));
+                    _mm256_store_ps(tmp, m);
+                    store_n(row + w0, tmp, n);
+                }
+            }
+        } else
+#endif
         if (kw == 2) {
             for (int w0 = 0; w0 < Wo; w0 += 16) {
                 v16 m = BC(-__builtin_inff());
