@@ -179,14 +179,16 @@ class _UnitConv:
         self.kernels = kernels
         self.owner = owner
         self.calls = 0  # sparse calls made (tests and benchmarks read it)
-        self._plan: tuple[int, int, SparseConvPlan] | None = None
+        self._plan: tuple[torch.Tensor, int, SparseConvPlan] | None = None
 
     def plan(self, mask: torch.Tensor) -> SparseConvPlan:
-        # Masks change in place or are replaced at topology updates: key on identity and version.
-        key = (id(mask), mask._version)
-        if self._plan is None or self._plan[:2] != key:
-            self._plan = (*key, SparseConvPlan.from_mask(mask, shift=isinstance(self.unit.shift, DepthShift)))
-        return self._plan[2]
+        # Masks change in place or are replaced at topology updates: key on the tensor itself (held
+        # here, so its id cannot be reused by a new mask) and its in-place version counter.
+        cached = self._plan
+        if cached is None or cached[0] is not mask or cached[1] != mask._version:
+            cached = self._plan = (mask, mask._version,
+                                   SparseConvPlan.from_mask(mask, shift=isinstance(self.unit.shift, DepthShift)))
+        return cached[2]
 
     def applies(self, x: torch.Tensor) -> bool:
         conv = self.unit.conv

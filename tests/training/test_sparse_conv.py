@@ -167,3 +167,26 @@ def test_bindings_refuse_bad_arguments(kernels):
             lib.tconv_fwd(**{**good, **change})
     with pytest.raises(ValueError, match="dw"):
         lib.tconv_dw(x=x, dy=y, ptr=plan.ptr, idx=plan.idx, chunk=2, dw=torch.zeros(plan.nnz, 9))
+
+
+def test_the_sparse_path_follows_mask_changes(kernels):
+    """Topology updates replace a mask, set_masks / tests may edit it in place: the next step uses it."""
+    unit, mask = _masked_unit(12, 6, 0.3, seed=5)
+    unit.conv.register_buffer("kernel_mask", mask)
+    holder = torch.nn.Sequential(unit).train()
+    sparse = SparseTraining(holder, kernels)
+    x = torch.randn(1, 12, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+
+    def check() -> None:
+        with torch.no_grad():
+            unit.conv.weight.copy_(torch.randn(unit.conv.weight.shape) * unit.conv.kernel_mask[..., None, None, None])
+        calls = sparse.calls
+        got = sparse.units["0"](x)
+        assert sparse.calls == calls + 1
+        torch.testing.assert_close(got, unit.conv(unit.shift(x)), atol=1e-4, rtol=1e-4)
+
+    check()
+    mask[0, -1], mask[1, -1] = False, ~mask[1, -1]  # in place, the density stays low
+    check()
+    unit.conv.kernel_mask = torch.rand(6, 12, generator=torch.Generator().manual_seed(7)) < 0.3  # replaced
+    check()
