@@ -18,6 +18,11 @@ network's level-0 fusion conv 96 → 48 over 64 × 64 planes, random masks at de
 relative to oneDNN's dense forward): oneDNN fwd / dX / dW 1.00 / 0.90 / 1.97, these kernels
 0.67 / 0.66 / 0.41 with chunks of 16 inputs (fwd 0.43–0.51 with chunks of 64, the default); level
 1, 240 → 96 on 32²: oneDNN 1.00 / 1.10 / 1.31, these kernels 0.42 / 0.54 / 0.38.
+Whole step (``bench --parts train``, 64³ batch 2, 2 threads, same AVX2 EPYC, one process,
+interleaved, load 4.1 → 2.4): paper network S = 0.8 26.9 → 15.4 s/it (2.98× → 1.70× PlainConvUNet's
+9.0 s), E2ENet-small S = 0.8 2.54 → 1.42 s/it (0.28× → 0.16×). Profile of one S = 0.8 step: the
+fusion convs' forward + backward 4.7 s (about 10.5 s dense), ``copy_`` 1.9 s in 651 calls (3.1 s
+in 782 dense: the folded depth shift).
 
 Used where it pays: CPU float32 tensors (no autocast), the unit's mask density below
 :data:`MAX_DENSITY`, and the kernels built (no compiler, ``NAPARI_E2ENET_NO_KERNELS=1`` or a failed
