@@ -66,6 +66,7 @@ from ..modelcard import (
 from ..models import E2ENet
 from ..sparse import DSFFUpdater
 from .losses import deep_supervision_weights
+from .sparse_conv import SparseTraining, install_sparse_training
 
 __all__ = ["FinetuneConfig", "FinetuneEvent", "correction_region", "finetune", "iter_finetune", "masked_dice_ce"]
 
@@ -285,11 +286,17 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
                                 f"{'decoder only' if config.train == 'decoder' else 'all layers'}")
     model.train()
     loss_value = float("nan")
+    # The masked fusion convs skip their pruned kernels on the CPU (training.sparse_conv): the bundled
+    # models are DSFF-sparse, and fine-tune time is what the user waits for.
+    sparse = install_sparse_training(model, device) if model.masks() else None
     with ThreadChooser(None if device.type == "cpu" else (torch.get_num_threads(),)) as threads:
         for it in range(total):
             if stop.is_set():
+                _remove(sparse)
                 yield FinetuneEvent("stopped", it, total, loss_value, time.perf_counter() - t0)
                 return
+            if sparse is not None:
+                sparse.dense_weight_grads(updater is not None and updater.needs_dense_grads(it + 1))
             with threads.step():
                 loss_value = _train_step(model, sampler.batch(config.batch), device, optimizer, params)
             if updater is not None:
@@ -299,6 +306,7 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
             if not np.isfinite(loss_value):
                 raise FloatingPointError(f"fine-tune loss became {loss_value} at iteration {it + 1}")
             yield FinetuneEvent("iteration", it + 1, total, loss_value, time.perf_counter() - t0)
+    _remove(sparse)
     if stop.is_set():
         yield FinetuneEvent("stopped", total, total, loss_value, time.perf_counter() - t0)
         return
@@ -307,6 +315,11 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
             "cpu_threads": threads.current if device.type == "cpu" else None}
     run_dir = _write_run(model, Path(out), meta, info)
     yield FinetuneEvent("done", total, total, loss_value, time.perf_counter() - t0, run_dir=run_dir)
+
+
+def _remove(sparse: SparseTraining | None) -> None:
+    if sparse is not None:
+        sparse.remove()
 
 
 def _corrected_region(image: Volume, labels: Volume, edited: np.ndarray | None, table: LabelTable) -> np.ndarray:

@@ -127,6 +127,33 @@ def test_stop_ends_at_the_next_iteration_and_writes_nothing(tmp_path, case, base
     assert not (tmp_path / "run").exists()
 
 
+def test_finetune_skips_pruned_kernels_on_the_cpu_and_unhooks_after(tmp_path, case, base_model, monkeypatch):
+    """The bundled models are DSFF-sparse: fine-tune trains their masked fusion convs through the
+    sparse kernels (training.sparse_conv), not dense convs over zeros, and leaves no hook behind."""
+    import napari_e2enet.training.finetune as ft
+    from napari_e2enet.inference.cpu import find_compiler
+    from napari_e2enet.inference.cpu.compact import load_kernels
+
+    if load_kernels() is None and find_compiler() is None:
+        pytest.skip("no C compiler here: fine-tune trains dense")
+    installed = []
+    install = ft.install_sparse_training
+
+    def spy(model, device):
+        sparse = install(model, device)
+        installed.append(list(sparse.units.values()) if sparse is not None else None)
+        return sparse
+
+    monkeypatch.setattr(ft, "install_sparse_training", spy)
+    image, labels = case
+    events = list(ft.iter_finetune(base_model[0], image, labels, tmp_path / "run",
+                                   config=FinetuneConfig(iterations=3, device="cpu")))
+    assert events[-1].kind == "done"
+    (hooks,) = installed
+    assert hooks and sum(hook.calls for hook in hooks) >= 3 * len(hooks)  # every masked unit, every step
+    assert all(hook.unit.fused_conv is None for hook in hooks)  # unhooked: a plain E2ENet again
+
+
 def test_the_cli_fine_tunes_and_refuses_what_it_cannot_use(tmp_path, case, base_model, capsys):
     image, labels = case
     write_volume(image, tmp_path / "ct.nii.gz")
