@@ -16,11 +16,16 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._json import json_safe
 from .config import MIRROR_MODES, OPTIMIZERS, VALIDATION_MODES
 from .errors import InputError
+
+if TYPE_CHECKING:  # imported where used: `napari-e2enet --help` stays fast
+    from pathlib import Path
+
+    from .config import TrainConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -204,7 +209,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
-def train_config_from_args(args: argparse.Namespace):
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     from .config import TrainConfig, load_config, train_config
     from .pathcheck import require_file
 
@@ -254,7 +259,7 @@ def _train(args: argparse.Namespace) -> int:
         for event in trainer.iter_fit():
             if not dist.is_main:
                 continue
-            if event.kind == "iteration":
+            if event.kind == "iteration" and event.loss is not None:
                 last_loss = event.loss
             if event.kind == "start":
                 bar = tqdm(total=event.total, initial=event.iteration, unit="it", dynamic_ncols=True,
@@ -276,9 +281,10 @@ def _train(args: argparse.Namespace) -> int:
     summary = trainer.summary
     if not dist.is_main or summary is None:
         return 0
-    mean = summary.mean_dice
+    dice_mean = summary.mean_dice
     result = {"run_dir": str(summary.run_dir), "iterations": summary.iterations, "seconds": round(summary.seconds, 1),
-              "final_loss": summary.final_loss, "dice": summary.dice, "dice_mean": mean, "stopped": summary.stopped}
+              "final_loss": summary.final_loss, "dice": summary.dice, "dice_mean": dice_mean,
+              "stopped": summary.stopped}
     if args.json:
         emit_json(result)
     else:
@@ -289,7 +295,7 @@ def _train(args: argparse.Namespace) -> int:
         loss = summary.final_loss if summary.final_loss is not None else float("nan")
         sys.stderr.write(f"train {verb}: {summary.iterations} iterations in {summary.seconds:.0f} s, "
                          f"loss {loss:.4f}, validation Dice "
-                         f"{'n/a' if mean is None else f'{mean:.4f}'} -> {summary.run_dir}\n")
+                         f"{'n/a' if dice_mean is None else f'{dice_mean:.4f}'} -> {summary.run_dir}\n")
     return _signal_exit(got["signal"]) if summary.stopped else 0
 
 
@@ -308,7 +314,7 @@ def _output_suffix(name: str) -> str | None:
     return None
 
 
-def collect_cases(path, *, channels: bool = True) -> list[tuple[str, list]]:
+def collect_cases(path: str | Path, *, channels: bool = True) -> list[tuple[str, list[Path]]]:
     """(case name, inputs) for a file (NIfTI, NRRD, MetaImage, a DICOM .zip), a DICOM series folder
     (one case) or a folder of NIfTI/NRRD/MetaImage cases.
 
@@ -368,7 +374,8 @@ def collect_cases(path, *, channels: bool = True) -> list[tuple[str, list]]:
             missing = next(i for i in range(numbers[-1] + 1) if i not in slot)
             raise InputError(f"case {name!r}: channel files {', '.join(f'_{i:04d}' for i in numbers)}; _{missing:04d} "
                              "is missing (channels are matched by their _NNNN number, starting at _0000)", path)
-        cases.append((name, [slot[i] for i in (numbers or [None])]))
+        keys: list[int | None] = list(numbers) if numbers else [None]
+        cases.append((name, [slot[i] for i in keys]))
     return cases
 
 
@@ -466,7 +473,8 @@ def _predict_jobs(args: argparse.Namespace) -> tuple[list, Any]:
     if single_file and args.output_format and OUTPUT_FORMATS[args.output_format] != out_suffix:
         raise InputError(f"--output-format {args.output_format} contradicts the output name (it ends in "
                          f"{out_suffix})", out)
-    suffix = out_suffix if single_file else OUTPUT_FORMATS[args.output_format or "nii.gz"]
+    # (single_file implies out_suffix; the second test tells mypy so)
+    suffix = out_suffix if single_file and out_suffix is not None else OUTPUT_FORMATS[args.output_format or "nii.gz"]
     if suffix == ".dcm" and not dicom_input:
         raise InputError("DICOM-SEG output (.dcm) needs DICOM input: it references the source series", out)
     _prepare_output(out, single_file)
@@ -527,13 +535,13 @@ def _predict(args: argparse.Namespace) -> int:
                 current = event.name
                 bar = tqdm(desc=current, unit="tile", file=sys.stderr, leave=False)
             elif isinstance(event, InputWarning):
-                bar.write(f"napari-e2enet predict: warning: {current}: {event.message}", file=sys.stderr)
+                tqdm.write(f"napari-e2enet predict: warning: {current}: {event.message}", file=sys.stderr)
             elif isinstance(event, CaseResult):
                 if bar is not None:
                     bar.close()
                 results.append(event.to_dict())
                 cases_bar.update(1)
-            else:
+            elif bar is not None:  # tile progress, always after its CaseStarted
                 bar.total = event.total
                 bar.update(event.done - bar.n)
         if len(results) < len(jobs):  # the generator ended early: stop was set
@@ -561,7 +569,7 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_output_on_input(cases: list[tuple[str, list]], out, single_file: bool, suffix: str) -> None:
+def _refuse_output_on_input(cases: list[tuple[str, list[Path]]], out: Path, single_file: bool, suffix: str) -> None:
     """No output may be an input: ``predict -i a.nii.gz -o a.nii.gz --overwrite`` would replace the
     image with its labels (a hard link or symlink to an input counts as the input)."""
     import os
@@ -859,7 +867,7 @@ def _parse_shape(text: str) -> tuple[int, int, int]:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"--volume-shapes: {text!r} is not DxHxW (e.g. 300x512x512)")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -874,7 +882,9 @@ def _bench(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise InputError(f"--train-models/--train-patch: {exc}") from None
     shapes = [_parse_shape(t) for t in args.volume_shapes]
-    say = lambda m: sys.stderr.write(m + "\n")  # noqa: E731
+    def say(message: str) -> None:
+        sys.stderr.write(message + "\n")
+
     machine = bench.machine_info()
     out: dict[str, Any] = {"machine": machine}
     text = []

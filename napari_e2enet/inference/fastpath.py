@@ -205,7 +205,7 @@ class _DenseUnit:
         into a buffer of the pool a few slices at a time (the caller gives it back): oneDNN has no
         output argument, and the whole output allocated by PyTorch at full resolution (384 MiB
         at 48 × 128³) would sit next to the arena at the encoder's peak."""
-        if not self.pools_output(xin, pool):
+        if pool is None or not self.pools_output(xin, pool):  # pools_output is False for None too
             y = F.conv2d(xin, self.weight, None, self.stride[1:], self.padding)
             return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
         d, _, h, w = xin.shape
@@ -408,9 +408,9 @@ class _DenseNode:
             if run.part == "forward":
                 _copy_shifted(buf, fwd, run)
             elif run.part == "up":
-                self._write_up(buf, up7, run)  # type: ignore[arg-type]
+                self._write_up(buf, up7, run)
             else:
-                self._write_down(buf, pooled, run)  # type: ignore[arg-type]
+                self._write_down(buf, pooled, run)
         return buf
 
     def _write_up(self, buf: torch.Tensor, up7: torch.Tensor, run: _Run) -> None:
@@ -453,7 +453,7 @@ class _DenseNode:
             target[hi:].zero_()
 
     def __call__(self, fwd: torch.Tensor, deeper: torch.Tensor, shallower: torch.Tensor | None) -> torch.Tensor:
-        return _run_units([self.first, *self.rest], self.build_input(fwd, deeper, shallower))  # type: ignore[return-value]
+        return _run_units([self.first, *self.rest], self.build_input(fwd, deeper, shallower))
 
 
 def _concat_parts(step: FusionStep) -> Callable[[int], tuple[str, int]]:
@@ -791,12 +791,12 @@ class AcceleratedE2ENet(nn.Module):
             if finish is None:
                 # the stage input is passed without a reference here, so _run_units frees it
                 # after its first conv (at level 1: 384 MiB at 48 × 128³)
-                h = _run_units(stage, _stage_input(stage[0], h)[0], lazy_last=lazy)  # type: ignore[arg-type]
+                h = _run_units(stage, _stage_input(stage[0], h)[0], lazy_last=lazy)
             else:
                 # the shifted input is built in the arena, then the previous output (also
                 # feats[-1]) is converted and dropped before this stage's convs allocate theirs:
                 # the level-0 output (384 MiB at 48 × 128³) is never held next to them
-                xin, pooled = _stage_input(stage[0], h, pool)  # type: ignore[arg-type]
+                xin, pooled = _stage_input(stage[0], h, pool)
                 h = None
                 if feats:
                     feats[-1] = finish(feats[-1])
@@ -830,7 +830,7 @@ class AcceleratedE2ENet(nn.Module):
         values: dict[tuple[int, int], _Act] = {}
         for i in range(len(feats)):
             values[(i, 0)] = self._to_act(feats[i])
-            feats[i] = None  # type: ignore[call-overload]  # free the folded copy early
+            feats[i] = None  # free the folded copy early
         drops = self._last_reads["sparse"]
         for step in self._sparse_order:
             done = drops[step.key]
@@ -872,7 +872,7 @@ class AcceleratedE2ENet(nn.Module):
             if self._compiled_encoder is not None:
                 return self._decode_sparse(self._compiled_encoder(x))
             return self._decode_sparse(self.encode(x, lazy=True, finish=self._to_act))
-        return self._decode_dense(self.encode(x))  # type: ignore[arg-type]
+        return self._decode_dense(self.encode(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 5 or x.shape[1] != self.config.in_channels:

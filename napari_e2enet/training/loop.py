@@ -40,8 +40,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Generator, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,12 @@ class Trainer:
     def writes(self) -> bool:
         return self.rank == 0 and self.run_dir is not None
 
+    @property
+    def _folder(self) -> Path:
+        """``run_dir`` where the caller knows there is one (``writes``, ``resume``)."""
+        assert self.run_dir is not None
+        return self.run_dir
+
     # -- the run folder --------------------------------------------------------------------------
     def _take_folder(self) -> list[str]:
         """Lock the (existing) run folder for this process's lifetime, delete temporaries a killed run
@@ -296,6 +302,9 @@ class Trainer:
         label_ids = list(dataset.labels.names if isinstance(dataset.labels, LabelTable) else dataset.labels)
         for case in dataset.cases:
             image, label = case.load(label_ids)  # unknown label values are refused even when no fingerprint runs
+            if label is None:  # (an in-memory Dataset may hold unlabelled cases: was an AttributeError)
+                raise InputError(f"case {case.name} has no label map; training needs one for every case",
+                                 cfg.data.source)
             self._check_case_memory(image, plan, case.name, plan_source or cfg.data.source)
             array, inverse = preprocess(image, plan)
             arrays.append((array, preprocess_labels(label, plan)))
@@ -437,12 +446,12 @@ class Trainer:
         if not self.writes:
             return
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot create the run folder ({exc.strerror or exc})", self.run_dir) from None
         if self._lock is None:
             notes += self._take_folder()
-        save_config(self.config, self.run_dir / CONFIG_FILE)
+        save_config(self.config, self._folder / CONFIG_FILE)
         if run.start == 0:
             run.record.record(run.model, "epoch", 0, epoch=0)  # the initial random topology
 
@@ -466,17 +475,17 @@ class Trainer:
         run.saved_iteration, run.saved_at = iteration, _clock()
         card = ModelCard(data.plan, data.labels, model.config, cfg.data.patch, data.mirror_axes, data.intended,
                          cfg.to_dict(), iteration)
-        save_model(model, self.run_dir / MODEL_FILE, metadata=card.to_metadata())
-        run.record.to_json(self.run_dir / CONNECTIVITY_FILE)
-        _write_metrics(self.run_dir / METRICS_FILE, run.history)
+        save_model(model, self._folder / MODEL_FILE, metadata=card.to_metadata())
+        run.record.to_json(self._folder / CONNECTIVITY_FILE)
+        _write_metrics(self._folder / METRICS_FILE, run.history)
         state = {"iteration": iteration, "model": model.state_dict(), "masks": model.masks(),
                  "optimizer": run.optimizer.state_dict(),
                  "updater": run.updater.state_dict() if run.updater is not None else {},
                  "connectivity": json.dumps(run.record.to_dict()), "history": json.dumps(run.history),
                  "plan": json.dumps(data.plan.to_dict()), "epoch_losses": list(run.epoch_losses)}
-        save_state(state, self.run_dir / STATE_FILE)
+        save_state(state, self._folder / STATE_FILE)
 
-    def _end_epoch(self, run: _Run, completed: int, lr: float) -> Iterator[TrainEvent]:
+    def _end_epoch(self, run: _Run, completed: int, lr: float) -> Generator[TrainEvent, None, bool]:
         """Validation, metrics row, connectivity entry, checkpoint. Returns False (having saved
         nothing) if ``stop`` interrupted the validation: the caller stops, the state is saved."""
         cfg, total = self.config, self.config.iterations
@@ -501,6 +510,7 @@ class Trainer:
     def _step(self, run: _Run, it: int, loss_fn: nn.Module) -> Iterator[TrainEvent]:
         """One optimiser step (and topology update); yields its events."""
         cfg, total, model = self.config, self.config.iterations, run.model
+        assert run.ddp_model is not None and run.sampler is not None  # _start_run set them
         run.ddp_model.train()
         lr = poly_lr(cfg.lr, it, total)
         for group in run.optimizer.param_groups:
@@ -528,7 +538,7 @@ class Trainer:
                 run.record.record(model, "update", completed, epoch=epoch, update=update, loss=loss_value)
             yield TrainEvent("topology", completed, total, epoch, loss=loss_value, update=update)
 
-    def _iterations(self, run: _Run, resumed: bool) -> Iterator[TrainEvent]:
+    def _iterations(self, run: _Run, resumed: bool) -> Generator[TrainEvent, None, bool]:
         """The training iterations from ``run.start``; returns True when stopped early."""
         cfg, total, start = self.config, self.config.iterations, run.start
         loss_fn = DeepSupervisionLoss()
@@ -564,16 +574,16 @@ class Trainer:
         t_start = time.perf_counter()
         device = resolve_device(cfg.device)
         notes: list[str] = []
-        if self.writes and self.run_dir.is_dir():  # a new folder is locked once it exists (below)
+        if self.writes and self._folder.is_dir():  # a new folder is locked once it exists (below)
             notes += self._take_folder()
         state_path = self.run_dir / STATE_FILE if self.run_dir is not None else None
-        state = load_state(state_path) if self.resume else None
+        state = load_state(self._folder / STATE_FILE) if self.resume else None
         plan, plan_source = self._plan_from_sources(state, state_path)
         run = self._start_run(state, state_path, plan, plan_source, device, t_start)
         self._open_folder(run, notes)
         self._resume_counters(run, state, state_path)
         start = run.start
-        if state is not None and self.writes and not (self.run_dir / MODEL_FILE).is_file():
+        if state is not None and self.writes and not (self._folder / MODEL_FILE).is_file():
             self._checkpoint(run, start)  # the state holds the weights: restore the missing model file first
             notes.append(f"{MODEL_FILE} was missing; rewritten from {STATE_FILE} (iteration {start})")
         if state is not None and start == total:
@@ -738,7 +748,7 @@ def _bad_content(path: Path | None, what: str) -> Iterator[None]:
         raise InputError(f"unusable {what} ({kind}: {detail})", path) from None
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision == "amp" and device.type == "cuda":

@@ -113,7 +113,7 @@ class _SparseConv133(torch.autograd.Function):
     """y = conv3d(shift(x), weight ⊙ mask, bias) with (1,3,3) kernels, "same" padding, stride 1."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 plan: SparseConvPlan, kernels: Kernels, dense_dw: bool) -> torch.Tensor:
         x = x.contiguous()
         n, _, d, h, w = x.shape
@@ -128,7 +128,7 @@ class _SparseConv133(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         plan: SparseConvPlan = ctx.plan
         lib = ctx.kernels.library

@@ -114,6 +114,19 @@ def test_resume_without_state_is_a_clear_error(tmp_path, tiny_train_config):
         Trainer(tiny_train_config, tmp_path, resume=True)
 
 
+def test_an_unlabelled_case_is_a_one_line_error(tiny_train_config):
+    """An in-memory Dataset may hold a case without labels; training refuses it by name (it was an
+    AttributeError from deep in preprocessing, found by mypy)."""
+    from napari_e2enet.data import Dataset
+    from napari_e2enet.errors import InputError
+
+    rng = np.random.default_rng(0)
+    images = [rng.normal(size=(16, 16, 16)).astype(np.float32) for _ in range(2)]
+    dataset = Dataset.from_arrays(images, [(images[0] > 0).astype(np.uint8), None], names=["a", "b"])
+    with pytest.raises(InputError, match="case b has no label map"):
+        list(Trainer(tiny_train_config, None, dataset=dataset).iter_fit())
+
+
 def test_fine_tuning_starts_from_a_model_file_and_keeps_its_plan(tmp_path, tiny_train_config, tiny_phantoms):
     run(tiny_train_config.replace(iterations=4), tmp_path / "base", tiny_phantoms)
     base, base_meta = load_model(tmp_path / "base" / "model.safetensors")

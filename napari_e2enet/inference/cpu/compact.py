@@ -285,7 +285,7 @@ class PaddedPlanar:
         if self.pool is not None:
             self.pool.give(self.buffer)
             self.pool = None
-            self.buffer = None  # type: ignore[assignment]
+            self.buffer = None
 
     @property
     def cstride(self) -> int:
