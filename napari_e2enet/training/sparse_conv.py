@@ -41,7 +41,8 @@ from torch import nn
 from ..inference.cpu.compact import Kernels, depth_offsets, load_kernels
 from ..models.blocks import ConvUnit, DepthShift
 
-__all__ = ["MAX_DENSITY", "SparseConvPlan", "SparseTraining", "sparse_conv133", "install_sparse_training"]
+__all__ = ["MAX_DENSITY", "SparseConvPlan", "SparseTraining", "SparseUpPlan", "install_sparse_training",
+           "sparse_conv133", "sparse_up_conv"]
 
 # Above this kernel density a unit stays on oneDNN. The sum fwd + dX + dW of the sparse kernels is
 # 0.45x oneDNN's at density 0.2 on the level-0 and level-1 shapes (AVX2, one thread), i.e. the
@@ -167,6 +168,148 @@ def sparse_conv133(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return _SparseConv133.apply(x, weight, bias, plan, kernels, dense_weight_grad)
 
 
+@dataclass(frozen=True)
+class SparseUpPlan:
+    """The index structures of an up ConvTranspose3d's (I, O) kernel mask: forward / dW (CSR by
+    output over inputs, ``flat`` = i·O + o into the weight's (I·O) kernels) and dX (CSR by input
+    over outputs; ``flat_t`` the same index in that order)."""
+
+    in_channels: int
+    out_channels: int
+    ptr: torch.Tensor
+    idx: torch.Tensor
+    flat: torch.Tensor
+    ptr_t: torch.Tensor
+    idx_t: torch.Tensor
+    flat_t: torch.Tensor
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> SparseUpPlan:
+        mask = mask.detach().to(device="cpu", dtype=torch.bool)
+        i_count, o_count = mask.shape
+        # one chunk holding every column: plain CSR
+        ptr, idx, flat_oi = _chunked_csr(mask.t(), max(1, i_count))
+        ptr_t, idx_t, flat_t = _chunked_csr(mask, max(1, o_count))
+        o_of, i_of = flat_oi // i_count, flat_oi % i_count
+        return cls(i_count, o_count, ptr, idx, i_of * o_count + o_of, ptr_t, idx_t, flat_t)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.idx.numel())
+
+
+def _up_threads(plan: SparseUpPlan, x: torch.Tensor, taps: int) -> int:
+    macs = taps * plan.nnz * x.numel() // max(1, plan.in_channels)
+    return 1 if macs < _SMALL_MACS else max(1, torch.get_num_threads())
+
+
+class _SparseUpConv(torch.autograd.Function):
+    """y = conv_transpose3d(x, weight ⊙ mask, bias, stride = kernel) over the active kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                plan: SparseUpPlan, kernels: Kernels, dense_dw: bool) -> torch.Tensor:
+        x = x.contiguous()
+        n, _, d, h, w = x.shape
+        kd, kh, kw = (int(k) for k in weight.shape[2:])
+        taps = weight.detach().reshape(-1, kd * kh * kw)
+        y = torch.empty(n, plan.out_channels, d * kd, h * kh, w * kw, dtype=x.dtype)
+        kernels.library.upconv_fwd(x=x, kernel=(kd, kh, kw), ptr=plan.ptr, idx=plan.idx,
+                                   weights=taps[plan.flat].contiguous(), y=y,
+                                   threads=_up_threads(plan, x, kd * kh * kw))
+        if bias is not None:
+            y += bias.detach().view(1, -1, 1, 1, 1)
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.kernels, ctx.dense_dw, ctx.has_bias = plan, kernels, dense_dw, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        plan: SparseUpPlan = ctx.plan
+        lib = ctx.kernels.library
+        kernel = tuple(int(k) for k in weight.shape[2:])
+        taps = kernel[0] * kernel[1] * kernel[2]
+        threads = _up_threads(plan, x, taps)
+        gy = gy.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty_like(x)
+            lib.upconv_dx(dy=gy, kernel=kernel, ptr_t=plan.ptr_t, idx_t=plan.idx_t,
+                          weights_t=weight.detach().reshape(-1, taps)[plan.flat_t].contiguous(), dx=gx,
+                          threads=threads)
+        if ctx.needs_input_grad[1]:
+            if ctx.dense_dw:
+                # Every kernel's gradient (the pruned ones' too): what gradient-based regrowth scores.
+                gw = torch.ops.aten.convolution_backward(
+                    gy, x, weight, None, kernel, (0, 0, 0), (1, 1, 1), True, (0, 0, 0), 1,
+                    (False, True, False))[1]
+            else:
+                dw = torch.empty(plan.nnz, taps, dtype=torch.float64)
+                lib.upconv_dw(x=x, dy=gy, kernel=kernel, ptr=plan.ptr, idx=plan.idx, dw=dw, threads=threads)
+                flat = torch.zeros(plan.in_channels * plan.out_channels, taps, dtype=weight.dtype)
+                flat[plan.flat] = dw.to(weight.dtype)
+                gw = flat.view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(dim=(0, 2, 3, 4))
+        return gx, gw, gb, None, None, None
+
+
+def sparse_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: SparseUpPlan,
+                   kernels: Kernels, *, dense_weight_grad: bool = False) -> torch.Tensor:
+    """conv_transpose3d(x, weight, bias, stride = kernel size) over the active kernels of ``plan``
+    only (x (N, I, D, H, W) float32 on the CPU, weight (I, O, kd, kh, kw), at most 8 taps, its
+    pruned kernels stored as zeros). The weight gradient is zero for pruned kernels unless
+    ``dense_weight_grad``."""
+    return _SparseUpConv.apply(x, weight, bias, plan, kernels, dense_weight_grad)
+
+
+def _eligible_up(conv: nn.Module) -> bool:
+    """A ConvTranspose3d with kernel == stride (each input voxel owns its output block), <= 8 taps."""
+    if type(conv) is not nn.ConvTranspose3d:
+        return False
+    k = tuple(conv.kernel_size)
+    return (tuple(conv.stride) == k and k[0] * k[1] * k[2] <= 8 and tuple(conv.padding) == (0, 0, 0)
+            and tuple(conv.output_padding) == (0, 0, 0) and tuple(conv.dilation) == (1, 1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+class _UpConv:
+    """The replacement of one masked up ConvTranspose3d's forward (an instance attribute that
+    shadows the class's ``forward``; ``SparseTraining.remove`` deletes it). Falls back to the
+    module's own forward wherever the sparse kernels do not apply: eval mode, CUDA, autocast,
+    other dtypes, a density at or above the owner's threshold."""
+
+    def __init__(self, conv: nn.ConvTranspose3d, kernels: Kernels, owner: SparseTraining) -> None:
+        self.conv = conv
+        self.kernels = kernels
+        self.owner = owner
+        self.calls = 0  # sparse calls made (tests and benchmarks read it)
+        self._plan: tuple[torch.Tensor, int, SparseUpPlan] | None = None
+
+    def plan(self, mask: torch.Tensor) -> SparseUpPlan:
+        # keyed on the mask tensor itself and its version counter, as _UnitConv.plan
+        cached = self._plan
+        if cached is None or cached[0] is not mask or cached[1] != mask._version:
+            cached = self._plan = (mask, mask._version, SparseUpPlan.from_mask(mask))
+        return cached[2]
+
+    def applies(self, x: torch.Tensor) -> bool:
+        conv = self.conv
+        mask = getattr(conv, "kernel_mask", None)
+        return (self.owner.enabled and conv.training and mask is not None and x.device.type == "cpu"
+                and x.dtype == torch.float32 and conv.weight.dtype == torch.float32 and x.dim() == 5
+                and not torch.is_autocast_enabled("cpu") and float(mask.float().mean()) < self.owner.max_density)
+
+    def __call__(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        conv = self.conv
+        if output_size is not None or not self.applies(x):
+            return type(conv).forward(conv, x, output_size)
+        self.calls += 1
+        return sparse_up_conv(x, conv.weight, conv.bias, self.plan(conv.kernel_mask), self.kernels,
+                              dense_weight_grad=self.owner.dense_grads)
+
+
 def _eligible(unit: ConvUnit) -> bool:
     """A (1,3,3) stride-1 "same" conv with a (possibly no-op) restricted depth shift in front."""
     conv = unit.conv
@@ -225,11 +368,16 @@ class SparseTraining:
         self.enabled = True
         self.dense_grads = False
         self.units: dict[str, _UnitConv] = {}
+        self.ups: dict[str, _UpConv] = {}  # the masked up ConvTranspose3d of the fused nodes
         for name, module in model.named_modules():
             if isinstance(module, ConvUnit) and hasattr(module.conv, "kernel_mask") and _eligible(module):
                 hook = _UnitConv(module, kernels, self)
                 module.fused_conv = hook
                 self.units[name] = hook
+            elif isinstance(module, nn.ConvTranspose3d) and hasattr(module, "kernel_mask") and _eligible_up(module):
+                up = _UpConv(module, kernels, self)
+                module.forward = up  # shadows the class forward until remove()
+                self.ups[name] = up
 
     def dense_weight_grads(self, on: bool) -> None:
         """Whether the next backward computes every kernel's weight gradient (pruned ones too)."""
@@ -240,11 +388,20 @@ class SparseTraining:
         """Sparse conv calls made so far over all units."""
         return sum(u.calls for u in self.units.values())
 
+    @property
+    def up_calls(self) -> int:
+        """Sparse up ConvTranspose3d calls made so far."""
+        return sum(u.calls for u in self.ups.values())
+
     def remove(self) -> None:
         for hook in self.units.values():
             if hook.unit.fused_conv is hook:
                 hook.unit.fused_conv = None
+        for up in self.ups.values():
+            if up.conv.__dict__.get("forward") is up:
+                del up.conv.__dict__["forward"]
         self.units.clear()
+        self.ups.clear()
 
 
 def install_sparse_training(model: nn.Module, device: torch.device | str = "cpu") -> SparseTraining | None:
@@ -256,4 +413,4 @@ def install_sparse_training(model: nn.Module, device: torch.device | str = "cpu"
     if kernels is None:
         return None
     sparse = SparseTraining(model, kernels)
-    return sparse if sparse.units else None
+    return sparse if sparse.units or sparse.ups else None
