@@ -15,7 +15,13 @@ from napari_e2enet.inference.cpu.compact import load_kernels
 from napari_e2enet.models.blocks import ConvUnit
 from napari_e2enet.sparse import DSFFUpdater
 from napari_e2enet.training import Trainer
-from napari_e2enet.training.sparse_conv import SparseConvPlan, SparseTraining, sparse_conv133
+from napari_e2enet.training.sparse_conv import (
+    SparseConvPlan,
+    SparseTraining,
+    SparseUpPlan,
+    sparse_conv133,
+    sparse_up_conv,
+)
 
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler: the dense path runs (tested elsewhere)")
 
@@ -68,6 +74,42 @@ def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift
             assert (rw * ~active).abs().max() > 0.1  # (the dense gradient there is not)
 
 
+@pytest.mark.parametrize("shape, kernel, density, bias", [
+    ((2, 7, 5, 3, 5, 11), (2, 2, 2), 0.4, False),  # odd D, H, W: the vector tails
+    ((1, 9, 4, 2, 3, 9), (1, 2, 2), 0.3, True),    # the decoder's in-plane up-sampling
+    ((1, 5, 3, 2, 2, 17), (2, 2, 2), 1.0, False),  # every kernel active, two vectors + a tail per row
+])
+def test_sparse_up_conv_equals_the_dense_masked_conv_transpose(kernels, shape, kernel, density, bias):
+    n, i, o, d, h, w = shape
+    g = torch.Generator().manual_seed(i * o)
+    up = torch.nn.ConvTranspose3d(i, o, kernel, stride=kernel, bias=bias)
+    mask = torch.rand(i, o, generator=g) < density
+    mask[-1, 0] = True
+    active = mask[..., None, None, None]
+    with torch.no_grad():
+        up.weight.copy_(torch.randn(up.weight.shape, generator=g) * active)
+    x = torch.randn(n, i, d, h, w, generator=g, requires_grad=True)
+    ref = up(x)
+    gy = torch.randn(ref.shape, generator=g)
+    params = (x, up.weight) + ((up.bias,) if bias else ())
+    want = torch.autograd.grad(ref, params, gy)
+    plan = SparseUpPlan.from_mask(mask)
+    for dense in (False, True):
+        y = sparse_up_conv(x, up.weight, up.bias, plan, kernels, dense_weight_grad=dense)
+        got = torch.autograd.grad(y, params, gy)
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+        if bias:
+            torch.testing.assert_close(got[2], want[2], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[1] * active, want[1] * active, atol=1e-4, rtol=1e-4)
+        if dense:
+            torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+        else:  # pruned kernels: exactly zero
+            assert not (got[1] * ~active).any()
+            if density < 1:
+                assert (want[1] * ~active).abs().max() > 0.1
+
+
 def _tiny_masked_model(sparsity: float = 0.8):
     with torch.random.fork_rng():
         torch.manual_seed(3)
@@ -82,6 +124,9 @@ def test_a_masked_model_takes_the_sparse_path_with_the_same_gradients(kernels):
     masked = [m for m in sparse_model.modules()
               if isinstance(m, ConvUnit) and getattr(m.conv, "kernel_mask", None) is not None]
     assert masked and len(sparse.units) == len(masked)
+    ups = [m for m in sparse_model.modules()
+           if isinstance(m, torch.nn.ConvTranspose3d) and getattr(m, "kernel_mask", None) is not None]
+    assert ups and len(sparse.ups) == len(ups)
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(4))
 
     def grads(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -93,29 +138,30 @@ def test_a_masked_model_takes_the_sparse_path_with_the_same_gradients(kernels):
     loss_d, grad_d = grads(dense)
     loss_s, grad_s = grads(sparse_model)
     assert sparse.calls == len(masked)  # every masked unit ran the kernels, nothing fell back
+    assert sparse.up_calls == len(ups)  # and every masked up ConvTranspose3d
     torch.testing.assert_close(loss_s, loss_d, atol=1e-5, rtol=1e-5)
     masks = dict(sparse_model.masks())
-    params = dict(sparse_model.named_parameters())
-    hooked = {id(u.unit.conv.weight) for u in sparse.units.values()}
+    hooked = {id(u.unit.conv.weight) for u in sparse.units.values()} | {id(u.conv.weight) for u in sparse.ups.values()}
+    assert len(hooked) == len(masks)  # every masked layer is on the sparse path
     for name, g in grad_d.items():
         if name in masks:
             keep = masks[name][..., None, None, None]
             torch.testing.assert_close(grad_s[name] * keep, g * keep, atol=1e-4, rtol=1e-3)
-            if id(params[name]) in hooked:  # (the up ConvTransposes stay dense)
-                assert not (grad_s[name] * ~keep).any(), name
+            assert not (grad_s[name] * ~keep).any(), name
         else:
             torch.testing.assert_close(grad_s[name], g, atol=1e-4, rtol=1e-3)
     sparse.dense_weight_grads(True)
     _, grad_full = grads(sparse_model)
     for name in masks:
         torch.testing.assert_close(grad_full[name], grad_d[name], atol=1e-4, rtol=1e-3)
-    calls = sparse.calls
+    calls = sparse.calls, sparse.up_calls
     sparse_model.eval()
     with torch.no_grad():
         sparse_model(x)
-    assert sparse.calls == calls  # inference never takes the training path
+    assert (sparse.calls, sparse.up_calls) == calls  # inference never takes the training path
     sparse.remove()
     assert all(m.fused_conv is None for m in masked)
+    assert all("forward" not in m.__dict__ for m in ups)
 
 
 def test_dense_layers_and_a_high_density_stay_on_pytorch(kernels):
@@ -142,6 +188,8 @@ def test_the_trainer_trains_masked_units_sparsely(tmp_path, tiny_train_config, t
     list(trainer.iter_fit())
     hooks = [m.fused_conv for m in trainer.model.modules() if isinstance(m, ConvUnit) and m.fused_conv is not None]
     assert hooks and all(h.calls == 1 for h in hooks)  # every masked unit, its training forward
+    ups = [m.forward for m in trainer.model.modules() if isinstance(m, torch.nn.ConvTranspose3d) and "forward" in m.__dict__]
+    assert ups and all(u.calls == 1 for u in ups)  # and every masked up ConvTranspose3d
 
 
 def test_bindings_refuse_bad_arguments(kernels):
@@ -167,6 +215,17 @@ def test_bindings_refuse_bad_arguments(kernels):
             lib.tconv_fwd(**{**good, **change})
     with pytest.raises(ValueError, match="dw"):
         lib.tconv_dw(x=x, dy=y, ptr=plan.ptr, idx=plan.idx, chunk=2, dw=torch.zeros(plan.nnz, 9))
+    up = SparseUpPlan.from_mask(torch.ones(5, 4, dtype=torch.bool))
+    good_up = dict(x=x, kernel=(1, 2, 2), ptr=up.ptr, idx=up.idx, weights=torch.zeros(up.nnz, 4),
+                   y=torch.zeros(1, 4, 2, 6, 16))
+    lib.upconv_fwd(**good_up)
+    for change, words in [({"kernel": (3, 2, 2)}, "more than 8 taps"), ({"kernel": (1, 2)}, "kernel"),
+                          ({"y": torch.zeros(1, 4, 2, 6, 15)}, "output"), ({"ptr": up.ptr_t}, "ptr"),
+                          ({"weights": torch.zeros(up.nnz, 8)}, "weights")]:
+        with pytest.raises(ValueError, match=words):
+            lib.upconv_fwd(**{**good_up, **change})
+    with pytest.raises(ValueError, match="dw"):
+        lib.upconv_dw(x=x, dy=good_up["y"], kernel=(1, 2, 2), ptr=up.ptr, idx=up.idx, dw=torch.zeros(up.nnz, 4))
 
 
 def test_the_sparse_path_follows_mask_changes(kernels):

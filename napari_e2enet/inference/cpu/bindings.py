@@ -38,7 +38,7 @@ __all__ = [
     "pp_slack",
 ]
 
-ABI_VERSION = 4  # E2E_ABI_VERSION in kernels.h
+ABI_VERSION = 5  # E2E_ABI_VERSION in kernels.h
 PAD_FLOATS = 16  # E2E_PAD_FLOATS: zero floats before a PP buffer's first plane
 ALIGN_BYTES = 64
 KernelBuildError = _build.KernelBuildError
@@ -89,6 +89,18 @@ SIGNATURES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "e2e_tconv_dw": ("int", (
         ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("const float *", "x"),
         ("const int *", "ishift"), ("const float *", "dy"), ("int", "CH"), ("const int *", "ptr"),
+        ("const int *", "idx"), ("double *", "dw"), ("int", "nthreads"))),
+    "e2e_upconv_fwd": ("int", (
+        ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("int", "kd"),
+        ("int", "kh"), ("int", "kw"), ("const float *", "x"), ("const int *", "ptr"), ("const int *", "idx"),
+        ("const float *", "wts"), ("float *", "y"), ("int", "nthreads"))),
+    "e2e_upconv_dx": ("int", (
+        ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("int", "kd"),
+        ("int", "kh"), ("int", "kw"), ("const float *", "dy"), ("const int *", "ptr_t"), ("const int *", "idx_t"),
+        ("const float *", "wts_t"), ("float *", "dx"), ("int", "nthreads"))),
+    "e2e_upconv_dw": ("int", (
+        ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("int", "kd"),
+        ("int", "kh"), ("int", "kw"), ("const float *", "x"), ("const float *", "dy"), ("const int *", "ptr"),
         ("const int *", "idx"), ("double *", "dw"), ("int", "nthreads"))),
 }
 
@@ -421,6 +433,67 @@ class KernelLibrary:
                                     ptr.data_ptr(), idx.data_ptr(), dw.data_ptr(), _threads(fn, threads))
         if rc:
             raise MemoryError(f"{fn}: the kernel could not allocate its scratch planes")
+
+    def upconv_fwd(self, *, x: torch.Tensor, kernel: tuple[int, int, int], ptr: torch.Tensor, idx: torch.Tensor,
+                   weights: torch.Tensor, y: torch.Tensor, threads: int = 1) -> None:
+        """Kernel-sparse ConvTranspose3d with kernel == stride (see kernels.h) of a contiguous
+        (N, I, D, H, W) float32 ``x`` into ``y`` (N, O, D·kd, H·kh, W·kw): CSR ``ptr`` (O + 1,) /
+        ``idx`` (nnz,) int32 of each output's active inputs, ``weights`` (nnz, kd·kh·kw) float32."""
+        fn = "upconv_fwd"
+        n, i_count, o_count, d, h, w, kd, kh, kw = _up_dims(fn, x, y, kernel)
+        nnz = _sparse_index(fn, "ptr", ptr, "idx", idx, o_count, i_count)
+        _tensor(fn, "weights", weights, torch.float32, (nnz, kd * kh * kw))
+        rc = self._lib.e2e_upconv_fwd(n, i_count, o_count, d, h, w, kd, kh, kw, x.data_ptr(), ptr.data_ptr(),
+                                      idx.data_ptr(), weights.data_ptr(), y.data_ptr(), _threads(fn, threads))
+        if rc:
+            raise MemoryError(f"{fn}: the kernel could not allocate its scratch rows")
+
+    def upconv_dx(self, *, dy: torch.Tensor, kernel: tuple[int, int, int], ptr_t: torch.Tensor, idx_t: torch.Tensor,
+                  weights_t: torch.Tensor, dx: torch.Tensor, threads: int = 1) -> None:
+        """Input gradient of :meth:`upconv_fwd`: ``dx`` (N, I, D, H, W) from ``dy`` (N, O, D·kd,
+        H·kh, W·kw) with the transposed CSR ``ptr_t`` (I + 1,) / ``idx_t`` (nnz,) and ``weights_t``."""
+        fn = "upconv_dx"
+        n, i_count, o_count, d, h, w, kd, kh, kw = _up_dims(fn, dx, dy, kernel)
+        nnz = _sparse_index(fn, "ptr_t", ptr_t, "idx_t", idx_t, i_count, o_count)
+        _tensor(fn, "weights_t", weights_t, torch.float32, (nnz, kd * kh * kw))
+        rc = self._lib.e2e_upconv_dx(n, i_count, o_count, d, h, w, kd, kh, kw, dy.data_ptr(), ptr_t.data_ptr(),
+                                     idx_t.data_ptr(), weights_t.data_ptr(), dx.data_ptr(), _threads(fn, threads))
+        if rc:
+            raise MemoryError(f"{fn}: the kernel could not allocate its scratch rows")
+
+    def upconv_dw(self, *, x: torch.Tensor, dy: torch.Tensor, kernel: tuple[int, int, int], ptr: torch.Tensor,
+                  idx: torch.Tensor, dw: torch.Tensor, threads: int = 1) -> None:
+        """Weight gradient of :meth:`upconv_fwd`'s active kernels: ``dw`` (nnz, kd·kh·kw) float64
+        (overwritten), in the order of ``ptr`` / ``idx``."""
+        fn = "upconv_dw"
+        n, i_count, o_count, d, h, w, kd, kh, kw = _up_dims(fn, x, dy, kernel)
+        nnz = _sparse_index(fn, "ptr", ptr, "idx", idx, o_count, i_count)
+        _tensor(fn, "dw", dw, torch.float64, (nnz, kd * kh * kw))
+        rc = self._lib.e2e_upconv_dw(n, i_count, o_count, d, h, w, kd, kh, kw, x.data_ptr(), dy.data_ptr(),
+                                     ptr.data_ptr(), idx.data_ptr(), dw.data_ptr(), _threads(fn, threads))
+        if rc:
+            raise MemoryError(f"{fn}: the kernel could not allocate its scratch rows")
+
+
+def _up_dims(fn: str, x: object, y: object, kernel: object) -> tuple[int, int, int, int, int, int, int, int, int]:
+    """(N, I, O, D, H, W, kd, kh, kw) of an up-conv kernel's low-res ``x`` and high-res ``y``."""
+    if not (isinstance(kernel, tuple) and len(kernel) == 3 and all(isinstance(k, int) and k >= 1 for k in kernel)):
+        raise ValueError(f"{fn}: kernel must be a tuple of 3 positive ints, got {kernel!r}")
+    kd, kh, kw = kernel
+    if kd * kh * kw > 8:
+        raise ValueError(f"{fn}: kernel {kernel} has more than 8 taps")
+    if not isinstance(x, torch.Tensor) or x.dim() != 5:
+        raise ValueError(f"{fn}: x must be a 5-D (N, C, D, H, W) tensor")
+    _tensor(fn, "x", x, torch.float32)
+    n, i_count, d, h, w = (int(v) for v in x.shape)
+    o_count = y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 5 else -1
+    _tensor(fn, "output", y, torch.float32, (n, o_count, d * kd, h * kh, w * kw))
+    assert isinstance(y, torch.Tensor)  # _tensor refused anything else
+    if min(n, i_count, o_count, d, h, w) < 1 or y.numel() > 2**62 or max(n * d, i_count, o_count, w * kw) > 2**20:
+        raise ValueError(f"{fn}: unsupported shape x {tuple(x.shape)} -> {tuple(y.shape)}")
+    if max(i_count, o_count) * 8 * (w + 8) > 2**31 - 1:
+        raise ValueError(f"{fn}: one row of {tuple(x.shape)} is too large for the kernels' scratch index")
+    return n, i_count, o_count, d, h, w, kd, kh, kw
 
 
 def _train_dims(fn: str, x: object, y: object) -> tuple[int, int, int, int, int, int]:

@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define E2E_ABI_VERSION 4
+#define E2E_ABI_VERSION 5
 #define E2E_PAD_FLOATS 16
 
 /* E2E_ABI_VERSION of the compiled library. */
@@ -78,5 +78,19 @@ int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const float *x, cons
    (float64, overwritten) for the active kernels only. */
 int e2e_tconv_dw(int N, int I, int O, int D, int H, int W, const float *x, const int *ishift, const float *dy,
                  int CH, const int *ptr, const int *idx, double *dw, int nthreads);
+
+/* The up ConvTranspose3d with kernel == stride (kd, kh, kw), K = kd * kh * kw <= 8 taps, on
+   contiguous tensors: x (N, I, D, H, W) low-res, y / dy (N, O, D*kd, H*kh, W*kw). An (in, out)
+   kernel mask in CSR order: ptr (O + 1) / idx (nnz) the active inputs of each output, wts
+   (nnz, K) their taps ((a * kh + b) * kw + c); for dX the transposed CSR ptr_t (I + 1) / idx_t
+   (nnz) of the active outputs of each input with wts_t (nnz, K) in that order. All return 0,
+   1 when a thread could not allocate its scratch, 2 for K outside [1, 8]. */
+int e2e_upconv_fwd(int N, int I, int O, int D, int H, int W, int kd, int kh, int kw, const float *x,
+                   const int *ptr, const int *idx, const float *wts, float *y, int nthreads);
+int e2e_upconv_dx(int N, int I, int O, int D, int H, int W, int kd, int kh, int kw, const float *dy,
+                  const int *ptr_t, const int *idx_t, const float *wts_t, float *dx, int nthreads);
+/* dw[k * K + q] (float64, overwritten) = sum over n, d, h, w of x[n, idx[k], d, h, w] * dy at tap q. */
+int e2e_upconv_dw(int N, int I, int O, int D, int H, int W, int kd, int kh, int kw, const float *x,
+                  const float *dy, const int *ptr, const int *idx, double *dw, int nthreads);
 
 #endif

@@ -215,3 +215,189 @@ int e2e_tconv_dw(int N, int I, int O, int D, int H, int W, const float *x, const
     free(acc);
     return failed;
 }
+
+/* ---------------------------------------------------------------------------------------------
+   The up-sampling ConvTranspose3d of a fused node with kernel == stride (kd, kh, kw), K = kd*kh*kw
+   <= 8 taps, and an (in, out) kernel mask. Each low-res voxel maps to its own K output voxels, so
+   the layer is a per-voxel (O*K) x I matrix product over the active (i, o) kernels only:
+     y[n, o, d*kd + a, h*kh + b, w*kw + c] = sum_{i active for o} x[n, i, d, h, w] * wts[k(o, i), (a*kh + b)*kw + c].
+   One (sample, low-res slice) is one task. Vectors run along w over 8 low-res voxels; the K taps
+   of one kernel are K accumulators (one FMA each per loaded input vector), interleaved into the
+   high-res rows on the way out (forward) or de-interleaved once per row on the way in (dX, dW). */
+
+#define U_MAXK 8
+
+/* Rows h0..h0+hn-1 of the high-res slab of dy for (n, o), low-res slice d, de-interleaved into
+   g[(q * hn + r) * Wq + w] = dy[n, o, d*kd + a, (h0 + r)*kh + b, w*kw + c] (zero for w >= W). */
+static void up_split(int kd, int kh, int kw, int H, int W, int Wq, const float *dyo, int d, int h0, int hn,
+                     float *g) {
+    int64_t Wo = (int64_t)W * kw, plane = (int64_t)H * kh * Wo;
+    for (int a = 0; a < kd; a++)
+        for (int b = 0; b < kh; b++)
+            for (int c = 0; c < kw; c++) {
+                int q = (a * kh + b) * kw + c;
+                for (int r = 0; r < hn; r++) {
+                    const float *s = dyo + ((int64_t)d * kd + a) * plane + ((int64_t)(h0 + r) * kh + b) * Wo + c;
+                    float *o = g + ((int64_t)q * hn + r) * Wq;
+                    for (int w = 0; w < W; w++) o[w] = s[(int64_t)w * kw];
+                }
+            }
+}
+
+int e2e_upconv_fwd(int N, int I, int O, int D, int H, int W, int kd, int kh, int kw, const float *x,
+                   const int *ptr, const int *idx, const float *wts, float *y, int nthreads) {
+    int K = kd * kh * kw, Wq = (int)round_up(W, 8), tasks = N * D, failed = 0;
+    if (K < 1 || K > U_MAXK) return 2;
+    int64_t vol = (int64_t)D * H * W, Wo = (int64_t)W * kw, Ho = (int64_t)H * kh, ovol = (int64_t)D * kd * Ho * Wo;
+    T_OMP_ONLY(nthreads);
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *xr = scratch((int64_t)I * Wq), *buf = scratch(U_MAXK * 8);
+        if (!xr || !buf) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < tasks; t++) {
+            if (!xr || !buf) continue;
+            int n = t / D, d = t % D;
+            for (int h = 0; h < H; h++) {
+                for (int i = 0; i < I; i++) /* row h of every input, zero tail: whole-vector loads */
+                    memcpy(xr + (int64_t)i * Wq, x + ((int64_t)n * I + i) * vol + ((int64_t)d * H + h) * W,
+                           sizeof(float) * (size_t)W);
+                for (int o = 0; o < O; o++) {
+                    float *yo = y + ((int64_t)n * O + o) * ovol;
+                    for (int wb = 0; wb < W; wb += 8) {
+                        v8 acc[U_MAXK];
+                        for (int q = 0; q < K; q++) acc[q] = (v8){0};
+                        for (int k = ptr[o]; k < ptr[o + 1]; k++) {
+                            v8 X = T_LDU(xr + (int64_t)idx[k] * Wq + wb);
+                            const float *wk = wts + (int64_t)K * k;
+                            for (int q = 0; q < K; q++) acc[q] += T_BC(wk[q]) * X;
+                        }
+                        for (int q = 0; q < K; q++) T_STU(buf + 8 * q, acc[q]);
+                        int wn = W - wb < 8 ? W - wb : 8;
+                        for (int a = 0; a < kd; a++)
+                            for (int b = 0; b < kh; b++) {
+                                float *row = yo + ((int64_t)d * kd + a) * Ho * Wo + ((int64_t)h * kh + b) * Wo
+                                             + (int64_t)wb * kw;
+                                const float *src = buf + 8 * (a * kh + b) * kw;
+                                for (int l = 0; l < wn; l++)
+                                    for (int c = 0; c < kw; c++) row[l * kw + c] = src[8 * c + l];
+                            }
+                    }
+                }
+            }
+        }
+        free(xr);
+        free(buf);
+    }
+    return failed;
+}
+
+int e2e_upconv_dx(int N, int I, int O, int D, int H, int W, int kd, int kh, int kw, const float *dy,
+                  const int *ptr_t, const int *idx_t, const float *wts_t, float *dx, int nthreads) {
+    int K = kd * kh * kw, Wq = (int)round_up(W, 8), tasks = N * D, failed = 0;
+    if (K < 1 || K > U_MAXK) return 2;
+    int64_t vol = (int64_t)D * H * W, ovol = (int64_t)D * kd * H * kh * W * kw;
+    T_OMP_ONLY(nthreads);
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *g = scratch((int64_t)O * K * Wq), *buf = scratch(8);
+        if (!g || !buf) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < tasks; t++) {
+            if (!g || !buf) continue;
+            int n = t / D, d = t % D;
+            for (int h = 0; h < H; h++) {
+                for (int o = 0; o < O; o++)
+                    up_split(kd, kh, kw, H, W, Wq, dy + ((int64_t)n * O + o) * ovol, d, h, 1, g + (int64_t)o * K * Wq);
+                for (int i = 0; i < I; i++) {
+                    float *row = dx + ((int64_t)n * I + i) * vol + ((int64_t)d * H + h) * W;
+                    for (int wb = 0; wb < W; wb += 8) {
+                        v8 acc = (v8){0};
+                        for (int k = ptr_t[i]; k < ptr_t[i + 1]; k++) {
+                            const float *go = g + (int64_t)idx_t[k] * K * Wq + wb;
+                            const float *wk = wts_t + (int64_t)K * k;
+                            for (int q = 0; q < K; q++) acc += T_BC(wk[q]) * T_LDU(go + (int64_t)q * Wq);
+                        }
+                        if (W - wb >= 8) {
+                            T_STU(row + wb, acc);
+                        } else {
+                            T_STU(buf, acc);
+                            memcpy(row + wb, buf, sizeof(float) * (size_t)(W - wb));
+                        }
+                    }
+                }
+            }
+        }
+        free(g);
+        free(buf);
+    }
+    return failed;
+}
+
+int e2e_upconv_dw(int N, int I, int O, int D, int H, int W, int kd, int kh, int kw, const float *x,
+                  const float *dy, const int *ptr, const int *idx, double *dw, int nthreads) {
+    int K = kd * kh * kw, Wq = (int)round_up(W, 8), tasks = N * D, failed = 0;
+    if (K < 1 || K > U_MAXK) return 2;
+    /* Row blocks of about 256 low-res voxels: the float sums stay short before going to float64,
+       and a block's de-interleaved dy of all outputs stays in L2 at the paper's channel counts. */
+    int HB = (256 + Wq - 1) / Wq;
+    if (HB > H) HB = H;
+    int64_t vol = (int64_t)D * H * W, ovol = (int64_t)D * kd * H * kh * W * kw, nnz = ptr[O];
+    int64_t blk = (int64_t)HB * Wq;
+    T_OMP_ONLY(nthreads);
+    int team = nthreads < 1 ? 1 : nthreads;
+    /* Per-thread float64 sums, static schedule, reduced in thread order: deterministic for a
+       thread count (as e2e_tconv_dw). */
+    double *acc = calloc((size_t)team * (size_t)(K * nnz + 1), sizeof(double));
+    if (!acc) return 1;
+#pragma omp parallel num_threads(team) reduction(| : failed)
+    {
+#ifdef _OPENMP
+        double *mine = acc + (size_t)omp_get_thread_num() * (size_t)(K * nnz + 1);
+#else
+        double *mine = acc;
+#endif
+        float *xs = scratch((int64_t)I * blk), *g = scratch((int64_t)O * K * blk);
+        if (!xs || !g) failed = 1;
+#pragma omp for schedule(static)
+        for (int t = 0; t < tasks; t++) {
+            if (!xs || !g) continue;
+            int n = t / D, d = t % D;
+            for (int h0 = 0; h0 < H; h0 += HB) {
+                int hn = H - h0 < HB ? H - h0 : HB;
+                int64_t len = (int64_t)hn * Wq;
+                for (int i = 0; i < I; i++)
+                    for (int r = 0; r < hn; r++)
+                        memcpy(xs + (int64_t)i * blk + (int64_t)r * Wq,
+                               x + ((int64_t)n * I + i) * vol + ((int64_t)d * H + h0 + r) * W, sizeof(float) * (size_t)W);
+                for (int o = 0; o < O; o++)
+                    up_split(kd, kh, kw, H, W, Wq, dy + ((int64_t)n * O + o) * ovol, d, h0, hn, g + (int64_t)o * K * blk);
+                for (int o = 0; o < O; o++)
+                    for (int k = ptr[o]; k < ptr[o + 1]; k++) {
+                        const float *xb = xs + (int64_t)idx[k] * blk;
+                        const float *gb = g + (int64_t)o * K * blk;
+                        v8 a[U_MAXK];
+                        for (int q = 0; q < K; q++) a[q] = (v8){0};
+                        for (int64_t v = 0; v < len; v += 8) {
+                            v8 X = T_LDU(xb + v);
+                            for (int q = 0; q < K; q++) a[q] += X * T_LDU(gb + (int64_t)q * len + v);
+                        }
+                        for (int q = 0; q < K; q++) {
+                            double sum = 0;
+                            for (int l = 0; l < 8; l++) sum += a[q][l];
+                            mine[(int64_t)K * k + q] += sum;
+                        }
+                    }
+            }
+        }
+        free(xs);
+        free(g);
+    }
+    for (int64_t q = 0; q < K * nnz; q++) {
+        double sum = 0;
+        for (int t = 0; t < team; t++) sum += acc[(size_t)t * (size_t)(K * nnz + 1) + (size_t)q];
+        dw[q] = sum;
+    }
+    free(acc);
+    return failed;
+}
