@@ -24,6 +24,13 @@ interleaved, load 4.1 → 2.4): paper network S = 0.8 26.9 → 15.4 s/it (2.98×
 fusion convs' forward + backward 4.7 s (about 10.5 s dense), ``copy_`` 1.9 s in 651 calls (3.1 s
 in 782 dense: the folded depth shift).
 
+The masked up ConvTranspose3d of each fused node (kernel == stride, (in, out) mask) has the same
+treatment (:func:`sparse_up_conv` over ``e2e_upconv_*``: per low-res voxel a small matrix product
+over the active kernels). Level 0, 2 × 96 × 32³ → 48 × 64³ at density 0.2 (same EPYC, one thread,
+interleaved, load ~1.8): torch fwd / dX / dW 488 / 198 / 217 ms, these kernels 100 / 91 / 55 ms.
+Whole step, one process, the 15 ups switched dense / sparse alternately (64³ batch 2, 2 threads,
+load 1.7–2.5): paper network S = 0.8 14.70 → 12.34 s/it (median of 3).
+
 Used where it pays: CPU float32 tensors (no autocast), the unit's mask density below
 :data:`MAX_DENSITY`, and the kernels built (no compiler, ``NAPARI_E2ENET_NO_KERNELS=1`` or a failed
 build: the dense PyTorch path, as before). Anything else (CUDA, bf16 autocast, eval mode, dense
