@@ -42,6 +42,7 @@ from napari_e2enet.metrics import dice
 from napari_e2enet.sparse import DSFFUpdater
 from napari_e2enet.training.loop import make_optimizer, poly_lr, train_step
 from napari_e2enet.training.losses import DeepSupervisionLoss
+from napari_e2enet.training.sparse_conv import install_sparse_training
 
 
 def plain_conv_unet(in_channels: int, num_classes: int, stages: int,
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="also evaluate every N iterations")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dense-training", action="store_true",
+                        help="run the masked E2ENet densely (zeros computed) instead of the sparse training kernels")
     parser.add_argument("--device", default="cpu", help="cpu (the measurement that matters here), cuda, auto")
     parser.add_argument("--json", help="write the results to this file (rewritten after every evaluation)")
     args = parser.parse_args()
@@ -133,7 +136,11 @@ def main() -> None:
         opt = make_optimizer(model, TrainConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay))
         updater = (DSFFUpdater(model, opt, SparsityConfig(sparsity=args.sparsity), args.iterations, seed=args.seed)
                    if name.startswith("e2enet") and args.sparsity > 0 else None)
-        runs[name] = {"model": model, "opt": opt, "updater": updater, "train_s": 0.0, "dsff_s": 0.0,
+        # Training skips the pruned kernels on the CPU as the Trainer does (training.sparse_conv)
+        # unless --dense-training asks for the masked model run densely (the before of issue 18).
+        sparse = (install_sparse_training(model, device)
+                  if updater is not None and not args.dense_training else None)
+        runs[name] = {"model": model, "opt": opt, "updater": updater, "sparse": sparse, "train_s": 0.0, "dsff_s": 0.0,
                       "params": sum(p.numel() for p in model.parameters()), "curve": []}
     results = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
@@ -178,6 +185,8 @@ def main() -> None:
             lr = poly_lr(args.lr, it, args.iterations)
             for group in run["opt"].param_groups:
                 group["lr"] = lr
+            if run["sparse"] is not None:
+                run["sparse"].dense_weight_grads(run["updater"].needs_dense_grads(it + 1))
             t0 = time.perf_counter()
             train_step(run["model"], run["opt"], loss_fn, images, target)
             if device.type == "cuda":
