@@ -117,6 +117,29 @@ def _threads(plan: SparseConvPlan, x: torch.Tensor) -> int:
     return 1 if macs < _SMALL_MACS else max(1, torch.get_num_threads())
 
 
+def _finish_forward(ctx: Any, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    state: tuple[Any, Kernels, bool]) -> torch.Tensor:
+    """Add the bias and keep what either backward needs: (plan, kernels, dense_dw) and x, weight."""
+    if bias is not None:
+        y += bias.detach().view(1, -1, 1, 1, 1)
+    ctx.save_for_backward(x, weight)
+    ctx.plan, ctx.kernels, ctx.dense_dw = state
+    ctx.has_bias = bias is not None
+    return y
+
+
+def _scatter_active(dw: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The (nnz, taps) float64 gradients of the active kernels as a gradient shaped like ``weight``,
+    zero for the pruned kernels (``flat``: each active kernel's index among weight's kernels)."""
+    full = torch.zeros(weight.shape[0] * weight.shape[1], dw.shape[1], dtype=weight.dtype)
+    full[flat] = dw.to(weight.dtype)
+    return full.view_as(weight)
+
+
+def _bias_grad(ctx: Any, gy: torch.Tensor) -> torch.Tensor | None:
+    return gy.sum(dim=(0, 2, 3, 4)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+
+
 class _SparseConv133(torch.autograd.Function):
     """y = conv3d(shift(x), weight ⊙ mask, bias) with (1,3,3) kernels, "same" padding, stride 1."""
 
@@ -129,11 +152,7 @@ class _SparseConv133(torch.autograd.Function):
         y = torch.empty(n, plan.out_channels, d, h, w, dtype=x.dtype)
         kernels.library.tconv_fwd(x=x, ptr=plan.ptr, idx=plan.idx, weights=taps[plan.flat].contiguous(),
                                   chunk=plan.chunk, y=y, ishift=plan.ishift, threads=_threads(plan, x))
-        if bias is not None:
-            y += bias.detach().view(1, -1, 1, 1, 1)
-        ctx.save_for_backward(x, weight)
-        ctx.plan, ctx.kernels, ctx.dense_dw, ctx.has_bias = plan, kernels, dense_dw, bias is not None
-        return y
+        return _finish_forward(ctx, y, x, weight, bias, (plan, kernels, dense_dw))
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -142,7 +161,7 @@ class _SparseConv133(torch.autograd.Function):
         lib = ctx.kernels.library
         threads = _threads(plan, x)
         gy = gy.contiguous()
-        gx = gw = gb = None
+        gx = gw = None
         if ctx.needs_input_grad[0]:
             flipped = weight.detach().flip(-1, -2).reshape(-1, 9)
             gx = torch.empty_like(x)
@@ -159,12 +178,8 @@ class _SparseConv133(torch.autograd.Function):
                 dw = torch.empty(plan.nnz, 9, dtype=torch.float64)
                 lib.tconv_dw(x=x, dy=gy, ptr=plan.ptr, idx=plan.idx, chunk=plan.chunk, dw=dw, ishift=plan.ishift,
                              threads=threads)
-                flat = torch.zeros(plan.out_channels * plan.in_channels, 9, dtype=weight.dtype)
-                flat[plan.flat] = dw.to(weight.dtype)
-                gw = flat.view_as(weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum(dim=(0, 2, 3, 4))
-        return gx, gw, gb, None, None, None
+                gw = _scatter_active(dw, plan.flat, weight)
+        return gx, gw, _bias_grad(ctx, gy), None, None, None
 
 
 def sparse_conv133(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: SparseConvPlan,
@@ -224,11 +239,7 @@ class _SparseUpConv(torch.autograd.Function):
         kernels.library.upconv_fwd(x=x, kernel=(kd, kh, kw), ptr=plan.ptr, idx=plan.idx,
                                    weights=taps[plan.flat].contiguous(), y=y,
                                    threads=_up_threads(plan, x, kd * kh * kw))
-        if bias is not None:
-            y += bias.detach().view(1, -1, 1, 1, 1)
-        ctx.save_for_backward(x, weight)
-        ctx.plan, ctx.kernels, ctx.dense_dw, ctx.has_bias = plan, kernels, dense_dw, bias is not None
-        return y
+        return _finish_forward(ctx, y, x, weight, bias, (plan, kernels, dense_dw))
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -239,7 +250,7 @@ class _SparseUpConv(torch.autograd.Function):
         taps = kernel[0] * kernel[1] * kernel[2]
         threads = _up_threads(plan, x, taps)
         gy = gy.contiguous()
-        gx = gw = gb = None
+        gx = gw = None
         if ctx.needs_input_grad[0]:
             gx = torch.empty_like(x)
             lib.upconv_dx(dy=gy, kernel=kernel, ptr_t=plan.ptr_t, idx_t=plan.idx_t,
@@ -254,12 +265,8 @@ class _SparseUpConv(torch.autograd.Function):
             else:
                 dw = torch.empty(plan.nnz, taps, dtype=torch.float64)
                 lib.upconv_dw(x=x, dy=gy, kernel=kernel, ptr=plan.ptr, idx=plan.idx, dw=dw, threads=threads)
-                flat = torch.zeros(plan.in_channels * plan.out_channels, taps, dtype=weight.dtype)
-                flat[plan.flat] = dw.to(weight.dtype)
-                gw = flat.view_as(weight)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum(dim=(0, 2, 3, 4))
-        return gx, gw, gb, None, None, None
+                gw = _scatter_active(dw, plan.flat, weight)
+        return gx, gw, _bias_grad(ctx, gy), None, None, None
 
 
 def sparse_up_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: SparseUpPlan,
