@@ -393,7 +393,8 @@ def test_predictor_describe_names_the_backend(monkeypatch, tmp_path):
 @pytest.mark.skipif(SANITIZE, reason="this is the sanitizer run itself")
 def test_sanitizers_find_nothing(tmp_path):
     """The equivalence tests again, on AddressSanitizer + UBSan builds of every family this CPU
-    runs, in a subprocess with libasan preloaded (Python itself is not instrumented)."""
+    runs (and the training kernels' on the best family), in a subprocess with libasan preloaded
+    (Python itself is not instrumented)."""
     libasan = subprocess.run([CC, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
     if not libasan or not Path(libasan).is_file():
         pytest.skip(f"{CC} has no libasan.so")
@@ -401,8 +402,10 @@ def test_sanitizers_find_nothing(tmp_path):
            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=86",
            "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=87"}
     # -s: a sanitizer report goes to fd 2 and ends the process, so pytest must not capture it
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-s", "-p", "no:randomly", "-p", "no:cacheprovider",
-           "-k", "match or refuse", "-x", f"--basetemp={tmp_path / 'run'}"]
+    # this file's equivalence tests (kernels.c, every family) and the training kernels' (kernels_train.c)
+    training = ROOT / "tests" / "training" / "test_sparse_conv.py"
+    cmd = [sys.executable, "-m", "pytest", __file__, str(training), "-q", "-s", "-p", "no:randomly",
+           "-p", "no:cacheprovider", "-k", "match or refuse or equals", "-x", "-rA", f"--basetemp={tmp_path / 'run'}"]
     if "xdist" in sys.modules:
         cmd += ["-n", "0"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -411,6 +414,8 @@ def test_sanitizers_find_nothing(tmp_path):
     assert "AddressSanitizer" not in tail and "runtime error" not in tail, tail
     passed = re.search(r"(\d+) passed", proc.stdout)
     assert passed and int(passed.group(1)) >= 3 * len(build.cpu_families()), tail
+    for test in ("test_sparse_conv_equals_the_dense_masked_conv", "test_sparse_up_conv_equals_the_dense_masked"):
+        assert f"PASSED tests/training/test_sparse_conv.py::{test}" in proc.stdout, tail
 
 
 @needs_compiler

@@ -4,14 +4,15 @@ numbers as the dense masked conv, the path really taken, the trainer using it, b
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 
 from napari_e2enet import create_model
 from napari_e2enet.config import SparsityConfig
-from napari_e2enet.inference.cpu import find_compiler
-from napari_e2enet.inference.cpu.compact import load_kernels
+from napari_e2enet.inference.cpu import find_compiler, load
+from napari_e2enet.inference.cpu.compact import Kernels, load_kernels
 from napari_e2enet.models.blocks import ConvUnit
 from napari_e2enet.sparse import DSFFUpdater
 from napari_e2enet.training import Trainer
@@ -26,8 +27,16 @@ from napari_e2enet.training.sparse_conv import (
 pytestmark = pytest.mark.skipif(find_compiler() is None, reason="no C compiler: the dense path runs (tested elsewhere)")
 
 
+# Set by tests/inference/test_cpu_kernels.py::test_sanitizers_find_nothing, which reruns the
+# equivalence tests below in a subprocess with libasan preloaded: then the kernels are an
+# AddressSanitizer + UBSan build of the best family, not the cached optimised library.
+SANITIZE = os.environ.get("NAPARI_E2ENET_TEST_SANITIZE") == "1"
+
+
 @pytest.fixture(scope="module")
-def kernels():
+def kernels(tmp_path_factory):
+    if SANITIZE:
+        return Kernels(load(cache_dir=tmp_path_factory.mktemp("asan-kernels"), sanitize=True, warnings_as_errors=True))
     k = load_kernels()
     assert k is not None, "a C compiler exists, so the kernels must build"  # fail, not skip
     return k
