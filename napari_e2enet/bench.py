@@ -551,28 +551,33 @@ def run_training_benchmark(
             if it:
                 run["step"].append(t1 - t0)
         say(f"training {patch}^3 b{batch}: iteration {it}/{iterations} done" + (" (warm-up)" if not it else ""))
-    results = []
-    base = None
-    for run in runs:
-        step = statistics.median(run["step"])
-        row: dict[str, Any] = {"model": run["name"], "patch": patch, "batch": batch, "seconds_per_iteration": step,
-                               "params": sum(p.numel() for p in run["model"].parameters()),
-                               "sparse_units": run["sparse_units"]}
-        if run["updater"] is not None:
-            every = SparsityConfig(sparsity=run["sparsity"]).resolved_update_every(run_length)
-            apply_s, update_s = statistics.median(run["apply"]), statistics.median(run["update"])
-            row.update({"mask_apply_s": apply_s, "topology_update_s": update_s, "update_every": every,
-                        "run_length": run_length,
-                        "dsff_percent": 100 * (apply_s + update_s / every) / (step + apply_s + update_s / every)})
-        row["threads"] = threads
-        row["macs"] = _training_macs(run["name"], seed, patch, batch, skips=run.get("sparse_units", 0) > 0)
-        row.update(_rate(row["macs"], step, peak_gmacs("fp32", _cores(threads))))
-        if run["name"] == "plain":
-            base = step
-        results.append(row)
+    results = [_training_row(run, patch=patch, batch=batch, threads=threads, run_length=run_length, seed=seed)
+               for run in runs]
+    base = next((row["seconds_per_iteration"] for row in results if row["model"] == "plain"), None)
     for row in results:
         row["ratio_to_plain"] = row["seconds_per_iteration"] / base if base else None
     return results
+
+
+def _training_row(run: dict[str, Any], *, patch: int, batch: int, threads: int, run_length: int,
+                  seed: int) -> dict[str, Any]:
+    """One row of the training table from a candidate's timings (median step, DSFF cost, GMAC/s)."""
+    from .config import SparsityConfig
+
+    step = statistics.median(run["step"])
+    row: dict[str, Any] = {"model": run["name"], "patch": patch, "batch": batch, "seconds_per_iteration": step,
+                           "params": sum(p.numel() for p in run["model"].parameters()),
+                           "sparse_units": run["sparse_units"]}
+    if run["updater"] is not None:
+        every = SparsityConfig(sparsity=run["sparsity"]).resolved_update_every(run_length)
+        apply_s, update_s = statistics.median(run["apply"]), statistics.median(run["update"])
+        row.update({"mask_apply_s": apply_s, "topology_update_s": update_s, "update_every": every,
+                    "run_length": run_length,
+                    "dsff_percent": 100 * (apply_s + update_s / every) / (step + apply_s + update_s / every)})
+    row["threads"] = threads
+    row["macs"] = _training_macs(run["name"], seed, patch, batch, skips=run.get("sparse_units", 0) > 0)
+    row.update(_rate(row["macs"], step, peak_gmacs("fp32", _cores(threads))))
+    return row
 
 
 def format_table(results: list[dict[str, Any]], machine: dict[str, Any] | None = None) -> str:
