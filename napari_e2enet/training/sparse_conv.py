@@ -288,32 +288,47 @@ def _eligible_up(conv: nn.Module) -> bool:
             and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
-class _UpConv:
-    """The replacement of one masked up ConvTranspose3d's forward (an instance attribute that
-    shadows the class's ``forward``; ``SparseTraining.remove`` deletes it). Falls back to the
-    module's own forward wherever the sparse kernels do not apply: eval mode, CUDA, autocast,
-    other dtypes, a density at or above the owner's threshold."""
+class _SparseHook:
+    """What both replacements share: the owner's switches, a call count, the index structures of
+    the module's mask (rebuilt when the mask changes), and when the sparse kernels apply."""
 
-    def __init__(self, conv: nn.ConvTranspose3d, kernels: Kernels, owner: SparseTraining) -> None:
+    def __init__(self, conv: nn.Module, kernels: Kernels, owner: SparseTraining) -> None:
         self.conv = conv
         self.kernels = kernels
         self.owner = owner
         self.calls = 0  # sparse calls made (tests and benchmarks read it)
-        self._plan: tuple[torch.Tensor, int, SparseUpPlan] | None = None
+        self._plan: tuple[torch.Tensor, int, Any] | None = None
 
-    def plan(self, mask: torch.Tensor) -> SparseUpPlan:
-        # keyed on the mask tensor itself and its version counter, as _UnitConv.plan
+    def _build_plan(self, mask: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def plan(self, mask: torch.Tensor) -> Any:
+        # Masks change in place or are replaced at topology updates: key on the tensor itself (held
+        # here, so its id cannot be reused by a new mask) and its in-place version counter.
         cached = self._plan
         if cached is None or cached[0] is not mask or cached[1] != mask._version:
-            cached = self._plan = (mask, mask._version, SparseUpPlan.from_mask(mask))
+            cached = self._plan = (mask, mask._version, self._build_plan(mask))
         return cached[2]
 
     def applies(self, x: torch.Tensor) -> bool:
         conv = self.conv
         mask = getattr(conv, "kernel_mask", None)
-        return (self.owner.enabled and conv.training and mask is not None and x.device.type == "cpu"
-                and x.dtype == torch.float32 and conv.weight.dtype == torch.float32 and x.dim() == 5
-                and not torch.is_autocast_enabled("cpu") and float(mask.float().mean()) < self.owner.max_density)
+        return (self.owner.enabled and mask is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and conv.weight.dtype == torch.float32 and x.dim() == 5 and not torch.is_autocast_enabled("cpu")
+                and float(mask.float().mean()) < self.owner.max_density)
+
+
+class _UpConv(_SparseHook):
+    """The replacement of one masked up ConvTranspose3d's forward (an instance attribute that
+    shadows the class's ``forward``; ``SparseTraining.remove`` deletes it). Falls back to the
+    module's own forward wherever the sparse kernels do not apply: eval mode, CUDA, autocast,
+    other dtypes, a density at or above the owner's threshold."""
+
+    def _build_plan(self, mask: torch.Tensor) -> SparseUpPlan:
+        return SparseUpPlan.from_mask(mask)
+
+    def applies(self, x: torch.Tensor) -> bool:
+        return self.conv.training and super().applies(x)
 
     def __call__(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         conv = self.conv
@@ -332,32 +347,16 @@ def _eligible(unit: ConvUnit) -> bool:
             and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(unit.shift, (DepthShift, nn.Identity)))
 
 
-class _UnitConv:
+class _UnitConv(_SparseHook):
     """The replacement of one unit's shift + conv (``ConvUnit.fused_conv``); falls back to the
     unit's own modules wherever the sparse kernels do not apply or would not pay."""
 
     def __init__(self, unit: ConvUnit, kernels: Kernels, owner: SparseTraining) -> None:
+        super().__init__(unit.conv, kernels, owner)
         self.unit = unit
-        self.kernels = kernels
-        self.owner = owner
-        self.calls = 0  # sparse calls made (tests and benchmarks read it)
-        self._plan: tuple[torch.Tensor, int, SparseConvPlan] | None = None
 
-    def plan(self, mask: torch.Tensor) -> SparseConvPlan:
-        # Masks change in place or are replaced at topology updates: key on the tensor itself (held
-        # here, so its id cannot be reused by a new mask) and its in-place version counter.
-        cached = self._plan
-        if cached is None or cached[0] is not mask or cached[1] != mask._version:
-            cached = self._plan = (mask, mask._version,
-                                   SparseConvPlan.from_mask(mask, shift=isinstance(self.unit.shift, DepthShift)))
-        return cached[2]
-
-    def applies(self, x: torch.Tensor) -> bool:
-        conv = self.unit.conv
-        mask = getattr(conv, "kernel_mask", None)
-        return (self.owner.enabled and mask is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and conv.weight.dtype == torch.float32 and x.dim() == 5 and not torch.is_autocast_enabled("cpu")
-                and float(mask.float().mean()) < self.owner.max_density)
+    def _build_plan(self, mask: torch.Tensor) -> SparseConvPlan:
+        return SparseConvPlan.from_mask(mask, shift=isinstance(self.unit.shift, DepthShift))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         unit = self.unit
