@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..models.fusion import FusionStep, last_reads
 from ..sparse.compact import effective_mask
 from .cpu.compact import (
@@ -50,7 +51,7 @@ from .cpu.compact import (
     kernel_status,
 )
 
-__all__ = ["AcceleratedE2ENet", "MeasuredE2ENet", "accelerate", "accelerate_measured", "backend_info", "bf16_native",
+__all__ = ["AcceleratedE2ENet", "BackendUnavailable", "MeasuredE2ENet", "accelerate", "accelerate_measured", "backend_info", "bf16_native",
            "offered_precisions", "precision_passed"]
 
 Triple = tuple[int, int, int]
@@ -960,6 +961,11 @@ def _masked_density(model: nn.Module) -> float:
     return active / total if total else 1.0
 
 
+class BackendUnavailable(InputError, RuntimeError):
+    """A backend asked for by name cannot run here (no kernels, an unsupported model): one line,
+    which the CLI reports with exit code 2 and napari as a notification, not a traceback."""
+
+
 def accelerate(model: nn.Module, precision: str = "fp32", *, compile: bool = False,
                backend: str = "auto") -> nn.Module:
     """The fastest equivalent inference module for an E2ENet (see the module docstring).
@@ -985,10 +991,10 @@ def accelerate(model: nn.Module, precision: str = "fp32", *, compile: bool = Fal
         return _Fallback(model, reason)
     kernels, kernel_reason = kernel_status()
     if kernels is None and backend == "sparse":
-        raise RuntimeError(f"accelerate(backend='sparse'): the sparse CPU kernels cannot be used: {kernel_reason}")
+        raise BackendUnavailable(f"accelerate(backend='sparse'): the sparse CPU kernels cannot be used: {kernel_reason}")
     why_not = _sparse_unsupported(model)
     if backend == "sparse" and why_not:
-        raise NotImplementedError(f"accelerate(backend='sparse'): {why_not}")
+        raise BackendUnavailable(f"accelerate(backend='sparse'): {why_not}")
     backend, reason = _choose_backend(model, backend, kernels, kernel_reason, why_not)
     fast = AcceleratedE2ENet(model, precision, backend, kernels, reason).eval()
     if compile:

@@ -127,3 +127,17 @@ def test_bf16_dice_of_the_bundled_models_stays_within_the_gate(name):
         scores[precision] = float(np.mean([dice(labels, ref, c) for c in classes]))
     assert scores["fp32"] > 0.5  # the crop is segmented at all
     assert abs(scores["bf16"] - scores["fp32"]) <= PRECISION_DICE_TOLERANCE
+
+
+def test_predict_with_an_unavailable_backend_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """`predict --backend sparse` where the kernels cannot be had: exit 2 with one line saying why,
+    no traceback, nothing written (it was 'unexpected RuntimeError', exit 1)."""
+    from napari_e2enet.cli import main
+
+    monkeypatch.setattr(fastpath, "kernel_status", lambda: (None, "no C compiler here"))
+    out = tmp_path / "labels"
+    code = main(["predict", "-i", str(sample_files()["image"]), "--output", str(out), "--backend", "sparse"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert "sparse CPU kernels cannot be used: no C compiler here" in err[-1] and "Traceback" not in "\n".join(err)
+    assert not out.exists() or not any(out.iterdir())  # no labels, no temporary left
