@@ -443,9 +443,11 @@ def _check_targets(targets: list, suffix: str) -> None:
         check_writable(max(targets, key=lambda t: len(t.name)), suffix)
 
 
-def _predict_jobs(args: argparse.Namespace) -> tuple[list, Any]:
+def _predict_jobs(args: argparse.Namespace, created: list) -> tuple[list, Any]:
     """Check the predict arguments and the output location before any model is loaded; the cases
-    this process predicts (its shard) as ``CaseJob``s, and the output path."""
+    this process predicts (its shard) as ``CaseJob``s, and the output path. The folders it makes
+    are appended to ``created`` (deepest first) as soon as they exist, so a failure after that,
+    here or later, can remove them again."""
     import os
     from pathlib import Path
 
@@ -477,7 +479,7 @@ def _predict_jobs(args: argparse.Namespace) -> tuple[list, Any]:
     suffix = out_suffix if single_file and out_suffix is not None else OUTPUT_FORMATS[args.output_format or "nii.gz"]
     if suffix == ".dcm" and not dicom_input:
         raise InputError("DICOM-SEG output (.dcm) needs DICOM input: it references the source series", out)
-    _prepare_output(out, single_file)
+    _prepare_output(out, single_file, created)
     if parts is not None:
         cases = shard(cases, *parts)
     _refuse_output_on_input(cases, out, single_file, suffix)
@@ -488,8 +490,9 @@ def _predict_jobs(args: argparse.Namespace) -> tuple[list, Any]:
     return jobs, out
 
 
-def _prepare_output(out: Any, single_file: bool) -> None:
-    """The output file's folder must exist; an output folder is made. Either must be writable."""
+def _prepare_output(out: Any, single_file: bool, created: list) -> None:
+    """The output file's folder must exist; an output folder is made (the folders made, deepest
+    first, are appended to ``created``). Either must be writable."""
     import os
     from pathlib import Path
 
@@ -501,15 +504,48 @@ def _prepare_output(out: Any, single_file: bool) -> None:
     else:
         if out.exists() and not out.is_dir():
             raise InputError("output must be a folder when the input is a folder", out)
+        missing = []
+        folder = out
+        while not os.path.lexists(folder) and folder != folder.parent:  # (a dangling link is not missing)
+            missing.append(folder)  # deepest first: the order they can be removed in
+            folder = folder.parent
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
+            _remove_empty_folders([f for f in missing if f.is_dir()])  # a parent made before the failure
             raise InputError(f"cannot create output folder ({exc.strerror})", out) from None
+        created.extend(missing)
     if not os.access(out if out.is_dir() else (out.parent if str(out.parent) else Path(".")), os.W_OK):
         raise InputError("output location is not writable", out)
 
 
+def _remove_empty_folders(folders: list) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: a folder that holds anything, a
+    prediction or a file someone put there meanwhile, stays, and so do the folders above it."""
+    import os
+
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+
+
 def _predict(args: argparse.Namespace) -> int:
+    """Run predict; when it fails (an error, a stop) the output folders it made itself are removed
+    again if they are still empty, so a failed run leaves no empty output folder behind. A folder
+    the user had is never removed, nor anything in one."""
+    created: list = []
+    code = 1
+    try:
+        code = _predict_run(args, created)
+        return code
+    finally:
+        if code != 0:
+            _remove_empty_folders(created)
+
+
+def _predict_run(args: argparse.Namespace, created: list) -> int:
     import time
 
     from tqdm import tqdm
@@ -518,7 +554,7 @@ def _predict(args: argparse.Namespace) -> int:
     from .inference import InputWarning, Predictor
     from .inference.batch import CaseResult, CaseStarted, iter_predict_cases
 
-    jobs, out = _predict_jobs(args)
+    jobs, out = _predict_jobs(args, created)
     config = InferenceConfig(overlap=args.overlap, tta=args.tta, precision=args.precision, device=args.device,
                              accelerate=not args.no_accelerate, backend=args.backend)
     predictor = Predictor.from_any(args.model, config)
