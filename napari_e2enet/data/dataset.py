@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..pathcheck import require_file
+from ._payload import VOLUME_SUFFIXES
 from .io import NIFTI_SUFFIXES, _same_geometry, as_label_array, read_geometry, read_image, read_labels
 from .phantom import AMOS_LABELS, make_phantom
 from .volume import Volume
@@ -37,6 +38,11 @@ _MRI_NAMES = {
 
 
 _MAX_LABEL_ID = 32767
+
+# The ``file_ending``s a dataset.json may name (nnU-Net v2 names one per dataset): NIfTI and NRRD
+# (an attached ``.nrrd``, or a detached ``.nhdr`` header whose data file lies next to it). The readers
+# in .io dispatch on the name, so an NRRD case gets the same header checks, RAS+ affine and errors.
+DATASET_ENDINGS = (*NIFTI_SUFFIXES, ".nrrd", ".nhdr")
 
 
 def modality_from_channels(channel_names: Sequence[str]) -> str:
@@ -408,7 +414,7 @@ def _array_case_label(lab: np.ndarray | Volume | None, vol: Volume, case_name: s
 
 def _stem(path: Path) -> str:
     lower = path.name.lower()
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in VOLUME_SUFFIXES:  # .seg.nrrd before .nrrd, .nii.gz before .nii
         if lower.endswith(suffix):
             return path.name[: -len(suffix)]
     return path.stem
@@ -595,8 +601,8 @@ def _load_folder(root_in: Path, check: bool) -> Dataset:
     channel_names = _parse_channels(data, json_path)
     labels = _parse_labels(data, json_path)
     ending = data.get("file_ending", ".nii.gz")
-    if ending not in NIFTI_SUFFIXES:
-        raise InputError(f"file_ending {ending!r} is not supported (only .nii.gz and .nii)", json_path)
+    if not isinstance(ending, str) or ending not in DATASET_ENDINGS:
+        raise InputError(f"file_ending {ending!r} is not supported (only {', '.join(DATASET_ENDINGS)})", json_path)
     listed: dict[Path, dict[str, Path]] = {}  # folder listings, read once
     if data.get("training") is not None:
         cases = _msd_cases(data["training"], root, json_path, ending, len(channel_names), listed)
@@ -711,7 +717,7 @@ def load_dataset(source: str | Path, *, check: bool = True) -> Dataset:
     - ``"phantom:N"`` (or ``"phantom:N:SEED"``): N procedural abdominal CT cases with AMOS labels.
     - a folder (or its ``dataset.json``) in nnU-Net v2 or MSD layout: ``dataset.json`` with
       ``channel_names`` or ``modality``, ``labels`` as ``{name: id}`` (v2) or ``{"id": name}`` (MSD),
-      ``file_ending``; cases from a ``training`` list, a v2 ``dataset`` mapping, or ``labelsTr/`` +
+      ``file_ending`` (``.nii.gz``, ``.nii``, ``.nrrd`` or ``.nhdr``); cases from a ``training`` list, a v2 ``dataset`` mapping, or ``labelsTr/`` +
       ``imagesTr/CASE_0000<ending>`` (or ``imagesTr/CASE<ending>`` as a 4D series).
 
     ``check``: read every file header now (shape, affine, channel count) — fast, no voxels read.
