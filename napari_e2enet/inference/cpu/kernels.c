@@ -116,6 +116,123 @@ static inline int is_identity(const float *ia, const float *ib, const float *is,
     return ia == NULL || (ia[i] == 1.f && ib[i] == 0.f && is[i] == 1.f);
 }
 
+#if !(defined(__AVX2__) && !defined(__AVX512F__))
+#define STAT_LANES 1
+#endif
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* AVX2 sconv133 (see docs/cpu-fast-path.md, "AVX2 profile"). The kernels read each tap's input
+   straight from RB + 2 row pointers with unaligned loads (L1) instead of from a copy of three
+   shifted vectors per row: for channels read as stored the rows are the PP tensor's own (its
+   zero halo rows and padding columns are the convolution's zero padding), for channels read
+   through the lazy norm they are rows of a small per-thread buffer normalised once per (channel,
+   tile). The v16 copy (30 vectors, the norm applied three times per row through a v16 vmax that
+   GCC spilled to the stack) was 46 % of the kernel's cycles at 128^3 (perf, 2026-12-07). */
+#define STAT_LANES 4 /* double lanes per channel statistic (sconv_store_avx2) */
+#define NROW_PITCH 32 /* floats per normalised row: [7] column w0-1, [8..23] w0..w0+15, [24] w0+16 */
+
+static inline float leaky1(float x, float a, float b, float s) {
+    const float v = a * x + b;
+    return v > s * v ? v : s * v;
+}
+
+/* rows h0-1 .. h0+RB of one input channel through the lazy norm, zero outside the image */
+static inline void norm_rows_avx2(float *T, const float *rp, int P, int h0, int H, int w0, int W, int ncol,
+                                  float a, float b, float s)
+{
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b), vs = _mm256_set1_ps(s);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    /* all-ones where the column is inside the image: and, not multiply (0 * inf is nan) */
+    const __m256 keep0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(ncol), lane));
+    const __m256 keep1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(ncol - 8), lane));
+    for (int j = 0; j < RB + 2; j++) {
+        float *t = T + NROW_PITCH * j;
+        const int hh = h0 + j - 1;
+        if (hh < 0 || hh >= H) {
+            for (int c = 0; c < NROW_PITCH; c += 8) _mm256_store_ps(t + c, _mm256_setzero_ps());
+            continue;
+        }
+        const float *r = rp + (size_t)j * P;
+        __m256 v0 = _mm256_fmadd_ps(va, _mm256_load_ps(r), vb);
+        __m256 v1 = _mm256_fmadd_ps(va, _mm256_load_ps(r + 8), vb);
+        v0 = _mm256_max_ps(v0, _mm256_mul_ps(vs, v0));
+        v1 = _mm256_max_ps(v1, _mm256_mul_ps(vs, v1));
+        _mm256_store_ps(t + 8, _mm256_and_ps(v0, keep0));
+        _mm256_store_ps(t + 16, _mm256_and_ps(v1, keep1));
+        t[7] = w0 > 0 ? leaky1(r[-1], a, b, s) : 0.f;
+        t[24] = w0 + 16 < W ? leaky1(r[16], a, b, s) : 0.f;
+    }
+}
+
+/* The tile's outputs from acc (O x RB rows x 16 columns) to out (row h0+1, column w0 of output
+   channel 0; columns past the image are stored as zeros, then `tail` more zeros to the row's end),
+   the statistics as 4 double lanes per channel (st[4o..], st[4(O+o)..]). The v16 form summed 32
+   lanes in scalar per channel and tile: a fifth of the kernel at 96 -> 48, density 0.1. */
+static inline void sconv_store_avx2(const float *acc, int O, int nrow, int ncol, float *out, int64_t ostride,
+                                    int P, int tail, double *st)
+{
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 keep0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(ncol), lane));
+    const __m256 keep1 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(ncol - 8), lane));
+    for (int o = 0; o < O; o++) {
+        float *pl = out + (size_t)o * ostride;
+        __m256 s = _mm256_setzero_ps(), s2 = _mm256_setzero_ps();
+        for (int j = 0; j < nrow; j++) {
+            __m256 a = _mm256_load_ps(acc + ((size_t)o * RB + j) * 16), b = _mm256_load_ps(acc + ((size_t)o * RB + j) * 16 + 8);
+            if (ncol < 16) { a = _mm256_and_ps(a, keep0); b = _mm256_and_ps(b, keep1); }
+            float *row = pl + (size_t)j * P;
+            _mm256_storeu_ps(row, a);
+            _mm256_storeu_ps(row + 8, b);
+            if (tail > 0) memset(row + 16, 0, sizeof(float) * (size_t)tail);
+            s = _mm256_add_ps(s, _mm256_add_ps(a, b));
+            s2 = _mm256_fmadd_ps(a, a, _mm256_fmadd_ps(b, b, s2));
+        }
+        if (st) {
+            double *so = st + 4 * (size_t)o, *qo = st + 4 * ((size_t)O + o);
+            const __m256d s4 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(s)), _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1)));
+            const __m256d q4 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(s2)), _mm256_cvtps_pd(_mm256_extractf128_ps(s2, 1)));
+            _mm256_storeu_pd(so, _mm256_add_pd(_mm256_loadu_pd(so), s4));
+            _mm256_storeu_pd(qo, _mm256_add_pd(_mm256_loadu_pd(qo), q4));
+        }
+    }
+}
+
+/* acc[o] (RB rows x 16 columns) += the active kernels k0 .. k1 of one input channel, whose rows
+   h0-1 .. h0+RB start at R[0 .. RB+1] (column w0; columns w0-1 and w0+16 readable). One tap at a
+   time: one broadcast, RB rows x 2 halves = 8 independent ymm accumulators, the inputs as memory
+   operands: no spill in 16 ymm registers. */
+static inline void sconv_taps_avx2(const float *const *R, float *acc, const int *rowidx, const float *wts,
+                                   int k0, int k1)
+{
+    for (int k = k0; k < k1; k++) {
+        float *acc_o = acc + (size_t)rowidx[k] * RB * 16;
+        const float *q = wts + 9 * (size_t)k;
+        __m256 A0[RB], A1[RB];
+#pragma GCC unroll 16
+        for (int j = 0; j < RB; j++) {
+            A0[j] = _mm256_load_ps(acc_o + 16 * j);
+            A1[j] = _mm256_load_ps(acc_o + 16 * j + 8);
+        }
+#pragma GCC unroll 3
+        for (int dy = 0; dy < 3; dy++) {
+#pragma GCC unroll 3
+            for (int dx = 0; dx < 3; dx++) {
+                const __m256 w = _mm256_broadcast_ss(q + 3 * dy + dx);
+#pragma GCC unroll 16
+                for (int j = 0; j < RB; j++) {
+                    A0[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(R[j + dy] + dx - 1), A0[j]);
+                    A1[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(R[j + dy] + dx + 7), A1[j]);
+                }
+            }
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < RB; j++) {
+            _mm256_store_ps(acc_o + 16 * j, A0[j]);
+            _mm256_store_ps(acc_o + 16 * j + 8, A1[j]);
+        }
+    }
+}
+#endif
+
 /* Sparse (1,3,3) convolution, stride 1, zero padding (0,1,1), with a per-input-channel depth
    offset (the restricted depth shift: channel i reads slice d + dshift[i], zero outside).
    chan[i]: address of input channel i (plane 0, row 0, column 0) in a PP tensor of shape (D,H,W),
@@ -135,22 +252,28 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
     const int nwb = (W + 15) / 16, nhb = (H + RB - 1) / RB;
     const int ntask = (d1 - d0) * nhb * nwb;
     const size_t plane = (size_t)(H + 2) * P;
-    double *tst = stats ? calloc((size_t)nthreads * 2 * O, sizeof(double)) : NULL;
+    double *tst = stats ? calloc((size_t)nthreads * 2 * O * STAT_LANES, sizeof(double)) : NULL;
 #pragma omp parallel num_threads(nthreads)
     {
         float *acc = alloc64(sizeof(float) * (size_t)O * RB * 16);
-        double *st = tst ? tst + (size_t)TID() * 2 * O : NULL;
+        double *st = tst ? tst + (size_t)TID() * 2 * O * STAT_LANES : NULL;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        float *T = alloc64(sizeof(float) * NROW_PITCH * (RB + 2));
+        (void)nt; /* streaming stores are AVX-512 only */
+#endif
 #pragma omp for schedule(SCHED(nwb))
         for (int task = 0; task < ntask; task++) {
             const int wb = task % nwb, hb = (task / nwb) % nhb, d = d0 + task / (nwb * nhb);
             const int h0 = hb * RB, w0 = wb * 16;
             const int nrow = H - h0 < RB ? H - h0 : RB, ncol = W - w0 < 16 ? W - w0 : 16;
+#if !(defined(__AVX2__) && !defined(__AVX512F__))
             v16 lanes, mleft, mright;
+            for (int t = 0; t < 16; t++) lanes[t] = t < ncol ? 1.f : 0.f;
             for (int t = 0; t < 16; t++) {
-                lanes[t] = t < ncol ? 1.f : 0.f;
                 mleft[t] = (w0 + t - 1 >= 0) ? 1.f : 0.f;  /* column w-1 inside the image */
                 mright[t] = (w0 + t + 1 < W) ? 1.f : 0.f;  /* column w+1 inside the image */
             }
+#endif
             memset(acc, 0, sizeof(float) * (size_t)O * RB * 16);
             for (int i = 0; i < I; i++) {
                 const int k0 = colptr[i], k1 = colptr[i + 1];
@@ -162,6 +285,16 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                     const float *np = wb + 1 < nwb ? rp + E2E_PF : rp + (size_t)RB * P - w0;
                     for (int j = 0; j < RB + 2; j++) __builtin_prefetch(np + (size_t)j * P, 0, 2);
                 }
+#if defined(__AVX2__) && !defined(__AVX512F__)
+                const float *R[RB + 2];
+                if (is_identity(ia, ib, is, i)) {
+                    for (int j = 0; j < RB + 2; j++) R[j] = rp + (size_t)j * P;
+                } else {
+                    norm_rows_avx2(T, rp, P, h0, H, w0, W, ncol, ia[i], ib[i], is[i]);
+                    for (int j = 0; j < RB + 2; j++) R[j] = T + NROW_PITCH * j + 8;
+                }
+                sconv_taps_avx2(R, acc, rowidx, wts, k0, k1);
+#else
                 v16 X[3 * (RB + 2)];
                 if (is_identity(ia, ib, is, i)) {
 #pragma GCC unroll 16
@@ -180,41 +313,6 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                         X[3 * j + 2] = xform(LDU(r + 1), a, b, sl) * mright;
                     }
                 }
-#if defined(__AVX2__) && !defined(__AVX512F__)
-                /* AVX2 has 16 ymm registers and a v16 is two of them: the AVX-512 order below (9
-                   broadcast taps + 2 × RB v16 accumulators = 34 ymm) spilled on every FMA and ran at
-                   ~2 % of the FMA peak (0.6 vs oneDNN's 8 GMAC/s, 2026-12-07). Here one tap at a time:
-                   one broadcast, RB rows × 2 halves = 8 independent ymm accumulators, the inputs as
-                   memory operands (X is in L1): 9 + 8 registers' worth, no spill. */
-                const v8 *X8 = (const v8 *)X;
-                for (int k = k0; k < k1; k++) {
-                    float *acc_o = acc + (size_t)rowidx[k] * RB * 16;
-                    const float *q = wts + 9 * (size_t)k;
-                    v8 A0[RB], A1[RB];
-#pragma GCC unroll 16
-                    for (int j = 0; j < RB; j++) {
-                        A0[j] = *(const v8 *)(acc_o + 16 * j);
-                        A1[j] = *(const v8 *)(acc_o + 16 * j + 8);
-                    }
-#pragma GCC unroll 3
-                    for (int dy = 0; dy < 3; dy++) {
-#pragma GCC unroll 3
-                        for (int dx = 0; dx < 3; dx++) {
-                            const v8 w = (v8){0} + q[3 * dy + dx];
-#pragma GCC unroll 16
-                            for (int j = 0; j < RB; j++) {
-                                A0[j] += w * X8[2 * (3 * (j + dy) + dx)];
-                                A1[j] += w * X8[2 * (3 * (j + dy) + dx) + 1];
-                            }
-                        }
-                    }
-#pragma GCC unroll 16
-                    for (int j = 0; j < RB; j++) {
-                        *(v8 *)(acc_o + 16 * j) = A0[j];
-                        *(v8 *)(acc_o + 16 * j + 8) = A1[j];
-                    }
-                }
-#else
                 for (int k = k0; k < k1; k++) {
                     float *acc_o = acc + (size_t)rowidx[k] * RB * 16;
                     const float *q = wts + 9 * (size_t)k;
@@ -243,6 +341,15 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
 #endif
             }
             const int c0 = w0, c1 = wb == nwb - 1 ? P : w0 + ncol;
+#if defined(__AVX2__) && !defined(__AVX512F__)
+            sconv_store_avx2(acc, O, nrow, ncol, out + (size_t)d * plane + (size_t)(h0 + 1) * P + w0, ostride, P,
+                             wb == nwb - 1 ? P - w0 - 16 : 0, st);
+            for (int o = 0; o < O; o++) {
+                float *pl = out + (size_t)o * ostride + (size_t)d * plane;
+                if (hb == 0) memset(pl + c0, 0, sizeof(float) * (size_t)(c1 - c0));
+                if (hb == nhb - 1) memset(pl + (size_t)(H + 1) * P + c0, 0, sizeof(float) * (size_t)(c1 - c0));
+            }
+#else
             for (int o = 0; o < O; o++) {
                 float *pl = out + (size_t)o * ostride + (size_t)d * plane;
                 v16 s = (v16){0}, s2 = (v16){0};
@@ -262,19 +369,94 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                     st[o] += sa; st[O + o] += sb;
                 }
             }
+#endif
         }
         free(acc);
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        free(T);
+#endif
         fence();
     }
     if (stats) {
         for (int t = 0; t < nthreads; t++)
-            for (int j = 0; j < 2 * O; j++) stats[j] += tst[(size_t)t * 2 * O + j];
+            for (int j = 0; j < 2 * O; j++)
+                for (int l = 0; l < STAT_LANES; l++) stats[j] += tst[((size_t)t * 2 * O + j) * STAT_LANES + l];
         free(tst);
     }
 }
 
 /* 1x1x1 head without bias on a PP tensor read through the lazy norm: out[k, d, h, w] =
    sum_c wh[k*C + c] * x'[c, d, h, w]; out is a dense (K, D, H, W) float32 array. */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* AVX2: 4 classes x 16 columns = 8 ymm accumulators; per channel 2 input loads and 4 broadcasts
+   for 8 FMAs. The v16 form below (8 classes x v16 = 16 ymm accumulators, the norm through a v16
+   vmax) spilled on every FMA: 2 GMAC/s, 0.85 s of a 12 s 128^3 forward (2026-12-07). Weights are
+   transposed to (C, K rounded up to 4), zero-padded, so the class loop needs no bounds test. */
+void e2e_head(int C, int D, int H, int W, int P, const float *x, int64_t cstride,
+              const float *ia, const float *ib, const float *is, int K, const float *wh, float *out, int nthreads)
+{
+    OMP_ONLY(nthreads);
+    const int nwb = (W + 15) / 16, ntask = D * H * nwb, Kp = (K + 3) / 4 * 4;
+    const size_t plane = (size_t)(H + 2) * P, ostride = (size_t)D * H * W;
+    float *wt = alloc64(sizeof(float) * (size_t)C * Kp);
+    for (int c = 0; c < C; c++)
+        for (int k = 0; k < Kp; k++) wt[(size_t)c * Kp + k] = k < K ? wh[(size_t)k * C + c] : 0.f;
+#pragma omp parallel num_threads(nthreads)
+    {
+        float *xs = alloc64(sizeof(float) * 16 * (size_t)C);
+#pragma omp for schedule(SCHED(4 * nwb))
+        for (int task = 0; task < ntask; task++) {
+            const int wb = task % nwb, h = (task / nwb) % H, d = task / (nwb * H);
+            const int w0 = wb * 16, ncol = W - w0 < 16 ? W - w0 : 16;
+            const float *xb = x + (size_t)d * plane + (size_t)(h + 1) * P + w0;
+            for (int c = 0; c < C; c++) {
+                const float *r = xb + (size_t)c * cstride;
+                __builtin_prefetch(r + 2 * 16, 0, 0); /* 48 channel streams: more than the hardware prefetcher follows */
+                __m256 v0 = _mm256_load_ps(r), v1 = _mm256_load_ps(r + 8);
+                if (!is_identity(ia, ib, is, c)) {
+                    const __m256 a = _mm256_set1_ps(ia[c]), b = _mm256_set1_ps(ib[c]), sl = _mm256_set1_ps(is[c]);
+                    v0 = _mm256_fmadd_ps(a, v0, b);
+                    v1 = _mm256_fmadd_ps(a, v1, b);
+                    v0 = _mm256_max_ps(v0, _mm256_mul_ps(sl, v0));
+                    v1 = _mm256_max_ps(v1, _mm256_mul_ps(sl, v1));
+                }
+                _mm256_store_ps(xs + 16 * (size_t)c, v0);
+                _mm256_store_ps(xs + 16 * (size_t)c + 8, v1);
+            }
+            float *ob = out + ((size_t)d * H + h) * W + w0;
+            for (int k0 = 0; k0 < K; k0 += 4) {
+                __m256 A0[4], A1[4];
+#pragma GCC unroll 4
+                for (int k = 0; k < 4; k++) { A0[k] = _mm256_setzero_ps(); A1[k] = _mm256_setzero_ps(); }
+                for (int c = 0; c < C; c++) {
+                    const __m256 x0 = _mm256_load_ps(xs + 16 * (size_t)c), x1 = _mm256_load_ps(xs + 16 * (size_t)c + 8);
+                    const float *q = wt + (size_t)c * Kp + k0;
+#pragma GCC unroll 4
+                    for (int k = 0; k < 4; k++) {
+                        const __m256 w = _mm256_broadcast_ss(q + k);
+                        A0[k] = _mm256_fmadd_ps(w, x0, A0[k]);
+                        A1[k] = _mm256_fmadd_ps(w, x1, A1[k]);
+                    }
+                }
+                for (int k = 0; k < 4 && k0 + k < K; k++) {
+                    float *o = ob + (size_t)(k0 + k) * ostride;
+                    if (ncol == 16) {
+                        _mm256_storeu_ps(o, A0[k]);
+                        _mm256_storeu_ps(o + 8, A1[k]);
+                    } else {
+                        float tmp[16] __attribute__((aligned(32)));
+                        _mm256_store_ps(tmp, A0[k]);
+                        _mm256_store_ps(tmp + 8, A1[k]);
+                        store_n(o, tmp, ncol);
+                    }
+                }
+            }
+        }
+        free(xs);
+    }
+    free(wt);
+}
+#else
 void e2e_head(int C, int D, int H, int W, int P, const float *x, int64_t cstride,
               const float *ia, const float *ib, const float *is, int K, const float *wh, float *out, int nthreads)
 {
@@ -311,6 +493,8 @@ void e2e_head(int C, int D, int H, int W, int P, const float *x, int64_t cstride
     }
 }
 
+#endif
+
 static inline __attribute__((always_inline)) void convt_acc(const int KK, const int NV, v16 *acc, const float *ib,
                                                             int64_t bstride, const int *colidx, const float *wts,
                                                             int k0, int k1)
@@ -334,26 +518,40 @@ static inline __attribute__((always_inline)) void convt_acc(const int KK, const 
 }
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
-/* AVX2: the tile's KK taps for one output channel, 8 low-res columns at a time (KK ymm accumulators,
-   one input vector, one broadcast: no spill; convt_acc's 2 × KK v16 = 32 ymm spilled on every FMA
-   and, with its v16 interleaving shuffles, ran the bundled MNI model's up-sampling at ~0.15 GMAC/s,
-   30x slower than a dense matmul, 2026-12-07). tile[p][c]: tap p, low-res column c of the tile. */
-static inline __attribute__((always_inline)) void convt_seg8(const int KK, float (*tile)[32], int nseg, const float *ib,
-                                                             int64_t bstride, const int *colidx, const float *wts,
-                                                             int k0, int k1)
+/* n (0..8) floats of v to dst: a plain store when n == 8, else a masked one */
+static inline void store8n(float *dst, __m256 v, int n) {
+    if (n >= 8) { _mm256_storeu_ps(dst, v); return; }
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps(dst, m, v);
+}
+
+/* AVX2: one output channel of a tile, 8 low-res columns at a time: KK ymm accumulators (one per
+   tap), one input vector, one broadcast, no spill (the v16 form's 2 x KK v16 = 32 ymm spilled on
+   every FMA: ~0.15 GMAC/s on the bundled MNI model's up-sampling, 2026-12-07). The taps go
+   straight from the registers to the output rows: rows[ab] is output row (a, b) at column kw*w0;
+   kw == 2 interleaves the two column taps with unpack + permute (a scalar loop of 2 x 32 stores
+   per row was a third of the kernel). */
+static inline __attribute__((always_inline)) void convt_o_avx2(const int KK, const int kw, int ncol,
+                                                               float *const *rows, const float *ib, int64_t bstride,
+                                                               const int *colidx, const float *wts, int k0, int k1)
 {
-    for (int g = 0; g < nseg; g++) {
-        v8 A[8];
+    for (int g = 0; 8 * g < ncol; g++) {
+        __m256 A[8];
 #pragma GCC unroll 8
-        for (int p = 0; p < KK; p++) A[p] = (v8){0};
+        for (int p = 0; p < KK; p++) A[p] = _mm256_setzero_ps();
         for (int k = k0; k < k1; k++) {
-            const v8 x = *(const v8 *)(ib + (size_t)colidx[k] * bstride + 8 * g);
+            const __m256 x = _mm256_load_ps(ib + (size_t)colidx[k] * bstride + 8 * g);
             const float *q = wts + (size_t)KK * k;
 #pragma GCC unroll 8
-            for (int p = 0; p < KK; p++) A[p] += ((v8){0} + q[p]) * x;
+            for (int p = 0; p < KK; p++) A[p] = _mm256_fmadd_ps(_mm256_broadcast_ss(q + p), x, A[p]);
         }
-#pragma GCC unroll 8
-        for (int p = 0; p < KK; p++) *(v8 *)&tile[p][8 * g] = A[p];
+        const int n = ncol - 8 * g < 8 ? ncol - 8 * g : 8;
+        for (int ab = 0; ab < KK / kw; ab++) {
+            if (kw == 1) { store8n(rows[ab] + 8 * g, A[ab], n); continue; }
+            const __m256 lo = _mm256_unpacklo_ps(A[2 * ab], A[2 * ab + 1]), hi = _mm256_unpackhi_ps(A[2 * ab], A[2 * ab + 1]);
+            store8n(rows[ab] + 16 * g, _mm256_permute2f128_ps(lo, hi, 0x20), 2 * n);
+            store8n(rows[ab] + 16 * g + 8, _mm256_permute2f128_ps(lo, hi, 0x31), 2 * n - 8);
+        }
     }
 }
 #endif
@@ -380,40 +578,61 @@ void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, in
         for (int task = 0; task < ntask; task++) {
             const int wb = task % nwb, hl = (task / nwb) % Hl, dl = task / (nwb * Hl);
             const int w0 = wb * 32, ncol = Wl - w0 < 32 ? Wl - w0 : 32, nv = ncol > 16 ? 2 : 1;
+            (void)nv; /* the v16 path's vector count */
             const int oc0 = kw * w0, oc1 = wb == nwb - 1 ? P : kw * (w0 + ncol);
             const float *src = in + (size_t)dl * iplane + (size_t)(hl + 1) * Pl + w0;
             const float *ib = src;
             int64_t bstride = istride;
             if (ia != NULL) {  /* apply the lazy norm once per tile and input channel */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+                /* __m256 (the v16 xform's vmax went through the stack on AVX2) */
+                for (int c = 0; c < Ci; c++) {
+                    const float *r = src + (size_t)c * istride;
+                    float *t = (float *)(xt + 2 * (size_t)c);
+                    const int id = is_identity(ia, iib, is, c);
+                    const __m256 va = _mm256_set1_ps(ia[c]), vb = _mm256_set1_ps(iib[c]), vs = _mm256_set1_ps(is[c]);
+                    for (int v = 0; v < (ncol + 7) / 8; v++) {
+                        __m256 x = _mm256_load_ps(r + 8 * v);
+                        if (!id) {
+                            x = _mm256_fmadd_ps(va, x, vb);
+                            x = _mm256_max_ps(x, _mm256_mul_ps(vs, x));
+                        }
+                        _mm256_store_ps(t + 8 * v, x);
+                    }
+                }
+#else
                 for (int c = 0; c < Ci; c++) {
                     for (int v = 0; v < nv; v++) {
                         const v16 x = LDA(src + (size_t)c * istride + 16 * v);
                         xt[2 * c + v] = is_identity(ia, iib, is, c) ? x : xform(x, ia[c], iib[c], is[c]);
                     }
                 }
+#endif
                 ib = (const float *)xt;
                 bstride = 32;
             }
 #if defined(__AVX2__) && !defined(__AVX512F__)
             for (int o = 0; o < O; o++) {
-                const int k0 = rowptr[o], k1 = rowptr[o + 1], nseg = (ncol + 7) / 8;
-                float tile[8][32] __attribute__((aligned(32)));
-                if (K == 8) convt_seg8(8, tile, nseg, ib, bstride, colidx, wts, k0, k1);
-                else if (K == 4) convt_seg8(4, tile, nseg, ib, bstride, colidx, wts, k0, k1);
-                else if (K == 2) convt_seg8(2, tile, nseg, ib, bstride, colidx, wts, k0, k1);
-                else convt_seg8(1, tile, nseg, ib, bstride, colidx, wts, k0, k1);
+                const int k0 = rowptr[o], k1 = rowptr[o + 1];
                 float *ob = out + (size_t)o * ostride;
+                float *rows[8];
+                for (int a = 0; a < kd; a++)
+                    for (int b = 0; b < kh; b++)
+                        rows[a * kh + b] = ob + (size_t)(kd * dl + a) * oplane + (size_t)(kh * hl + b + 1) * P + kw * w0;
+                if (kw == 2) {
+                    if (K == 8) convt_o_avx2(8, 2, ncol, rows, ib, bstride, colidx, wts, k0, k1);
+                    else if (K == 4) convt_o_avx2(4, 2, ncol, rows, ib, bstride, colidx, wts, k0, k1);
+                    else convt_o_avx2(2, 2, ncol, rows, ib, bstride, colidx, wts, k0, k1);
+                } else {
+                    if (K == 4) convt_o_avx2(4, 1, ncol, rows, ib, bstride, colidx, wts, k0, k1);
+                    else if (K == 2) convt_o_avx2(2, 1, ncol, rows, ib, bstride, colidx, wts, k0, k1);
+                    else convt_o_avx2(1, 1, ncol, rows, ib, bstride, colidx, wts, k0, k1);
+                }
                 for (int a = 0; a < kd; a++) {
                     float *pl = ob + (size_t)(kd * dl + a) * oplane;
                     for (int b = 0; b < kh; b++) {
                         const int h = kh * hl + b;
-                        float *row = pl + (size_t)(h + 1) * P, *dst = row + kw * w0;
-                        const float *t0 = tile[(a * kh + b) * kw];
-                        if (kw == 1) memcpy(dst, t0, sizeof(float) * (size_t)ncol);
-                        else {
-                            const float *t1 = tile[(a * kh + b) * kw + 1];
-                            for (int c = 0; c < ncol; c++) { dst[2 * c] = t0[c]; dst[2 * c + 1] = t1[c]; }
-                        }
+                        float *row = pl + (size_t)(h + 1) * P;
                         if (wb == nwb - 1) memset(row + W, 0, sizeof(float) * (size_t)(P - W));
                         if (h == 0) memset(pl + oc0, 0, sizeof(float) * (size_t)(oc1 - oc0));
                         if (h == H - 1) memset(pl + (size_t)(H + 1) * P + oc0, 0, sizeof(float) * (size_t)(oc1 - oc0));
@@ -478,6 +697,29 @@ void e2e_cl_to_pp(int D, int H, int W, int C, const float *x, float *out, int P,
     }
 }
 
+#if defined(__AVX2__)
+/* o[c] = f(i[c]) for c in [c0, c1), f as in e2e_cl_shift; masked loads and stores for the tail */
+static inline void shift_run_avx2(float *o, const float *i, int c0, int c1, const float *scale,
+                                  const float *shift, float slope)
+{
+    const __m256 vs = _mm256_set1_ps(slope), zero = _mm256_setzero_ps();
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int c = c0; c < c1; c += 8) {
+        const int n = c1 - c;
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+        __m256 v = n >= 8 ? _mm256_loadu_ps(i + c) : _mm256_maskload_ps(i + c, m);
+        if (scale) {
+            const __m256 a = n >= 8 ? _mm256_loadu_ps(scale + c) : _mm256_maskload_ps(scale + c, m);
+            const __m256 b = n >= 8 ? _mm256_loadu_ps(shift + c) : _mm256_maskload_ps(shift + c, m);
+            v = _mm256_fmadd_ps(v, a, b);
+            v = _mm256_blendv_ps(_mm256_mul_ps(v, vs), v, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+        }
+        if (n >= 8) _mm256_storeu_ps(o + c, v);
+        else _mm256_maskstore_ps(o + c, m, v);
+    }
+}
+#endif
+
 /* Channels-last depth shift with optional fused affine + LeakyReLU:
    out[d', p, c] = f(x[sd*d' + delta_r, p, c]) for channels c in run r = [rs[r], rs[r+1]),
    zero where the source depth is outside [0, Din); f(v) = leaky(v*scale[c] + shift[c], slope),
@@ -498,8 +740,14 @@ void e2e_cl_shift(int Dout, int Din, int64_t HW, int C, const float *x, float *o
                 float *o = out + ((size_t)d * HW + p) * C;
                 if (ds < 0 || ds >= Din) { memset(o + c0, 0, sizeof(float) * (size_t)(c1 - c0)); continue; }
                 const float *i = x + ((size_t)ds * HW + p) * C;
+#if defined(__AVX2__)
+                /* explicit vectors: GCC left this loop scalar (o and i may alias as far as it
+                   knows), 1.3 GB/s against 17 GB/s for torch's copy_ of the same tensor */
+                shift_run_avx2(o, i, c0, c1, scale, shift, slope);
+#else
                 if (scale) for (int c = c0; c < c1; c++) { float v = i[c] * scale[c] + shift[c]; o[c] = v > 0.f ? v : v * slope; }
                 else for (int c = c0; c < c1; c++) o[c] = i[c];
+#endif
             }
         }
     }
