@@ -677,6 +677,29 @@ void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, in
     }
 }
 
+#if defined(__AVX2__)
+/* dst[k * dstride + j] = src[j * sstride + k] for j, k < 8 */
+static inline void transpose8(const float *src, int64_t sstride, float *dst, int64_t dstride)
+{
+    __m256 r[8], t[8];
+    for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_ps(src + (size_t)j * sstride);
+    for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+    }
+    for (int j = 0; j < 8; j += 4) {
+        r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+        r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+        r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+        r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(dst + (size_t)k * dstride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+        _mm256_storeu_ps(dst + (size_t)(k + 4) * dstride, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+    }
+}
+#endif
+
 /* Channels-last (D, H, W, C) float32 -> PP (C, D, H, W) with halo; out channel stride ostride. */
 void e2e_cl_to_pp(int D, int H, int W, int C, const float *x, float *out, int P, int64_t ostride, int nthreads)
 {
@@ -686,10 +709,21 @@ void e2e_cl_to_pp(int D, int H, int W, int C, const float *x, float *out, int P,
     for (int dh = 0; dh < D * H; dh++) {
         const int d = dh / H, h = dh % H;
         const float *src = x + (size_t)dh * W * C;
+        int cv = 0;
+#if defined(__AVX2__)
+        /* 8 x 8 register transposes (the scalar gather below ran at ~2 GB/s) */
+        for (; cv + 8 <= C; cv += 8) {
+            float *rows = out + (size_t)cv * ostride + (size_t)d * plane + (size_t)(h + 1) * P;
+            int w = 0;
+            for (; w + 8 <= W; w += 8) transpose8(src + (size_t)w * C + cv, C, rows + w, ostride);
+            for (; w < W; w++)
+                for (int k = 0; k < 8; k++) rows[(size_t)k * ostride + w] = src[(size_t)w * C + cv + k];
+        }
+#endif
         for (int c = 0; c < C; c++) {
             float *pl = out + (size_t)c * ostride + (size_t)d * plane;
             float *row = pl + (size_t)(h + 1) * P;
-            for (int w = 0; w < W; w++) row[w] = src[(size_t)w * C + c];
+            if (c >= cv) for (int w = 0; w < W; w++) row[w] = src[(size_t)w * C + c];
             memset(row + W, 0, sizeof(float) * (size_t)(P - W));
             if (h == 0) memset(pl, 0, sizeof(float) * (size_t)P);
             if (h == H - 1) memset(pl + (size_t)(H + 1) * P, 0, sizeof(float) * (size_t)P);
