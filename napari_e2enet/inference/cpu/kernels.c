@@ -391,63 +391,73 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
 /* AVX2: 4 classes x 16 columns = 8 ymm accumulators; per channel 2 input loads and 4 broadcasts
    for 8 FMAs. The v16 form below (8 classes x v16 = 16 ymm accumulators, the norm through a v16
    vmax) spilled on every FMA: 2 GMAC/s, 0.85 s of a 12 s 128^3 forward (2026-12-07). Weights are
-   transposed to (C, K rounded up to 4), zero-padded, so the class loop needs no bounds test. */
+   transposed to (C, K rounded up to 4), zero-padded, so the class loop needs no bounds test.
+   One task is one image row: each channel's row is read whole (sequential lines the hardware
+   prefetcher follows) and normalised into xs (C x 16-column blocks); 16-column tasks read one
+   line from each of C channel planes and ran at a third of the memory bandwidth. */
 void e2e_head(int C, int D, int H, int W, int P, const float *x, int64_t cstride,
               const float *ia, const float *ib, const float *is, int K, const float *wh, float *out, int nthreads)
 {
     OMP_ONLY(nthreads);
-    const int nwb = (W + 15) / 16, ntask = D * H * nwb, Kp = (K + 3) / 4 * 4;
+    const int nwb = (W + 15) / 16, ntask = D * H, Kp = (K + 3) / 4 * 4;
     const size_t plane = (size_t)(H + 2) * P, ostride = (size_t)D * H * W;
     float *wt = alloc64(sizeof(float) * (size_t)C * Kp);
     for (int c = 0; c < C; c++)
         for (int k = 0; k < Kp; k++) wt[(size_t)c * Kp + k] = k < K ? wh[(size_t)k * C + c] : 0.f;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *xs = alloc64(sizeof(float) * 16 * (size_t)C);
-#pragma omp for schedule(SCHED(4 * nwb))
+        float *xs = alloc64(sizeof(float) * 16 * (size_t)nwb * (size_t)C); /* [wb][c][16] */
+#pragma omp for schedule(SCHED(4))
         for (int task = 0; task < ntask; task++) {
-            const int wb = task % nwb, h = (task / nwb) % H, d = task / (nwb * H);
-            const int w0 = wb * 16, ncol = W - w0 < 16 ? W - w0 : 16;
-            const float *xb = x + (size_t)d * plane + (size_t)(h + 1) * P + w0;
+            const int h = task % H, d = task / H;
+            const float *xb = x + (size_t)d * plane + (size_t)(h + 1) * P;
             for (int c = 0; c < C; c++) {
                 const float *r = xb + (size_t)c * cstride;
-                __builtin_prefetch(r + 2 * 16, 0, 0); /* 48 channel streams: more than the hardware prefetcher follows */
-                __m256 v0 = _mm256_load_ps(r), v1 = _mm256_load_ps(r + 8);
-                if (!is_identity(ia, ib, is, c)) {
-                    const __m256 a = _mm256_set1_ps(ia[c]), b = _mm256_set1_ps(ib[c]), sl = _mm256_set1_ps(is[c]);
-                    v0 = _mm256_fmadd_ps(a, v0, b);
-                    v1 = _mm256_fmadd_ps(a, v1, b);
-                    v0 = _mm256_max_ps(v0, _mm256_mul_ps(sl, v0));
-                    v1 = _mm256_max_ps(v1, _mm256_mul_ps(sl, v1));
-                }
-                _mm256_store_ps(xs + 16 * (size_t)c, v0);
-                _mm256_store_ps(xs + 16 * (size_t)c + 8, v1);
-            }
-            float *ob = out + ((size_t)d * H + h) * W + w0;
-            for (int k0 = 0; k0 < K; k0 += 4) {
-                __m256 A0[4], A1[4];
-#pragma GCC unroll 4
-                for (int k = 0; k < 4; k++) { A0[k] = _mm256_setzero_ps(); A1[k] = _mm256_setzero_ps(); }
-                for (int c = 0; c < C; c++) {
-                    const __m256 x0 = _mm256_load_ps(xs + 16 * (size_t)c), x1 = _mm256_load_ps(xs + 16 * (size_t)c + 8);
-                    const float *q = wt + (size_t)c * Kp + k0;
-#pragma GCC unroll 4
-                    for (int k = 0; k < 4; k++) {
-                        const __m256 w = _mm256_broadcast_ss(q + k);
-                        A0[k] = _mm256_fmadd_ps(w, x0, A0[k]);
-                        A1[k] = _mm256_fmadd_ps(w, x1, A1[k]);
+                const int id = is_identity(ia, ib, is, c);
+                const __m256 a = _mm256_set1_ps(id ? 1.f : ia[c]), b = _mm256_set1_ps(id ? 0.f : ib[c]);
+                const __m256 sl = _mm256_set1_ps(id ? 1.f : is[c]);
+                for (int wb = 0; wb < nwb; wb++) {
+                    __m256 v0 = _mm256_load_ps(r + 16 * wb), v1 = _mm256_load_ps(r + 16 * wb + 8);
+                    if (!id) {
+                        v0 = _mm256_fmadd_ps(a, v0, b);
+                        v1 = _mm256_fmadd_ps(a, v1, b);
+                        v0 = _mm256_max_ps(v0, _mm256_mul_ps(sl, v0));
+                        v1 = _mm256_max_ps(v1, _mm256_mul_ps(sl, v1));
                     }
+                    float *t = xs + ((size_t)wb * C + c) * 16;
+                    _mm256_store_ps(t, v0);
+                    _mm256_store_ps(t + 8, v1);
                 }
-                for (int k = 0; k < 4 && k0 + k < K; k++) {
-                    float *o = ob + (size_t)(k0 + k) * ostride;
-                    if (ncol == 16) {
-                        _mm256_storeu_ps(o, A0[k]);
-                        _mm256_storeu_ps(o + 8, A1[k]);
-                    } else {
-                        float tmp[16] __attribute__((aligned(32)));
-                        _mm256_store_ps(tmp, A0[k]);
-                        _mm256_store_ps(tmp + 8, A1[k]);
-                        store_n(o, tmp, ncol);
+            }
+            for (int wb = 0; wb < nwb; wb++) {
+                const int w0 = wb * 16, ncol = W - w0 < 16 ? W - w0 : 16;
+                const float *xw = xs + (size_t)wb * C * 16;
+                float *ob = out + ((size_t)d * H + h) * W + w0;
+                for (int k0 = 0; k0 < K; k0 += 4) {
+                    __m256 A0[4], A1[4];
+#pragma GCC unroll 4
+                    for (int k = 0; k < 4; k++) { A0[k] = _mm256_setzero_ps(); A1[k] = _mm256_setzero_ps(); }
+                    for (int c = 0; c < C; c++) {
+                        const __m256 x0 = _mm256_load_ps(xw + 16 * (size_t)c), x1 = _mm256_load_ps(xw + 16 * (size_t)c + 8);
+                        const float *q = wt + (size_t)c * Kp + k0;
+#pragma GCC unroll 4
+                        for (int k = 0; k < 4; k++) {
+                            const __m256 w = _mm256_broadcast_ss(q + k);
+                            A0[k] = _mm256_fmadd_ps(w, x0, A0[k]);
+                            A1[k] = _mm256_fmadd_ps(w, x1, A1[k]);
+                        }
+                    }
+                    for (int k = 0; k < 4 && k0 + k < K; k++) {
+                        float *o = ob + (size_t)(k0 + k) * ostride;
+                        if (ncol == 16) {
+                            _mm256_storeu_ps(o, A0[k]);
+                            _mm256_storeu_ps(o + 8, A1[k]);
+                        } else {
+                            float tmp[16] __attribute__((aligned(32)));
+                            _mm256_store_ps(tmp, A0[k]);
+                            _mm256_store_ps(tmp + 8, A1[k]);
+                            store_n(o, tmp, ncol);
+                        }
                     }
                 }
             }
