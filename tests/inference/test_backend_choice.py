@@ -9,8 +9,6 @@ native bf16: slow, so one tile each).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -34,23 +32,36 @@ from napari_e2enet.inference.fastpath import (
 from napari_e2enet.metrics import dice
 
 
-class _Slow(nn.Module):
-    """Adds ``value`` after sleeping ``seconds``; counts its calls."""
+class _Clock:
+    """A fake ``time.perf_counter`` that only the candidates advance: the probe's decisions are
+    then exact, whatever else the machine is doing."""
 
-    def __init__(self, seconds: float, value: float, name: str) -> None:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Timed(nn.Module):
+    """Adds ``value``; each call costs ``costs[i]`` fake seconds (the last one repeats)."""
+
+    def __init__(self, clock: _Clock, costs: list[float], value: float, name: str) -> None:
         super().__init__()
-        self.seconds, self.value, self.calls = seconds, value, 0
+        self.clock, self.costs, self.value, self.calls = clock, costs, value, 0
         self.backend_name, self.precision = name, "fp32"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.costs[min(self.calls, len(self.costs) - 1)]
         self.calls += 1
-        time.sleep(self.seconds)
         return x + self.value
 
 
-def test_the_faster_candidate_is_kept_per_shape_and_its_own_output_returned():
-    # 0.25 s against nothing: the fast one loses only if the OS stalls it for 0.25 s in both rounds
-    slow, fast = _Slow(0.25, 1.0, "sparse-x"), _Slow(0.0, 2.0, "dense")
+def test_the_faster_candidate_is_kept_per_shape_and_its_own_output_returned(monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(fastpath.time, "perf_counter", clock)
+    # warm-ups 1.0 and 0.8 s (close: both are timed), then 0.9 and 0.5 s per run
+    slow, fast = _Timed(clock, [1.0, 0.9], 1.0, "sparse-x"), _Timed(clock, [0.8, 0.5], 2.0, "dense")
     net = MeasuredE2ENet([("sparse-x fp32", slow), ("dense fp32", fast)], rounds=2, default_reason="density rule")
     assert "not measured yet" in backend_info(net)["backend_reason"]
     x = torch.zeros(1, 1, 2, 2, 2)
@@ -60,11 +71,34 @@ def test_the_faster_candidate_is_kept_per_shape_and_its_own_output_returned():
     assert net(x).eq(2.0).all() and (slow.calls, fast.calls) == (3, 4)  # cached: only the winner runs
     info = backend_info(net)
     assert info["backend"] == "dense" and info["backend_reason"].endswith(": dense fp32")
-    assert "sparse-x fp32 0.25" in info["backend_reason"] and "per tile (1x1x2x2x2)" in info["backend_reason"]
+    assert info["backend_reason"] == "sparse-x fp32 0.9 s vs dense fp32 0.5 s per tile (1x1x2x2x2): dense fp32"
     y = torch.zeros(1, 1, 4, 2, 2)  # a new tile shape is timed again
     net.probe = False  # ... unless the job is too small: then candidate 0 runs untimed
     assert net(y).eq(1.0).all() and (4, 4) == (slow.calls, fast.calls)
     assert tuple(y.shape) not in net.choices
+
+
+def test_a_candidate_far_slower_on_its_first_run_is_not_timed_again(monkeypatch):
+    """The probe's cost: a loser whose warm-up took over twice the quickest is not run again, and
+    when one candidate is left its warm-up output is the tile's: one extra run per loser in all."""
+    clock = _Clock()
+    monkeypatch.setattr(fastpath.time, "perf_counter", clock)
+    sparse, dense = _Timed(clock, [0.6, 0.2], 1.0, "sparse-x"), _Timed(clock, [1.45], 2.0, "dense")
+    net = MeasuredE2ENet([("sparse-x fp32", sparse), ("dense fp32", dense)], rounds=2)
+    x = torch.zeros(1, 1, 2, 2, 2)
+    assert torch.equal(net(x), x + 1.0)  # sparse's warm-up output
+    assert (sparse.calls, dense.calls) == (1, 1)
+    assert backend_info(net)["backend_reason"] == (
+        "sparse-x fp32 0.6 s (first run) vs dense fp32 1.45 s (first run) per tile (1x1x2x2x2): sparse-x fp32")
+    # three candidates, one far behind: the two close ones are timed, the slow one is not rerun
+    clock2 = _Clock()
+    monkeypatch.setattr(fastpath.time, "perf_counter", clock2)
+    a, b, c = (_Timed(clock2, costs, v, n) for costs, v, n in (([1.0, 0.7], 1.0, "a"), ([1.1, 0.6], 2.0, "b"),
+                                                                ([3.0], 3.0, "c")))
+    net3 = MeasuredE2ENet([("a fp32", a), ("b fp32", b), ("c bf16", c)], rounds=1)
+    assert torch.equal(net3(x), x + 2.0) and (a.calls, b.calls, c.calls) == (2, 2, 1)
+    assert backend_info(net3)["backend_reason"] == (
+        "a fp32 0.7 s vs b fp32 0.6 s vs c bf16 3 s (first run) per tile (1x1x2x2x2): b fp32")
 
 
 def test_measured_choice_on_a_masked_model_matches_the_model():
