@@ -99,8 +99,8 @@ static inline v16 vmax(v16 a, v16 b) {
 }
 
 static inline void fence(void) {
-#if defined(__AVX512F__)
-    _mm_sfence();
+#if defined(__AVX512F__) || defined(__AVX2__)
+    _mm_sfence(); /* order the streaming stores before the threads join */
 #endif
 }
 
@@ -168,7 +168,7 @@ static inline void norm_rows_avx2(float *T, const float *rp, int P, int h0, int 
    the statistics as 4 double lanes per channel (st[4o..], st[4(O+o)..]). The v16 form summed 32
    lanes in scalar per channel and tile: a fifth of the kernel at 96 -> 48, density 0.1. */
 static inline void sconv_store_avx2(const float *acc, int O, int nrow, int ncol, float *out, int64_t ostride,
-                                    int P, int tail, double *st)
+                                    int P, int tail, double *st, int nt)
 {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 keep0 = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(ncol), lane));
@@ -180,8 +180,13 @@ static inline void sconv_store_avx2(const float *acc, int O, int nrow, int ncol,
             __m256 a = _mm256_load_ps(acc + ((size_t)o * RB + j) * 16), b = _mm256_load_ps(acc + ((size_t)o * RB + j) * 16 + 8);
             if (ncol < 16) { a = _mm256_and_ps(a, keep0); b = _mm256_and_ps(b, keep1); }
             float *row = pl + (size_t)j * P;
-            _mm256_storeu_ps(row, a);
-            _mm256_storeu_ps(row + 8, b);
+            if (nt) { /* a full 64-byte line, 64-byte aligned: no read for ownership */
+                _mm256_stream_ps(row, a);
+                _mm256_stream_ps(row + 8, b);
+            } else {
+                _mm256_storeu_ps(row, a);
+                _mm256_storeu_ps(row + 8, b);
+            }
             if (tail > 0) memset(row + 16, 0, sizeof(float) * (size_t)tail);
             s = _mm256_add_ps(s, _mm256_add_ps(a, b));
             s2 = _mm256_fmadd_ps(a, a, _mm256_fmadd_ps(b, b, s2));
@@ -259,7 +264,6 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
         double *st = tst ? tst + (size_t)TID() * 2 * O * STAT_LANES : NULL;
 #if defined(__AVX2__) && !defined(__AVX512F__)
         float *T = alloc64(sizeof(float) * NROW_PITCH * (RB + 2));
-        (void)nt; /* streaming stores are AVX-512 only */
 #endif
 #pragma omp for schedule(SCHED(nwb))
         for (int task = 0; task < ntask; task++) {
@@ -343,7 +347,7 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
             const int c0 = w0, c1 = wb == nwb - 1 ? P : w0 + ncol;
 #if defined(__AVX2__) && !defined(__AVX512F__)
             sconv_store_avx2(acc, O, nrow, ncol, out + (size_t)d * plane + (size_t)(h0 + 1) * P + w0, ostride, P,
-                             wb == nwb - 1 ? P - w0 - 16 : 0, st);
+                             wb == nwb - 1 ? P - w0 - 16 : 0, st, nt);
             for (int o = 0; o < O; o++) {
                 float *pl = out + (size_t)o * ostride + (size_t)d * plane;
                 if (hb == 0) memset(pl + c0, 0, sizeof(float) * (size_t)(c1 - c0));
@@ -529,8 +533,12 @@ static inline __attribute__((always_inline)) void convt_acc(const int KK, const 
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 /* n (0..8) floats of v to dst: a plain store when n == 8, else a masked one */
-static inline void store8n(float *dst, __m256 v, int n) {
-    if (n >= 8) { _mm256_storeu_ps(dst, v); return; }
+static inline void store8n(float *dst, __m256 v, int n, int nt) {
+    if (n >= 8) {
+        if (nt) _mm256_stream_ps(dst, v); /* 32-byte aligned here; no read for ownership */
+        else _mm256_storeu_ps(dst, v);
+        return;
+    }
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     _mm256_maskstore_ps(dst, m, v);
 }
@@ -543,7 +551,8 @@ static inline void store8n(float *dst, __m256 v, int n) {
    per row was a third of the kernel). */
 static inline __attribute__((always_inline)) void convt_o_avx2(const int KK, const int kw, int ncol,
                                                                float *const *rows, const float *ib, int64_t bstride,
-                                                               const int *colidx, const float *wts, int k0, int k1)
+                                                               const int *colidx, const float *wts, int k0, int k1,
+                                                               int nt)
 {
     for (int g = 0; 8 * g < ncol; g++) {
         __m256 A[8];
@@ -557,10 +566,10 @@ static inline __attribute__((always_inline)) void convt_o_avx2(const int KK, con
         }
         const int n = ncol - 8 * g < 8 ? ncol - 8 * g : 8;
         for (int ab = 0; ab < KK / kw; ab++) {
-            if (kw == 1) { store8n(rows[ab] + 8 * g, A[ab], n); continue; }
+            if (kw == 1) { store8n(rows[ab] + 8 * g, A[ab], n, nt); continue; }
             const __m256 lo = _mm256_unpacklo_ps(A[2 * ab], A[2 * ab + 1]), hi = _mm256_unpackhi_ps(A[2 * ab], A[2 * ab + 1]);
-            store8n(rows[ab] + 16 * g, _mm256_permute2f128_ps(lo, hi, 0x20), 2 * n);
-            store8n(rows[ab] + 16 * g + 8, _mm256_permute2f128_ps(lo, hi, 0x31), 2 * n - 8);
+            store8n(rows[ab] + 16 * g, _mm256_permute2f128_ps(lo, hi, 0x20), 2 * n, nt);
+            store8n(rows[ab] + 16 * g + 8, _mm256_permute2f128_ps(lo, hi, 0x31), 2 * n - 8, nt);
         }
     }
 }
@@ -630,13 +639,13 @@ void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, in
                     for (int b = 0; b < kh; b++)
                         rows[a * kh + b] = ob + (size_t)(kd * dl + a) * oplane + (size_t)(kh * hl + b + 1) * P + kw * w0;
                 if (kw == 2) {
-                    if (K == 8) convt_o_avx2(8, 2, ncol, rows, ib, bstride, colidx, wts, k0, k1);
-                    else if (K == 4) convt_o_avx2(4, 2, ncol, rows, ib, bstride, colidx, wts, k0, k1);
-                    else convt_o_avx2(2, 2, ncol, rows, ib, bstride, colidx, wts, k0, k1);
+                    if (K == 8) convt_o_avx2(8, 2, ncol, rows, ib, bstride, colidx, wts, k0, k1, nt);
+                    else if (K == 4) convt_o_avx2(4, 2, ncol, rows, ib, bstride, colidx, wts, k0, k1, nt);
+                    else convt_o_avx2(2, 2, ncol, rows, ib, bstride, colidx, wts, k0, k1, nt);
                 } else {
-                    if (K == 4) convt_o_avx2(4, 1, ncol, rows, ib, bstride, colidx, wts, k0, k1);
-                    else if (K == 2) convt_o_avx2(2, 1, ncol, rows, ib, bstride, colidx, wts, k0, k1);
-                    else convt_o_avx2(1, 1, ncol, rows, ib, bstride, colidx, wts, k0, k1);
+                    if (K == 4) convt_o_avx2(4, 1, ncol, rows, ib, bstride, colidx, wts, k0, k1, nt);
+                    else if (K == 2) convt_o_avx2(2, 1, ncol, rows, ib, bstride, colidx, wts, k0, k1, nt);
+                    else convt_o_avx2(1, 1, ncol, rows, ib, bstride, colidx, wts, k0, k1, nt);
                 }
                 for (int a = 0; a < kd; a++) {
                     float *pl = ob + (size_t)(kd * dl + a) * oplane;
@@ -649,7 +658,6 @@ void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, in
                     }
                 }
             }
-            (void)nt;
 #else
             for (int o = 0; o < O; o++) {
                 const int k0 = rowptr[o], k1 = rowptr[o + 1];
