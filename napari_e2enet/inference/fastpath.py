@@ -29,7 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ from torch import nn
 from ..errors import InputError
 from ..models.fusion import FusionStep, last_reads
 from ..sparse.compact import effective_mask
+from .cpu.bindings import PAD_FLOATS
 from .cpu.compact import (
     BufferPool,
     CSCConv,
@@ -50,7 +51,6 @@ from .cpu.compact import (
     depth_offsets,
     kernel_status,
 )
-from .cpu.bindings import PAD_FLOATS
 
 __all__ = ["AcceleratedE2ENet", "BackendUnavailable", "MeasuredE2ENet", "accelerate", "accelerate_measured", "backend_info", "bf16_native",
            "offered_precisions", "precision_passed"]
@@ -202,18 +202,32 @@ class _DenseUnit:
         """Whether :meth:`conv` of xin writes its output into ``pool`` (float32 only)."""
         return pool is not None and xin.dtype == torch.float32 and self.weight.dtype == torch.float32
 
-    def conv(self, xin: torch.Tensor, pool: BufferPool | None = None) -> torch.Tensor:
+    def output_shape(self, xin: torch.Tensor) -> tuple[int, int, int, int]:
+        """(D, O, H', W') of :meth:`conv` of xin."""
+        d, _, h, w = xin.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.weight.shape[2:], self.stride[1:], self.padding
+        return d, self.weight.shape[0], (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+
+    def conv_in_place(self, xin: torch.Tensor) -> bool:
+        """Whether :meth:`conv` may write its output over xin (pass ``into=xin``): same shape and
+        layout, and output slice d reads input slice d only (the depth shift is in xin already),
+        so a piece is computed before it is written over its own input."""
+        return (xin.dtype == torch.float32 and xin.is_contiguous(memory_format=_CL)
+                and self.output_shape(xin) == tuple(xin.shape))
+
+    def conv(self, xin: torch.Tensor, pool: BufferPool | None = None, into: torch.Tensor | None = None) -> torch.Tensor:
         """The raw conv output (D, O, H', W') channels_last. With ``pool`` (float32) it is written
         into a buffer of the pool a few slices at a time (the caller gives it back): oneDNN has no
         output argument, and the whole output allocated by PyTorch at full resolution (384 MiB
-        at 48 × 128³) would sit next to the arena at the encoder's peak."""
+        at 48 × 128³) would sit next to the arena at the encoder's peak. ``into=xin`` (see
+        :meth:`conv_in_place`) writes it over its own input instead: at level 0 of the paper
+        network that is one 384 MiB buffer less at the encoder's peak, where the arena's planner
+        placed three side by side (1152 → 1021 MiB at 128³)."""
         if pool is None or not self.pools_output(xin, pool):  # pools_output is False for None too
             y = F.conv2d(xin, self.weight, None, self.stride[1:], self.padding)
             return y if y.is_contiguous(memory_format=_CL) else y.contiguous(memory_format=_CL)
-        d, _, h, w = xin.shape
-        (kh, kw), (sh, sw), (ph, pw) = self.weight.shape[2:], self.stride[1:], self.padding
-        ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-        out = _pooled_cl(pool, (d, self.weight.shape[0], ho, wo))
+        d, o, ho, wo = self.output_shape(xin)
+        out = into if into is not None else _pooled_cl(pool, (d, o, ho, wo))
         step = max(1, _CONV_PIECE_BYTES // max(1, 4 * self.weight.shape[0] * ho * wo))
         for d0 in range(0, d, step):
             out[d0:d0 + step].copy_(F.conv2d(xin[d0:d0 + step], self.weight, None, self.stride[1:], self.padding))
@@ -252,9 +266,11 @@ def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = 
         raw_path = unit.kernels is not None and (nxt is not None or lazy_last)
         conv_in = xin.to(unit.weight.dtype)
         y_pooled = raw_path and unit.pools_output(conv_in, pool)
-        y = unit.conv(conv_in, pool if y_pooled else None)
+        # a pooled input read by this conv only can take its output (the buffer passes to y)
+        in_place = y_pooled and xin_pooled and conv_in is xin and unit.conv_in_place(xin)
+        y = unit.conv(conv_in, pool if y_pooled else None, into=xin if in_place else None)
         del conv_in
-        if xin_pooled:
+        if xin_pooled and not in_place:
             pool.give(xin)  # type: ignore[union-attr]
         if nxt is None and lazy_last and unit.kernels is not None and y.dtype == torch.float32:
             scale, shift = _affine(y, unit.gamma, unit.beta, unit.eps, unit.kernels)
@@ -550,7 +566,7 @@ class _SparseUnit:
     slope: float
 
     def run(self, k: Kernels, channel_ptrs: torch.Tensor | Iterator[tuple[int, int, torch.Tensor]],
-            norm: LazyNorm | None, like: PaddedPlanar, pool: BufferPool | _Headroom,
+            norm: LazyNorm | None, like: PaddedPlanar, pool: BufferPool,
             out: PaddedPlanar | None = None) -> _Act:
         """Raw conv output + the lazy InstanceNorm/LeakyReLU its consumers apply on load.
         ``channel_ptrs``: the input channels' addresses, or depth pieces (d0, d1, addresses) that
@@ -578,6 +594,53 @@ def _sparse_unit(unit: nn.Module) -> _SparseUnit:
     conv = unit.conv
     return _SparseUnit(conv_csc(conv.weight, getattr(conv, "kernel_mask", None)),
                        depth_offsets(conv.in_channels, _shift_enabled(unit)), gamma, beta, eps, slope)
+
+
+class _Headroom:
+    """A front for the pool whose buffers keep ``extra`` floats of headroom before them, so a
+    fusion node can lay its output on its forward input's memory ``L`` planes lower (see
+    :func:`_inplace_output`). PaddedPlanar takes and gives through it like through the pool."""
+
+    def __init__(self, pool: BufferPool) -> None:
+        self.pool = pool
+        self.extra = 0  # floats of headroom for the next take
+        self._owner: dict[int, tuple[torch.Tensor, int]] = {}  # view address -> (pool buffer, offset)
+
+    def take(self, n: int) -> torch.Tensor:
+        owner = self.pool.take(n + self.extra)
+        view = owner[self.extra:]
+        self._owner[view.data_ptr()] = (owner, self.extra)
+        return view
+
+    def give(self, view: torch.Tensor) -> None:
+        owner, _ = self._owner.pop(view.data_ptr())
+        self.pool.give(owner)
+
+    def forget(self) -> None:
+        self._owner.clear()
+
+    def room(self, pp: PaddedPlanar) -> int:
+        """Floats of headroom before ``pp``'s buffer (0 for a buffer not taken here)."""
+        found = self._owner.get(pp.buffer.data_ptr()) if pp.pool is self and pp.buffer is not None else None
+        return found[1] if found is not None else 0
+
+    def lower(self, pp: PaddedPlanar, floats: int) -> PaddedPlanar:
+        """A PP tensor shaped like ``pp`` on the same pool buffer, ``floats`` lower (≤ its room),
+        with zeroed pad floats before it; it owns the buffer from then on (``pp`` must not be
+        released: see :meth:`disown`)."""
+        owner, offset = self._owner[pp.buffer.data_ptr()]
+        view = owner[offset - floats:]
+        view[:PAD_FLOATS].zero_()
+        out = PaddedPlanar.__new__(PaddedPlanar)  # no allocation: a second view of the buffer
+        out.C, out.D, out.H, out.W, out.P = pp.C, pp.D, pp.H, pp.W, pp.P
+        out.buffer, out.pool = view, cast(BufferPool, self)
+        self._owner[view.data_ptr()] = (owner, offset - floats)
+        return out
+
+    def disown(self, pp: PaddedPlanar) -> None:
+        """``pp`` gave its buffer to a tensor made by :meth:`lower`: releasing it is a no-op now."""
+        self._owner.pop(pp.buffer.data_ptr(), None)
+        pp.pool, pp.buffer = None, None  # type: ignore[assignment]
 
 
 def _read_norm(act: _Act) -> LazyNorm:
@@ -630,20 +693,21 @@ class _SparseNode:
         norms = [_read_norm(fwd)]
         ptrs.append(up_offsets)  # placeholder: replaced per piece below
         norms.append(LazyNorm.identity(self.channels))
-        down = None
-        if shallower is not None and self.down_pool is not None:
-            pd, ph, pw = self.down_pool
-            sh = shallower.t
-            down = PaddedPlanar(sh.C, sh.D // pd, sh.H // ph, sh.W // pw, pool=pool)
-            k.maxpool(sh, self.down_pool, down, norm=shallower.norm)
+        down = self._down_input(k, shallower, pool)
+        if down is not None:
             ptrs.append(down.channel_ptrs())
-            norms.append(LazyNorm.identity(sh.C))
+            norms.append(LazyNorm.identity(down.C))
         norm = LazyNorm.cat(norms) if fwd.norm is not None else None
         up_at = len(ptrs[0])
         channel_ptrs = torch.cat(ptrs)
+        # where the forward input is read last, the output is laid on its memory (level 0: one
+        # full-resolution buffer less at the arena's peak); see _inplace_output
+        inplace = _inplace_output(fwd, self.units[0], bounds, pool) if last_reader_of_fwd else None
 
         def pieces() -> Iterator[tuple[int, int, torch.Tensor]]:
             for d0, d1 in bounds:
+                if inplace is not None and d0 == inplace.staged_from:  # read the copy from here on
+                    channel_ptrs[:up_at] = inplace.staged_ptrs
                 lo, hi = low_range(d0, d1)
                 if self.up.out_channels:
                     k.convt(self.up, d, up, norm=deeper.norm, depth_range=(lo, hi),
@@ -654,7 +718,9 @@ class _SparseNode:
                     self.up_map >= 0, base + up_offsets, torch.zeros((), dtype=torch.int64))
                 yield d0, d1, channel_ptrs
 
-        y = self.units[0].run(k, pieces(), norm, fwd.t, pool)
+        y = self.units[0].run(k, pieces(), norm, fwd.t, pool, out=inplace.out if inplace is not None else None)
+        if inplace is not None:
+            inplace.finish(fwd)
         if last_reader_of_deeper:
             deeper.release()
         up.release()
@@ -669,7 +735,68 @@ class _SparseNode:
         return y
 
 
+    def _down_input(self, k: Kernels, shallower: _Act | None, pool: BufferPool) -> PaddedPlanar | None:
+        """The max-pooled shallower input (None where the node has none)."""
+        if shallower is None or self.down_pool is None:
+            return None
+        pd, ph, pw = self.down_pool
+        sh = shallower.t
+        down = PaddedPlanar(sh.C, sh.D // pd, sh.H // ph, sh.W // pw, pool=pool)
+        k.maxpool(sh, self.down_pool, down, norm=shallower.norm)
+        return down
+
+
+@dataclass
+class _InPlace:
+    """A node output laid on its forward input's memory (see :func:`_inplace_output`)."""
+
+    out: PaddedPlanar  # the output, ``lift`` planes below the input
+    staging: PaddedPlanar  # a copy of the input's top planes, from slice ``first``
+    staged_from: int  # the first depth piece that reads the copy
+    staged_ptrs: torch.Tensor  # (C,) its channel addresses, "slice 0" placed before it
+    room: _Headroom
+
+    def finish(self, fwd: _Act) -> None:
+        """After the last piece: drop the copy, and the input's claim on the memory."""
+        self.staging.release()
+        self.room.disown(fwd.t)
+
+
+def _inplace_output(fwd: _Act, unit: _SparseUnit, bounds: list[tuple[int, int]],
+                    pool: BufferPool) -> _InPlace | None:
+    """Lay the first unit's output on its (last-read) forward input's memory, ``lift`` = piece + 1
+    planes lower: output (c, d) lands on input (c, d - lift), which no later piece reads (a
+    piece [d0, d1) reads input slices d0 - 1 .. d1), so pieces run in the usual order (the same
+    sums, the same statistics) and write straight into place. Outputs d < lift land on the top
+    ``lift`` planes of channel c - 1 (for c = 0 on the buffer's headroom, see :class:`_Headroom`),
+    which the last pieces still read: those read a copy of the input's top planes taken first
+    (33 of 128 slices at 128³). At 48 × 128³ that is 113 MiB instead of a second 439 MiB buffer.
+    None where it does not apply (no headroom, other channel counts, too few pieces)."""
+    t = fwd.t
+    room = t.pool
+    if not isinstance(room, _Headroom) or unit.conv.out_channels != t.C or len(bounds) < 3:
+        return None
+    lift = max(d1 - d0 for d0, d1 in bounds) + 1
+    plane = (t.H + 2) * t.P
+    if room.room(t) < lift * plane:
+        return None
+    staged_from = min(d0 for d0, d1 in bounds if d1 >= t.D - lift)
+    first = max(0, staged_from - 1)
+    if 2 * (t.D - first) > t.D or staged_from < lift:
+        return None
+    staging = PaddedPlanar(t.C, t.D - first, t.H, t.W, pool=pool)
+    staging.planes.copy_(t.planes[:, first:])
+    staged_ptrs = staging.channel_ptrs() - 4 * first * plane
+    return _InPlace(room.lower(t, lift * plane), staging, staged_from, staged_ptrs, room)
+
+
 _UP_PIECE_BYTES = 96 << 20  # up-sampled inputs larger than this are computed in depth pieces
+
+
+def _pp_pitch(width: int) -> int:
+    """The PP row pitch of ``width`` (PaddedPlanar.P: W + 1 rounded up to 16); sizes headroom only:
+    _inplace_output checks the room against the tensor's own P."""
+    return (width + 1 + 15) // 16 * 16
 _UP_PIECE_DEPTH = 16  # output slices per piece
 
 
@@ -757,6 +884,9 @@ class AcceleratedE2ENet(nn.Module):
         self._compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._compiled_encoder: Callable[[torch.Tensor], Any] | None = None
         self._pool = BufferPool()
+        self._room = _Headroom(self._pool)
+        # the full-resolution nodes that can each lay their output one depth piece lower
+        self._level0_nodes = sum(1 for s in self._plan if s.info.level == 0)
         self._last_shape: tuple[int, ...] = ()
 
     def _encoder_units(self) -> list[_DenseUnit]:
@@ -862,13 +992,19 @@ class AcceleratedE2ENet(nn.Module):
             return f
         k = self._kernels
         assert k is not None
+        y = f.y if isinstance(f, _Raw) else f
+        d, _, h, w = y.shape
+        pool = self._pool
+        if (d, h, w) == self._last_shape:  # full resolution: headroom for the level-0 nodes' lift
+            pool = cast(BufferPool, self._room)
+            self._room.extra = self._level0_nodes * (_UP_PIECE_DEPTH + 1) * (h + 2) * _pp_pitch(w)
         if isinstance(f, _Raw):  # raw conv output: the decoder applies its norm on load
             norm = LazyNorm(f.scale, f.shift, torch.full((f.y.shape[1],), f.slope))
-            act = _Act(k.cl_to_pp(f.y, self._pool), norm)
+            act = _Act(k.cl_to_pp(f.y, pool), norm)
             if f.pooled:
                 self._pool.give(f.y)
             return act
-        return _Act(k.cl_to_pp(f.float().contiguous(memory_format=_CL), self._pool), None)
+        return _Act(k.cl_to_pp(f.float().contiguous(memory_format=_CL), pool), None)
 
     def forward_one(self, x: torch.Tensor) -> torch.Tensor:
         """One sample (C_in, D, H, W) → logits (K, D, H, W) float32."""
@@ -895,6 +1031,7 @@ class AcceleratedE2ENet(nn.Module):
     def _call_planned(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """One sample through ``fn`` with the buffer pool's call boundaries (see BufferPool)."""
         self._pool.begin()
+        self._room.forget()  # views left by a call that raised
         try:
             out = fn(x)
         except BaseException:

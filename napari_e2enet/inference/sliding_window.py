@@ -358,7 +358,9 @@ class CellAccumulator:
         return found
 
     def add(self, weighted: torch.Tensor, start: tuple[int, int, int]) -> None:
-        """Add one tile's (K, pd, ph, pw) weighted logits (in ``self.dtype``) at padded ``start``."""
+        """Add one tile's (K, pd, ph, pw) weighted logits at padded ``start``. Logits in another
+        dtype than ``self.dtype`` are rounded to it one cell's part at a time (the same rounding as
+        converting the whole tile first, without a tile-sized copy: 64 MiB at 16 × 128³ in float16)."""
         grid, inner = self.grid, self.grid.order[2]
         ranges = [grid.image_range(a, start[a]) for a in range(3)]
         # the tile's voxel of image coordinate x along axis a is at x - shift[a]
@@ -375,7 +377,10 @@ class CellAccumulator:
                     lo, hi = region[a].start, region[a].stop
                     dst.append(slice(None))
                 src.append(slice(lo - shift[a], hi - shift[a]))
-            self._cell(key)[tuple(dst)] += weighted[tuple(src)]
+            part = weighted[tuple(src)]
+            cell = self._cell(key)
+            # rounded first, then added: a mixed-dtype += would add before rounding
+            cell[tuple(dst)] += part if part.dtype == cell.dtype else part.to(cell.dtype)
 
     def close(self, batch_index: int) -> None:
         """Arg-max and free the cells that no batch after ``batch_index`` touches."""
@@ -400,11 +405,13 @@ class CellAccumulator:
 
 
 class _Weighting:
-    """Multiplies a batch of logits by the Gaussian map into the accumulation dtype, reusing
-    scratch buffers: fresh 100 MB allocations page-fault on CPU. A CPU float32 output is weighted
-    in place instead (it is the predictor's fresh result), so the float32 scratch is only
-    allocated for other outputs (128 MiB at 16 × 128³). In float16 it tracks the largest weighted
-    logit and promotes ``acc`` to float32 when the sums could pass ``_FP16_SAFE``."""
+    """Multiplies a batch of logits by the Gaussian map, in float32; ``CellAccumulator.add``
+    rounds them to the accumulation dtype cell by cell. A CPU float32 output is weighted in place
+    (it is the predictor's fresh result); other outputs go through a reused float32 scratch (fresh
+    100 MB allocations page-fault on CPU; 128 MiB at 16 × 128³). There is no tile-sized float16
+    copy: it was held through the next forward (64 MiB at 16 × 128³, at the whole-volume peak).
+    In float16 it tracks the largest weighted logit and promotes ``acc`` to float32 when the sums
+    could pass ``_FP16_SAFE``."""
 
     def __init__(self, weights: torch.Tensor, batch_shape: tuple[int, ...], max_overlap: int) -> None:
         self.weights = weights
@@ -412,7 +419,6 @@ class _Weighting:
         self.max_overlap = max_overlap
         self.peak_abs = 0.0
         self._scratch32: torch.Tensor | None = None
-        self._scratch_acc: torch.Tensor | None = None
 
     def __call__(self, out: torch.Tensor, acc: CellAccumulator) -> torch.Tensor:
         nb = out.shape[0]
@@ -429,10 +435,6 @@ class _Weighting:
             self.peak_abs = max(self.peak_abs, -float(lo_v), float(hi_v))
             if self.peak_abs * self.max_overlap > _FP16_SAFE:  # rare: logits too large for float16 sums
                 acc.promote_to_float32()
-        if acc.dtype != torch.float32:
-            if self._scratch_acc is None or self._scratch_acc.dtype != acc.dtype:
-                self._scratch_acc = torch.empty(self.batch_shape, dtype=acc.dtype)
-            weighted = self._scratch_acc[:nb].copy_(weighted)
         return weighted
 
 
