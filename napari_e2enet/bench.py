@@ -387,7 +387,9 @@ def _volume_worker(spec: dict[str, Any]) -> dict[str, Any]:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     patch = (int(spec["patch"]),) * 3
     tiles = len(TileGrid.plan(tuple(spec["shape"]), patch, (float(spec["overlap"]),) * 3, "nnunet", "auto").tiles())
+    pool = getattr(predictor, "_pool", None)  # the fast path's arena, part of the peak (MiB)
     return {"description": desc, "seconds": seconds, "peak_rss_mb": peak, "rss_before_mb": rss_ready,
+            "arena_mb": getattr(pool, "nbytes", 0) / 2**20,
             "labels_shape": list(labels.shape), "tiles": tiles, "macs": tiles * macs(patch),
             **_rate(tiles * macs(patch), seconds, peak_gmacs(spec["precision"], _cores(int(spec["threads"]))))}
 
@@ -408,7 +410,8 @@ def run_volume_benchmark(
 
     Returns one dict per run: ``shape``, ``model``, ``description``, ``seconds``, ``peak_rss_mb``
     (the process's maximum resident set, MiB, model and input included), ``rss_before_mb`` (after
-    building the model and the input), ``ratio_to_plain`` (time), or ``error``.
+    building the model and the input), ``arena_mb`` (the fast path's planned buffers, 0 for other
+    models), ``ratio_to_plain`` (time), or ``error``.
     """
     import subprocess
 
