@@ -372,10 +372,12 @@ def _volume_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Child process body: one whole-volume sliding window; its own peak RSS is the measurement."""
     import resource
 
+    from .inference.fastpath import borrow_outputs
     from .inference.sliding_window import TileGrid, sliding_window_argmax
 
     torch.set_num_threads(int(spec["threads"]))
     predictor, desc, macs = _predictor(spec["model"], spec["precision"], int(spec["seed"]))
+    borrow_outputs(predictor)  # as the Predictor does: the fast path's logits stay in its arena
     image = _synthetic_volume(spec["shape"])
     with torch.inference_mode():
         predictor(torch.zeros(1, 1, *([int(spec["patch"])] * 3)))  # warm-up (kernel builds) outside the clock

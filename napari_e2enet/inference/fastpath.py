@@ -52,7 +52,7 @@ from .cpu.compact import (
     kernel_status,
 )
 
-__all__ = ["AcceleratedE2ENet", "BackendUnavailable", "MeasuredE2ENet", "accelerate", "accelerate_measured", "backend_info", "bf16_native",
+__all__ = ["AcceleratedE2ENet", "BackendUnavailable", "MeasuredE2ENet", "accelerate", "accelerate_measured", "backend_info", "bf16_native", "borrow_outputs",
            "offered_precisions", "precision_passed"]
 
 Triple = tuple[int, int, int]
@@ -624,7 +624,8 @@ class _Headroom:
 
     def room(self, pp: PaddedPlanar) -> int:
         """Floats of headroom before ``pp``'s buffer (0 for a buffer not taken here)."""
-        found = self._owner.get(pp.buffer.data_ptr()) if pp.pool is self and pp.buffer is not None else None
+        mine = cast(object, pp.pool) is self and pp.buffer is not None
+        found = self._owner.get(pp.buffer.data_ptr()) if mine else None
         return found[1] if found is not None else 0
 
     def lower(self, pp: PaddedPlanar, floats: int) -> PaddedPlanar:
@@ -643,7 +644,7 @@ class _Headroom:
     def disown(self, pp: PaddedPlanar) -> None:
         """``pp`` gave its buffer to a tensor made by :meth:`lower`: releasing it is a no-op now."""
         self._owner.pop(pp.buffer.data_ptr(), None)
-        pp.pool, pp.buffer = None, None  # type: ignore[assignment]
+        pp.pool, pp.buffer = None, None
 
 
 def _read_norm(act: _Act) -> LazyNorm:
@@ -834,7 +835,13 @@ def _sparse_node(decoder: nn.Module, step: FusionStep) -> _SparseNode:
 
 class AcceleratedE2ENet(nn.Module):
     """Inference-only E2ENet; see the module docstring. ``backend`` is "sparse" or "dense",
-    ``precision`` "fp32" or "bf16" (the dense oneDNN convs; the sparse kernels are fp32)."""
+    ``precision`` "fp32" or "bf16" (the dense oneDNN convs; the sparse kernels are fp32).
+
+    ``borrow_output`` (default False; see :func:`borrow_outputs`): the sparse backend returns the
+    logits of a one-sample call in its buffer arena, which the next call overwrites, instead of a
+    fresh tensor (128 MiB at 16 × 128³ less at the whole-volume peak, where a sliding window
+    blends them into its cells before the next tile). For callers that are done with the logits
+    before they call again; the values are the same."""
 
     def __init__(self, model: nn.Module, precision: str, backend: str, kernels: Kernels | None,
                  reason: str = "") -> None:
@@ -888,6 +895,7 @@ class AcceleratedE2ENet(nn.Module):
         self._compiled_encoder: Callable[[torch.Tensor], Any] | None = None
         self._pool = BufferPool()
         self._room = _Headroom(self._pool)
+        self.borrow_output = False  # see the class docstring
         # the full-resolution nodes that can each lay their output one depth piece lower
         self._level0_nodes = sum(1 for s in self._plan if s.info.level == 0)
         self._last_shape: tuple[int, ...] = ()
@@ -984,7 +992,11 @@ class AcceleratedE2ENet(nn.Module):
             if act is not values.get(self._final):
                 act.release()  # none left in an E2ENet plan: every value is read
         x0 = values.pop(self._final)
-        out = torch.empty((self._head.shape[0], x0.t.D, x0.t.H, x0.t.W), dtype=torch.float32)
+        shape = (self._head.shape[0], x0.t.D, x0.t.H, x0.t.W)
+        if self.borrow_output:  # in the arena, never given back: valid until the next call
+            out = pool.take(shape[0] * shape[1] * shape[2] * shape[3]).view(shape)
+        else:
+            out = torch.empty(shape, dtype=torch.float32)
         k.head(x0.t, self._head, out, norm=x0.norm)
         x0.release()
         return out
@@ -1028,7 +1040,11 @@ class AcceleratedE2ENet(nn.Module):
         fn = self._compiled or self.forward_one
         with torch.no_grad():
             x = x.float() if x.dtype != torch.float32 else x
-            outs = [self._call_planned(fn, x[n]) for n in range(x.shape[0])]
+            outs = []
+            for n in range(x.shape[0]):
+                out = self._call_planned(fn, x[n])
+                # borrowed logits are copied before the next sample's call overwrites them
+                outs.append(out.clone() if self.borrow_output and n + 1 < x.shape[0] else out)
         return torch.stack(outs) if len(outs) > 1 else outs[0].unsqueeze(0)
 
     def _call_planned(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -1058,6 +1074,15 @@ class _Fallback(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(x)
+
+
+def borrow_outputs(net: nn.Module, on: bool = True) -> None:
+    """Let ``net`` (an :class:`AcceleratedE2ENet`, or each candidate of a :class:`MeasuredE2ENet`)
+    return one-sample logits in its arena, valid until its next call (see AcceleratedE2ENet); other
+    modules are left as they are."""
+    for module in net.candidates if isinstance(net, MeasuredE2ENet) else [net]:
+        if isinstance(module, AcceleratedE2ENet):
+            module.borrow_output = on
 
 
 def _unsupported(model: nn.Module) -> str | None:

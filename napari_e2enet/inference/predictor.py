@@ -130,11 +130,14 @@ class Predictor:
         if self._network is None:
             net: nn.Module = self.model
             if self.config.accelerate:
-                from .fastpath import accelerate_measured
+                from .fastpath import accelerate_measured, borrow_outputs
 
                 # backend/precision "auto" are decided by timing the first tile of each tile shape
                 # (MeasuredE2ENet); the choice is kept with the network, so once per Predictor
                 net = accelerate_measured(self.model, self.config.precision, backend=self.config.backend)
+                # the tiles' logits in the fast path's arena: the sliding window blends them before
+                # the next call (and TTA copies the first), 128 MiB less at 16 × 128³
+                borrow_outputs(net)
             self._network = net
         return self._network
 
@@ -157,7 +160,8 @@ class Predictor:
                     xi = torch.flip(x, axes) if axes else x
                     out = net(xi).float()
                     out = torch.flip(out, axes) if axes else out
-                    acc = out if acc is None else acc + out
+                    # (a copy: the network may return its own buffer, overwritten by the next flip)
+                    acc = out.clone() if acc is None else acc + out
                 assert acc is not None  # flips always holds the identity
                 return (acc / len(flips)).cpu()
 

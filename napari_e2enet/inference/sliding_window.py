@@ -491,8 +491,8 @@ def iter_sliding_window(
         image: (C, D, H, W) tensor (already normalised; a numpy array is wrapped), any device;
             not modified.
         predictor: maps (B, C, pd, ph, pw) to (B, K, pd, ph, pw) logits, e.g. a model in eval mode.
-            Called under ``torch.inference_mode()``. Its output is consumed: a contiguous CPU
-            float32 result is weighted in place (so it must not be a tensor the predictor reuses).
+            Called under ``torch.inference_mode()``. Its output is consumed (a contiguous CPU
+            float32 one weighted in place) before the next call, which may overwrite it.
         patch: tile size (pd, ph, pw) in voxels, or one int for a cube.
         num_classes: K, the number of output channels of ``predictor``.
         overlap: fraction of the patch shared by neighbouring tiles, in [0, 1), per axis or one.

@@ -100,3 +100,23 @@ def test_float32_tiles_are_rounded_to_the_cells_dtype_before_they_are_added():
     mixed += torch.full((4,), 1000.24)
     rounded = torch.full((4,), 1000.5, dtype=torch.float16) + torch.full((4,), 1000.24).half()
     assert mixed.tolist() == [2001.0] * 4 and rounded.tolist() == [2000.0] * 4
+
+
+@needs_kernels
+def test_borrowed_logits_live_in_the_arena_until_the_next_call():
+    """With ``borrow_outputs`` a one-sample call returns its logits in the arena (no tile-sized
+    allocation next to it), the same values; a batch still gets its own tensor."""
+    model = create_model("e2enet_small", sparsity=0.9, seed=7)
+    x = torch.randn(2, 1, 16, 32, 32)
+    fast = fastpath.accelerate(model, backend="sparse")
+    expected = fast(x)
+    fastpath.borrow_outputs(fast)
+    assert fast.borrow_output
+    for _ in range(3):  # the first call departs from the plan, the second records the new one
+        one = fast(x[:1])
+    arena = fast._pool._arena
+    assert arena.data_ptr() <= one.data_ptr() < arena.data_ptr() + arena.nbytes
+    assert torch.equal(one, expected[:1])
+    both = fast(x)
+    assert not arena.data_ptr() <= both.data_ptr() < arena.data_ptr() + arena.nbytes
+    assert torch.equal(both, expected)
