@@ -39,6 +39,8 @@ or simply ``labels = sliding_window_argmax(image, model, patch=..., num_classes=
 from __future__ import annotations
 
 import bisect
+import ctypes
+import functools
 import itertools
 import math
 import threading
@@ -266,6 +268,25 @@ class TileGrid:
         return F.pad(tile, pads) if any(pads) else tile
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        return None
+
+
+def _trim_heap() -> None:
+    """glibc's ``malloc_trim(0)``: return the free pages inside the C heap to the system. Why:
+    the tiles' temporaries (float16 cell parts, arg-max chunks, the tile input, the network's
+    own scratch) are allocated below glibc's mmap threshold, and the heap kept ~110-150 MiB of
+    them resident between tiles at 300×512×512 (stand-in predictor, 1 thread: sliding-window
+    peak 1409 → 1213 MiB with a trim after each batch). Costs well under a millisecond a batch."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def argmax_into(view: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst[...] = view.argmax(0)``: a running max over classes, ~5x faster than ``argmax`` (a
     strided reduction on CPU); strict ">" keeps the first maximal class, as ``argmax`` does."""
@@ -383,7 +404,8 @@ class CellAccumulator:
             cell[tuple(dst)] += part if part.dtype == cell.dtype else part.to(cell.dtype)
 
     def close(self, batch_index: int) -> None:
-        """Arg-max and free the cells that no batch after ``batch_index`` touches."""
+        """Arg-max and free the cells that no batch after ``batch_index`` touches, then give the C
+        heap's free pages back to the system (see :func:`_trim_heap`)."""
         outer = self.grid.order[0]
         for key in self._closing.get(batch_index, ()):
             acc = self.cells.pop(key)
@@ -394,6 +416,7 @@ class CellAccumulator:
             for c in range(0, rows, rows_per_chunk):
                 m = min(rows_per_chunk, rows - c)
                 argmax_into(acc.narrow(1 + outer, c, m), dst.narrow(outer, c, m))
+        _trim_heap()
 
     def promote_to_float32(self) -> None:
         """Turn the open cells (and later ones) float32: the float16 sums could overflow."""
