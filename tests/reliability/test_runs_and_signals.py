@@ -279,7 +279,7 @@ def test_sigterm_stops_predict_within_a_tile_with_no_partial_output(signum, code
     assert child.finish() == code, child.text_err
     last = screen_lines(child.text_err)[-1]
     assert last == "napari-e2enet predict: terminated; 0 case(s) written, no partial output", last
-    assert sorted(p.name for p in out.iterdir()) == []
+    assert not out.exists()  # the run made the folder and, having written nothing, takes it away again
 
 
 @pytest.mark.parametrize("command", ["info", "evaluate"])
