@@ -211,7 +211,10 @@ def _sconv_error(k: Kernels, shape: tuple[int, int, int, int, int], seed: int) -
 def test_kernels_match_torch_on_odd_shapes(kernels):
     """Each PP kernel on shapes that exercise partial tiles, lazy norm and the halo."""
     k = kernels
-    for n, shape in enumerate([(7, 5, 3, 5, 9), (12, 4, 2, 17, 33), (5, 3, 1, 1, 1), (9, 6, 4, 9, 20)]):
+    # widths at and around whole 16-column tiles; up to 50 output channels
+    shapes = [(7, 5, 3, 5, 9), (12, 4, 2, 17, 33), (5, 3, 1, 1, 1), (9, 6, 4, 9, 20), (4, 8, 2, 6, 16),
+              (4, 8, 2, 6, 48), (5, 48, 2, 5, 64), (6, 50, 2, 5, 40), (3, 49, 1, 3, 17)]
+    for n, shape in enumerate(shapes):
         assert _sconv_error(k, shape, 14 + n) < 1e-4, shape
     torch.manual_seed(14)
     for kernel in [(2, 2, 2), (1, 2, 2), (1, 1, 1)]:
