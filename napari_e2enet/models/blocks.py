@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -117,14 +117,21 @@ class ConvUnit(nn.Module):
         self.conv = conv_op(in_channels, out_channels, kernel, stride=stride, padding=padding, bias=True)
         self.norm = norm_op(out_channels)
         self.act = act_op()
-        # shift + conv in one call, installed by training.sparse_conv for DSFF-masked units on the
-        # CPU (it skips the pruned kernels); used in training mode only, None: the modules above.
+        # shift + conv in one call (of the input's parts, see forward_parts), installed by
+        # training.sparse_conv for DSFF-masked units on the CPU (it skips the pruned kernels); used
+        # in training mode only, None: the modules above.
         self.fused_conv: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_parts((x,))
+
+    def forward_parts(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The unit on the channel concatenation of ``parts`` (each (N, C_k, D, H, W)). The fused
+        training conv reads the parts where they lie; otherwise they are concatenated here."""
         fused = getattr(self, "fused_conv", None)  # getattr: units pickled before the attribute existed
         if fused is not None and self.training:
-            return self.act(self.norm(fused(x)))
+            return self.act(self.norm(fused(*parts)))
+        x = parts[0] if len(parts) == 1 else torch.cat(tuple(parts), dim=1)
         return self.act(self.norm(self.conv(self.shift(x))))
 
 

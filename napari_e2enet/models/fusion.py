@@ -113,7 +113,12 @@ class FusionNode(nn.Module):
         parts = [forward, self.up(deeper)]
         if shallower is not None and self.down_pool is not None:
             parts.append(F.max_pool3d(shallower, self.down_pool, stride=self.down_pool))
-        return self.fuse(torch.cat(parts, dim=1))
+        # the first unit reads the concatenation of the parts (ConvUnit.forward_parts: not built
+        # where the sparse training conv reads the parts in place)
+        y = self.fuse[0].forward_parts(parts)
+        for unit in list(self.fuse)[1:]:
+            y = unit(y)
+        return y
 
 
 class FusionDecoder(nn.Module):

@@ -31,6 +31,13 @@ interleaved, load ~1.8): torch fwd / dX / dW 488 / 198 / 217 ms, these kernels 1
 Whole step, one process, the 15 ups switched dense / sparse alternately (64³ batch 2, 2 threads,
 load 1.7–2.5): paper network S = 0.8 14.70 → 12.34 s/it (median of 3).
 
+A fused node's first unit takes its forward, up and down inputs as separate tensors
+(``ConvUnit.forward_parts``): the kernels read and write channels through address tables, so the
+concatenation is never built and each part's gradient is a contiguous tensor of its own (the up
+conv's backward no longer copies its slice of the concatenation's gradient). Whole step, paper
+network S = 0.8, 64³ batch 2, 2 threads, AMD EPYC (AVX2), old and new code in alternating
+processes, median of 3 steps each: 13.03 / 14.52 → 11.07 / 10.48 s/it (0.77×).
+
 Used where it pays: CPU float32 tensors (no autocast), the unit's mask density below
 :data:`MAX_DENSITY`, and the kernels built (no compiler, ``NAPARI_E2ENET_NO_KERNELS=1`` or a failed
 build: the dense PyTorch path, as before). Anything else (CUDA, bf16 autocast, eval mode, dense
@@ -39,6 +46,7 @@ models) runs the unit's own modules.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,17 +120,18 @@ class SparseConvPlan:
         return int(self.idx.numel())
 
 
-def _threads(plan: SparseConvPlan, x: torch.Tensor) -> int:
-    macs = 9 * plan.nnz * x.numel() // max(1, plan.in_channels)
+def _threads(plan: SparseConvPlan, y: torch.Tensor) -> int:
+    macs = 9 * plan.nnz * y.numel() // max(1, plan.out_channels)
     return 1 if macs < _SMALL_MACS else max(1, torch.get_num_threads())
 
 
-def _finish_forward(ctx: Any, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def _finish_forward(ctx: Any, y: torch.Tensor, saved: tuple[torch.Tensor, ...], bias: torch.Tensor | None,
                     state: tuple[Any, Kernels, bool]) -> torch.Tensor:
-    """Add the bias and keep what either backward needs: (plan, kernels, dense_dw) and x, weight."""
+    """Add the bias and keep what either backward needs: (plan, kernels, dense_dw) and the
+    ``saved`` tensors (the input(s), the weight last)."""
     if bias is not None:
         y += bias.detach().view(1, -1, 1, 1, 1)
-    ctx.save_for_backward(x, weight)
+    ctx.save_for_backward(*saved)
     ctx.plan, ctx.kernels, ctx.dense_dw = state
     ctx.has_bias = bias is not None
     return y
@@ -136,58 +145,68 @@ def _scatter_active(dw: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor) 
     return full.view_as(weight)
 
 
-def _bias_grad(ctx: Any, gy: torch.Tensor) -> torch.Tensor | None:
-    return gy.sum(dim=(0, 2, 3, 4)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+def _bias_grad(ctx: Any, gy: torch.Tensor, index: int = 2) -> torch.Tensor | None:
+    return gy.sum(dim=(0, 2, 3, 4)) if ctx.has_bias and ctx.needs_input_grad[index] else None
 
 
 class _SparseConv133(torch.autograd.Function):
-    """y = conv3d(shift(x), weight ⊙ mask, bias) with (1,3,3) kernels, "same" padding, stride 1."""
+    """y = conv3d(shift(cat(parts, 1)), weight ⊙ mask, bias) with (1,3,3) kernels, "same" padding,
+    stride 1. The concatenation of the parts (a fused node's forward, up and down inputs) is never
+    built: the kernels read the parts' channels where they lie, and dX writes each part's gradient
+    into a tensor of its own (measured: the cat and the up conv's copy of its gradient slice took
+    ~0.7 s of a 13 s paper-network step, 64³ batch 2, AVX2 EPYC)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                plan: SparseConvPlan, kernels: Kernels, dense_dw: bool) -> torch.Tensor:
-        x = x.contiguous()
-        n, _, d, h, w = x.shape
+    def forward(ctx: Any, weight: torch.Tensor, bias: torch.Tensor | None, plan: SparseConvPlan,
+                kernels: Kernels, dense_dw: bool, *parts: torch.Tensor) -> torch.Tensor:
+        parts = tuple(p.contiguous() for p in parts)
+        n, _, d, h, w = parts[0].shape
         taps = weight.detach().reshape(-1, 9)
-        y = torch.empty(n, plan.out_channels, d, h, w, dtype=x.dtype)
-        kernels.library.tconv_fwd(x=x, ptr=plan.ptr, idx=plan.idx, weights=taps[plan.flat].contiguous(),
-                                  chunk=plan.chunk, y=y, ishift=plan.ishift, threads=_threads(plan, x))
-        return _finish_forward(ctx, y, x, weight, bias, (plan, kernels, dense_dw))
+        y = torch.empty(n, plan.out_channels, d, h, w, dtype=parts[0].dtype)
+        kernels.library.tconv_fwd(x=parts, ptr=plan.ptr, idx=plan.idx, weights=taps[plan.flat].contiguous(),
+                                  chunk=plan.chunk, y=y, ishift=plan.ishift, threads=_threads(plan, y))
+        return _finish_forward(ctx, y, (*parts, weight), bias, (plan, kernels, dense_dw))
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
+        *parts, weight = ctx.saved_tensors
         plan: SparseConvPlan = ctx.plan
         lib = ctx.kernels.library
-        threads = _threads(plan, x)
+        threads = _threads(plan, gy)
         gy = gy.contiguous()
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
+        gparts: list[torch.Tensor | None] = [None] * len(parts)
+        gw = None
+        if any(ctx.needs_input_grad[5:]):
+            # every part's gradient is computed (the kernel writes all input channels); autograd
+            # drops those not asked for
+            gparts = [torch.empty_like(p) for p in parts]
             flipped = weight.detach().flip(-1, -2).reshape(-1, 9)
-            gx = torch.empty_like(x)
             lib.tconv_fwd(x=gy, ptr=plan.ptr_t, idx=plan.idx_t, weights=flipped[plan.flat_t].contiguous(),
-                          chunk=plan.chunk, y=gx, oshift=plan.ishift, threads=threads)
-        if ctx.needs_input_grad[1]:
+                          chunk=plan.chunk, y=gparts, oshift=plan.ishift, threads=threads)
+        if ctx.needs_input_grad[0]:
             if ctx.dense_dw:
                 # Every kernel's gradient (the pruned ones' too): what gradient-based regrowth scores.
+                x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
                 xs = x if plan.ishift is None else DepthShift()(x)
                 gw = torch.ops.aten.convolution_backward(
                     gy, xs, weight, None, (1, 1, 1), (0, 1, 1), (1, 1, 1), False, (0, 0, 0), 1,
                     (False, True, False))[1]
             else:
                 dw = torch.empty(plan.nnz, 9, dtype=torch.float64)
-                lib.tconv_dw(x=x, dy=gy, ptr=plan.ptr, idx=plan.idx, chunk=plan.chunk, dw=dw, ishift=plan.ishift,
+                lib.tconv_dw(x=parts, dy=gy, ptr=plan.ptr, idx=plan.idx, chunk=plan.chunk, dw=dw, ishift=plan.ishift,
                              threads=threads)
                 gw = _scatter_active(dw, plan.flat, weight)
-        return gx, gw, _bias_grad(ctx, gy), None, None, None
+        return gw, _bias_grad(ctx, gy, 1), None, None, None, *gparts
 
 
-def sparse_conv133(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: SparseConvPlan,
-                   kernels: Kernels, *, dense_weight_grad: bool = False) -> torch.Tensor:
+def sparse_conv133(x: torch.Tensor | Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor | None,
+                   plan: SparseConvPlan, kernels: Kernels, *, dense_weight_grad: bool = False) -> torch.Tensor:
     """conv3d(shift(x), weight, bias) over the active kernels of ``plan`` only (x (N, I, D, H, W)
-    float32 on the CPU, weight (O, I, 1, 3, 3) with its pruned kernels stored as zeros). The
-    weight gradient is zero for pruned kernels unless ``dense_weight_grad``."""
-    return _SparseConv133.apply(x, weight, bias, plan, kernels, dense_weight_grad)
+    float32 on the CPU, or a sequence of such tensors standing for their concatenation along the
+    channels; weight (O, I, 1, 3, 3) with its pruned kernels stored as zeros). The weight gradient
+    is zero for pruned kernels unless ``dense_weight_grad``."""
+    parts = (x,) if isinstance(x, torch.Tensor) else tuple(x)
+    return _SparseConv133.apply(weight, bias, plan, kernels, dense_weight_grad, *parts)
 
 
 @dataclass(frozen=True)
@@ -239,7 +258,7 @@ class _SparseUpConv(torch.autograd.Function):
         kernels.library.upconv_fwd(x=x, kernel=(kd, kh, kw), ptr=plan.ptr, idx=plan.idx,
                                    weights=taps[plan.flat].contiguous(), y=y,
                                    threads=_up_threads(plan, x, kd * kh * kw))
-        return _finish_forward(ctx, y, x, weight, bias, (plan, kernels, dense_dw))
+        return _finish_forward(ctx, y, (x, weight), bias, (plan, kernels, dense_dw))
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -358,13 +377,15 @@ class _UnitConv(_SparseHook):
     def _build_plan(self, mask: torch.Tensor) -> SparseConvPlan:
         return SparseConvPlan.from_mask(mask, shift=isinstance(self.unit.shift, DepthShift))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *parts: torch.Tensor) -> torch.Tensor:
+        """shift + conv of the channel concatenation of ``parts`` (one tensor: the unit's input)."""
         unit = self.unit
-        if not self.applies(x):
+        if not self.applies(parts[0]):
+            x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             return unit.conv(unit.shift(x))
         self.calls += 1
         plan = self.plan(unit.conv.kernel_mask)
-        return sparse_conv133(x, unit.conv.weight, unit.conv.bias, plan, self.kernels,
+        return sparse_conv133(parts, unit.conv.weight, unit.conv.bias, plan, self.kernels,
                               dense_weight_grad=self.owner.dense_grads)
 
 

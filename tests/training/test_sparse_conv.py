@@ -83,6 +83,40 @@ def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift
             assert (rw * ~active).abs().max() > 0.1  # (the dense gradient there is not)
 
 
+@pytest.mark.parametrize("splits, chunk", [((5, 5, 3), 4), ((1, 12), 64), ((13,), 64)])
+def test_sparse_conv_of_parts_equals_the_conv_of_their_concatenation(kernels, splits, chunk):
+    # A fused node's first unit reads its forward, up and down inputs where they lie: the values
+    # and every part's gradient must be those of the conv of the concatenation, depth shift included
+    # (its three channel groups straddle the parts' boundaries here).
+    i, o = sum(splits), 6
+    unit, mask = _masked_unit(i, o, 0.4, seed=5)
+    g = torch.Generator().manual_seed(7)
+    parts = [torch.randn(2, c, 4, 5, 11, generator=g, requires_grad=True) for c in splits]
+    ref = unit.conv(unit.shift(torch.cat(parts, dim=1)))
+    gy = torch.randn(ref.shape, generator=g)
+    params = (*parts, unit.conv.weight, unit.conv.bias)
+    want = torch.autograd.grad(ref, params, gy)
+    y = sparse_conv133(parts, unit.conv.weight, unit.conv.bias, SparseConvPlan.from_mask(mask, shift=True, chunk=chunk),
+                       kernels)
+    got = torch.autograd.grad(y, params, gy)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(got[:-2], want[:-2], strict=True):
+        assert a.shape == b.shape and a.is_contiguous()
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    active = mask[..., None, None, None]
+    torch.testing.assert_close(got[-2] * active, want[-2] * active, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[-1], want[-1], atol=1e-4, rtol=1e-4)
+    # and the unit itself, through its installed hook, gives the same as on the concatenation
+    model_unit = copy.deepcopy(unit).train()
+    with torch.no_grad():
+        model_unit.conv.register_buffer("kernel_mask", mask.clone())
+    sparse = SparseTraining(model_unit, kernels, max_density=1.0)
+    assert sparse.units
+    torch.testing.assert_close(model_unit.forward_parts([p.detach() for p in parts]),
+                               model_unit(torch.cat([p.detach() for p in parts], dim=1)), atol=1e-4, rtol=1e-4)
+    assert sparse.calls == 2
+
+
 @pytest.mark.parametrize("shape, kernel, density, bias", [
     ((2, 7, 5, 3, 5, 11), (2, 2, 2), 0.4, False),  # odd D, H, W: the vector tails
     ((1, 9, 4, 2, 3, 9), (1, 2, 2), 0.3, True),    # the decoder's in-plane up-sampling

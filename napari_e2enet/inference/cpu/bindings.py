@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,7 +39,7 @@ __all__ = [
     "pp_slack",
 ]
 
-ABI_VERSION = 5  # E2E_ABI_VERSION in kernels.h
+ABI_VERSION = 6  # E2E_ABI_VERSION in kernels.h
 PAD_FLOATS = 16  # E2E_PAD_FLOATS: zero floats before a PP buffer's first plane
 ALIGN_BYTES = 64
 KernelBuildError = _build.KernelBuildError
@@ -83,12 +84,12 @@ SIGNATURES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ("float *", "out"), ("int", "P"), ("int64_t", "ostride"), ("int", "nthreads"))),
     # the training kernels (kernels_train.c)
     "e2e_tconv_fwd": ("int", (
-        ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("const float *", "x"),
+        ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("const int64_t *", "xa"),
         ("const int *", "ishift"), ("int", "CH"), ("const int *", "ptr"), ("const int *", "idx"),
-        ("const float *", "wts"), ("float *", "y"), ("const int *", "oshift"), ("int", "nthreads"))),
+        ("const float *", "wts"), ("const int64_t *", "ya"), ("const int *", "oshift"), ("int", "nthreads"))),
     "e2e_tconv_dw": ("int", (
-        ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("const float *", "x"),
-        ("const int *", "ishift"), ("const float *", "dy"), ("int", "CH"), ("const int *", "ptr"),
+        ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("const int64_t *", "xa"),
+        ("const int *", "ishift"), ("const int64_t *", "dya"), ("int", "CH"), ("const int *", "ptr"),
         ("const int *", "idx"), ("double *", "dw"), ("int", "nthreads"))),
     "e2e_upconv_fwd": ("int", (
         ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("int", "kd"),
@@ -123,6 +124,11 @@ class PPLike(Protocol):
     W: int
     P: int
     buffer: torch.Tensor
+
+
+TrainData = torch.Tensor | Sequence[torch.Tensor]
+"""A training kernel's (N, C, D, H, W) float32 data: one contiguous tensor, or several that stand
+for their concatenation along the channels."""
 
 
 def pp_slack(pitch: int, row_block: int = 8) -> int:
@@ -402,34 +408,36 @@ class KernelLibrary:
         self._lib.e2e_cl_norm_act(x.numel() // max(c, 1), c, src, sp, hp, float(slope), _threads(fn, threads))
 
     # -- training kernels (kernels_train.c) ---------------------------------------------------
-    def tconv_fwd(self, *, x: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                  chunk: int, y: torch.Tensor, ishift: torch.Tensor | None = None,
+    def tconv_fwd(self, *, x: TrainData, ptr: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+                  chunk: int, y: TrainData, ishift: torch.Tensor | None = None,
                   oshift: torch.Tensor | None = None, threads: int = 1) -> None:
         """Kernel-sparse (1,3,3) conv of a contiguous (N, I, D, H, W) float32 ``x`` into ``y``
         (N, O, D, H, W), see kernels.h: chunked CSR ``ptr`` (ceil(I/chunk)·O + 1,) / ``idx``
         (nnz,) int32, ``weights`` (nnz, 9) float32, depth offsets ``ishift`` (I,) / ``oshift``
-        (O,) int32 in {-1, 0, 1} or None."""
+        (O,) int32 in {-1, 0, 1} or None. ``x`` and ``y`` may each be a sequence of contiguous
+        tensors that stand for their concatenation along the channels (which is never built)."""
         fn = "tconv_fwd"
-        n, i_count, o_count, d, h, w = _train_dims(fn, x, y)
+        (n, i_count, o_count, d, h, w), xa, ya = _train_dims(fn, x, y)
         nnz = _train_index(fn, ptr, idx, i_count, o_count, chunk)
         _tensor(fn, "weights", weights, torch.float32, (nnz, 9))
         ish = _train_shift(fn, "ishift", ishift, i_count)
         osh = _train_shift(fn, "oshift", oshift, o_count)
-        rc = self._lib.e2e_tconv_fwd(n, i_count, o_count, d, h, w, x.data_ptr(), ish, chunk, ptr.data_ptr(),
-                                     idx.data_ptr(), weights.data_ptr(), y.data_ptr(), osh, _threads(fn, threads))
+        rc = self._lib.e2e_tconv_fwd(n, i_count, o_count, d, h, w, xa.data_ptr(), ish, chunk, ptr.data_ptr(),
+                                     idx.data_ptr(), weights.data_ptr(), ya.data_ptr(), osh, _threads(fn, threads))
         if rc:
             raise MemoryError(f"{fn}: the kernel could not allocate its scratch planes")
 
-    def tconv_dw(self, *, x: torch.Tensor, dy: torch.Tensor, ptr: torch.Tensor, idx: torch.Tensor, chunk: int,
+    def tconv_dw(self, *, x: TrainData, dy: TrainData, ptr: torch.Tensor, idx: torch.Tensor, chunk: int,
                  dw: torch.Tensor, ishift: torch.Tensor | None = None, threads: int = 1) -> None:
         """Weight gradient of the active kernels of :meth:`tconv_fwd`'s conv: ``dw`` (nnz, 9)
-        float64 (overwritten) from ``x`` (N, I, D, H, W) and ``dy`` (N, O, D, H, W)."""
+        float64 (overwritten) from ``x`` (N, I, D, H, W) and ``dy`` (N, O, D, H, W) (either may be
+        a sequence of tensors, as in :meth:`tconv_fwd`)."""
         fn = "tconv_dw"
-        n, i_count, o_count, d, h, w = _train_dims(fn, x, dy)
+        (n, i_count, o_count, d, h, w), xa, dya = _train_dims(fn, x, dy)
         nnz = _train_index(fn, ptr, idx, i_count, o_count, chunk)
         _tensor(fn, "dw", dw, torch.float64, (nnz, 9))
         ish = _train_shift(fn, "ishift", ishift, i_count)
-        rc = self._lib.e2e_tconv_dw(n, i_count, o_count, d, h, w, x.data_ptr(), ish, dy.data_ptr(), chunk,
+        rc = self._lib.e2e_tconv_dw(n, i_count, o_count, d, h, w, xa.data_ptr(), ish, dya.data_ptr(), chunk,
                                     ptr.data_ptr(), idx.data_ptr(), dw.data_ptr(), _threads(fn, threads))
         if rc:
             raise MemoryError(f"{fn}: the kernel could not allocate its scratch planes")
@@ -496,20 +504,36 @@ def _up_dims(fn: str, x: object, y: object, kernel: object) -> tuple[int, int, i
     return n, i_count, o_count, d, h, w, kd, kh, kw
 
 
-def _train_dims(fn: str, x: object, y: object) -> tuple[int, int, int, int, int, int]:
-    """(N, I, O, D, H, W) of a training kernel's contiguous float32 5-D input and output."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 5:
-        raise ValueError(f"{fn}: x must be a 5-D (N, C, D, H, W) tensor")
-    _tensor(fn, "x", x, torch.float32)
-    n, i_count, d, h, w = (int(v) for v in x.shape)
-    o_count = y.shape[1] if isinstance(y, torch.Tensor) and y.dim() == 5 else -1
-    _tensor(fn, "output", y, torch.float32, (n, o_count, d, h, w))
-    assert isinstance(y, torch.Tensor)  # _tensor refused anything else
-    if min(n, i_count, o_count, d, h, w) < 1 or max(x.numel(), y.numel()) > 2**62 or max(n * d, i_count, o_count) > 2**20:
-        raise ValueError(f"{fn}: unsupported shape x {tuple(x.shape)} -> {tuple(y.shape)}")
+def _channel_table(fn: str, name: str, data: object) -> tuple[tuple[int, ...], torch.Tensor]:
+    """(N, C, D, H, W) and the (N·C,) int64 channel addresses (kernels.h) of a contiguous 5-D
+    float32 tensor, or of the channel concatenation of a sequence of them (same N, D, H, W)."""
+    parts = [data] if isinstance(data, torch.Tensor) else list(data) if isinstance(data, (list, tuple)) else [data]
+    if not parts or any(not isinstance(t, torch.Tensor) or t.dim() != 5 for t in parts):
+        raise ValueError(f"{fn}: {name} must be a 5-D (N, C, D, H, W) tensor or a sequence of them")
+    n, _, d, h, w = (int(v) for v in parts[0].shape)
+    vol = d * h * w
+    tables = []
+    for t in parts:
+        _tensor(fn, name, t, torch.float32, (n, int(t.shape[1]), d, h, w))
+        c = int(t.shape[1])
+        offsets = (torch.arange(n, dtype=torch.int64)[:, None] * c + torch.arange(c, dtype=torch.int64)) * (4 * vol)
+        tables.append(offsets + t.data_ptr())
+    return (n, sum(int(t.shape[1]) for t in parts), d, h, w), torch.cat(tables, dim=1).reshape(-1).contiguous()
+
+
+def _train_dims(fn: str, x: object, y: object) -> tuple[tuple[int, int, int, int, int, int], torch.Tensor, torch.Tensor]:
+    """(N, I, O, D, H, W) of a training kernel's float32 5-D input and output (tensors or sequences
+    of contiguous tensors, see :func:`_channel_table`) and their channel address tables."""
+    (n, i_count, d, h, w), xa = _channel_table(fn, "x", x)
+    shape, ya = _channel_table(fn, "output", y)
+    o_count = shape[1]
+    if (shape[0], *shape[2:]) != (n, d, h, w):
+        raise ValueError(f"{fn}: output must have shape {(n, o_count, d, h, w)}, got {shape}")
+    if min(n, i_count, o_count, d, h, w) < 1 or max(n * i_count, n * o_count) * d * h * w > 2**62 or max(n * d, i_count, o_count) > 2**20:
+        raise ValueError(f"{fn}: unsupported shape x {(n, i_count, d, h, w)} -> {shape}")
     if (i_count + 2) * (h + 6) * (w + 34) > 2**31 - 1:
-        raise ValueError(f"{fn}: one slice of {tuple(x.shape)} is too large for the kernels' scratch index")
-    return n, i_count, o_count, d, h, w
+        raise ValueError(f"{fn}: one slice of {(n, i_count, d, h, w)} is too large for the kernels' scratch index")
+    return (n, i_count, o_count, d, h, w), xa, ya
 
 
 def _train_index(fn: str, ptr: torch.Tensor, idx: torch.Tensor, i_count: int, o_count: int, chunk: int) -> int:

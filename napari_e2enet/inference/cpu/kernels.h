@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define E2E_ABI_VERSION 5
+#define E2E_ABI_VERSION 6
 #define E2E_PAD_FLOATS 16
 
 /* E2E_ABI_VERSION of the compiled library. */
@@ -62,8 +62,10 @@ void e2e_maxpool(int C, int D, int H, int W, int Pi, int kd, int kh, int kw,
                  const float *in, int64_t istride, const float *ia, const float *ib, const float *is,
                  float *out, int P, int64_t ostride, int nthreads);
 
-/* Training kernels (kernels_train.c), on contiguous (N, C, D, H, W) float32 tensors, the (1,3,3)
-   conv with "same" padding. A kernel-sparse weight is given in chunked CSR order: inputs are
+/* Training kernels (kernels_train.c), the (1,3,3) conv with "same" padding on (N, C, D, H, W)
+   float32 data given as address tables: xa / ya / dya (N * C,) int64, entry n * C + c the address
+   of channel c of sample n, a contiguous (D, H, W) volume (the channels may lie in several
+   tensors: a concatenation that is never built). A kernel-sparse weight is given in chunked CSR order: inputs are
    grouped in chunks of CH channels, ptr[(chunk * O + o) .. + 1] are the active kernels of output o
    among the chunk's inputs, idx[k] their input channel, wts[k * 9 ..] their taps (row-major).
    ishift (I,) or NULL: input channel c is read at slice d + ishift[c] (zero outside), the
@@ -71,13 +73,14 @@ void e2e_maxpool(int C, int D, int H, int W, int Pi, int kd, int kh, int kw,
 
 /* y[n, o, d + oshift[o]] = sum_k conv3x3(x_shifted[n, idx[k], d], wts[k]); oshift (O,) or NULL
    (the adjoint of a depth shift: dX is this call on dY with the transposed, flipped weights). */
-int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const float *x, const int *ishift, int CH,
-                  const int *ptr, const int *idx, const float *wts, float *y, const int *oshift, int nthreads);
+int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const int64_t *xa, const int *ishift, int CH,
+                  const int *ptr, const int *idx, const float *wts, const int64_t *ya, const int *oshift,
+                  int nthreads);
 
 /* dw[k * 9 + tap] = sum over n, d, h, w of dy[n, o_k, d, h, w] * x_shifted[n, idx[k], d, h + kh - 1, w + kw - 1]
    (float64, overwritten) for the active kernels only. */
-int e2e_tconv_dw(int N, int I, int O, int D, int H, int W, const float *x, const int *ishift, const float *dy,
-                 int CH, const int *ptr, const int *idx, double *dw, int nthreads);
+int e2e_tconv_dw(int N, int I, int O, int D, int H, int W, const int64_t *xa, const int *ishift,
+                 const int64_t *dya, int CH, const int *ptr, const int *idx, double *dw, int nthreads);
 
 /* The up ConvTranspose3d with kernel == stride (kd, kh, kw), K = kd * kh * kw <= 8 taps, on
    contiguous tensors: x (N, I, D, H, W) low-res, y / dy (N, O, D*kd, H*kh, W*kw). An (in, out)

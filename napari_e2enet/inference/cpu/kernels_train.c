@@ -3,7 +3,10 @@
    hands around), with the restricted depth shift folded in. See kernels.h for the contract and
    napari_e2enet/training/sparse_conv.py for the autograd function that calls them.
 
-   Work is proportional to the active (out, in) kernels. One (sample, slice) is one task: its
+   Work is proportional to the active (out, in) kernels. Inputs and outputs are given as tables of
+   channel addresses (N x C, each the start of a (D, H, W) volume), so the input can be the channel
+   concatenation of several tensors that is never built (a fused node's forward, up and down
+   parts) and each part's gradient lands in a tensor of its own. One (sample, slice) is one task: its
    input channels are copied once into a zero-padded scratch plane stack (the depth shift is
    applied by reading slice d + shift[c]; the halo replaces bounds checks), then each output
    channel's tile of 4 rows x 16 columns is accumulated in 8 vector registers over its active
@@ -17,6 +20,7 @@
    ones) and OpenMP where the compiler has it. */
 #include "kernels.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -37,6 +41,7 @@ typedef float v8u __attribute__((vector_size(32), aligned(4)));
 #define T_BC(s) ((v8){0} + (float)(s))
 #define T_TR 4  /* tile rows */
 #define T_TC 16 /* tile columns */
+#define T_CHAN(a) ((float *)(intptr_t)(a)) /* a channel address of an address table */
 
 static int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -48,12 +53,11 @@ static float *scratch(int64_t floats) {
     return p;
 }
 
-/* Slice d of x (C, D, H, W), shifted by sh (x[c, d + sh[c]], zero outside), into the interior of
-   xp (C planes of pl floats, rows of Wp: voxel (h, w) at (h + 1) * Wp + w + 1). Only the interior
-   is written; the halo is zero from scratch(). */
-static void pad_slice(int C, int D, int H, int W, int Wp, int64_t pl, const float *x, const int *sh, int d,
+/* Slice d of the channels at xa (C addresses of (D, H, W) volumes), shifted by sh (channel c read
+   at slice d + sh[c], zero outside), into the interior of xp (C planes of pl floats, rows of Wp:
+   voxel (h, w) at (h + 1) * Wp + w + 1). Only the interior is written; the halo is zero from scratch(). */
+static void pad_slice(int C, int D, int H, int W, int Wp, int64_t pl, const int64_t *xa, const int *sh, int d,
                       float *xp) {
-    int64_t cs = (int64_t)D * H * W;
     for (int c = 0; c < C; c++) {
         float *o = xp + c * pl + Wp + 1;
         int ds = d + (sh ? sh[c] : 0);
@@ -61,7 +65,7 @@ static void pad_slice(int C, int D, int H, int W, int Wp, int64_t pl, const floa
             for (int h = 0; h < H; h++) memset(o + (int64_t)h * Wp, 0, sizeof(float) * (size_t)W);
             continue;
         }
-        const float *s = x + c * cs + (int64_t)ds * H * W;
+        const float *s = T_CHAN(xa[c]) + (int64_t)ds * H * W;
         for (int h = 0; h < H; h++) memcpy(o + (int64_t)h * Wp, s + (int64_t)h * W, sizeof(float) * (size_t)W);
     }
 }
@@ -100,10 +104,11 @@ static inline void tile(const float *xp, int64_t pl, int Wp, int h0, int c0, int
     }
 }
 
-int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const float *x, const int *ishift, int CH,
-                   const int *ptr, const int *idx, const float *wts, float *y, const int *oshift, int nthreads) {
+int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const int64_t *xa, const int *ishift, int CH,
+                  const int *ptr, const int *idx, const float *wts, const int64_t *ya, const int *oshift,
+                  int nthreads) {
     int Hq = (int)round_up(H, T_TR), Wq = (int)round_up(W, T_TC), Wp = (int)round_up(Wq + 2, 16);
-    int64_t pl = (int64_t)(Hq + 2) * Wp, HW = (int64_t)H * W, vol = (int64_t)D * HW;
+    int64_t pl = (int64_t)(Hq + 2) * Wp, HW = (int64_t)H * W;
     int64_t yplane = (int64_t)Hq * Wq;
     int nch = (I + CH - 1) / CH, tasks = N * D, failed = 0;
     T_OMP_ONLY(nthreads);
@@ -115,7 +120,7 @@ int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const float *x, cons
         for (int t = 0; t < tasks; t++) {
             if (!xp || !ys) continue;
             int n = t / D, d = t % D;
-            pad_slice(I, D, H, W, Wp, pl, x + (int64_t)n * I * vol, ishift, d, xp);
+            pad_slice(I, D, H, W, Wp, pl, xa + (int64_t)n * I, ishift, d, xp);
             for (int h0 = 0; h0 < Hq; h0 += T_TR)
                 for (int c0 = 0; c0 < Wq; c0 += T_TC)
                     for (int ch = 0; ch < nch; ch++)
@@ -124,11 +129,10 @@ int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const float *x, cons
                             if (kb == ke && ch) continue;
                             tile(xp, pl, Wp, h0, c0, kb, ke, idx, wts, ys + o * yplane, Wq, ch == 0);
                         }
-            float *yn = y + (int64_t)n * O * vol;
             for (int o = 0; o < O; o++) {
                 int dd = d + (oshift ? oshift[o] : 0); /* the adjoint of reading slice d + shift */
                 if (dd < 0 || dd >= D) continue;
-                float *dst = yn + o * vol + dd * HW;
+                float *dst = T_CHAN(ya[(int64_t)n * O + o]) + dd * HW;
                 for (int h = 0; h < H; h++)
                     memcpy(dst + (int64_t)h * W, ys + o * yplane + (int64_t)h * Wq, sizeof(float) * (size_t)W);
             }
@@ -141,16 +145,16 @@ int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const float *x, cons
             for (int o = 0; o < O; o++) {
                 int s = oshift[o];
                 for (int dd = 0; dd < D; dd++)
-                    if (dd - s < 0 || dd - s >= D) memset(y + ((int64_t)n * O + o) * vol + dd * HW, 0, sizeof(float) * (size_t)HW);
+                    if (dd - s < 0 || dd - s >= D) memset(T_CHAN(ya[(int64_t)n * O + o]) + dd * HW, 0, sizeof(float) * (size_t)HW);
             }
     }
     return failed; /* 1: a thread could not allocate its scratch (the result is incomplete) */
 }
 
-int e2e_tconv_dw(int N, int I, int O, int D, int H, int W, const float *x, const int *ishift, const float *dy,
-                  int CH, const int *ptr, const int *idx, double *dw, int nthreads) {
+int e2e_tconv_dw(int N, int I, int O, int D, int H, int W, const int64_t *xa, const int *ishift,
+                 const int64_t *dya, int CH, const int *ptr, const int *idx, double *dw, int nthreads) {
     int Wq = (int)round_up(W, 8), Wp = (int)round_up(Wq + 2, 16);
-    int64_t pl = (int64_t)(H + 2) * Wp, HW = (int64_t)H * W, vol = (int64_t)D * HW, gplane = (int64_t)H * Wq;
+    int64_t pl = (int64_t)(H + 2) * Wp, HW = (int64_t)H * W, gplane = (int64_t)H * Wq;
     int nch = (I + CH - 1) / CH, tasks = N * D, failed = 0;
     int64_t nnz = ptr[nch * O];
     T_OMP_ONLY(nthreads);
@@ -172,9 +176,9 @@ int e2e_tconv_dw(int N, int I, int O, int D, int H, int W, const float *x, const
         for (int t = 0; t < tasks; t++) {
             if (!xp || !gp) continue;
             int n = t / D, d = t % D;
-            pad_slice(I, D, H, W, Wp, pl, x + (int64_t)n * I * vol, ishift, d, xp);
+            pad_slice(I, D, H, W, Wp, pl, xa + (int64_t)n * I, ishift, d, xp);
             for (int o = 0; o < O; o++) {
-                const float *g = dy + ((int64_t)n * O + o) * vol + d * HW;
+                const float *g = T_CHAN(dya[(int64_t)n * O + o]) + d * HW;
                 if (Wq != W) { /* rows of Wq with zero tails: every vector load stays in the row */
                     for (int h = 0; h < H; h++) memcpy(gp + (int64_t)h * Wq, g + (int64_t)h * W, sizeof(float) * (size_t)W);
                     g = gp;
