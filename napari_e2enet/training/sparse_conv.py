@@ -38,6 +38,12 @@ conv's backward no longer copies its slice of the concatenation's gradient). Who
 network S = 0.8, 64³ batch 2, 2 threads, AMD EPYC (AVX2), old and new code in alternating
 processes, median of 3 steps each: 13.03 / 14.52 → 11.07 / 10.48 s/it (0.77×).
 
+The forward / dX kernel is input-stationary since (see kernels_train.c): 96 → 48 on 64³ × 2 at
+density 0.2, 2 threads, same EPYC, interleaved with the previous library: forward 126–148 →
+74 ms, dX 129–146 → 73–80 ms (30–35 → 55–60 GMAC/s); 240 → 96 on 32³: 78–85 → 41–42 ms. Whole
+step, paper network S = 0.8, the parts change alone against both (alternating processes,
+median of 3): 11.64 / 11.64 → 9.53 / 9.73 s/it (0.83×); PlainConvUNet 9.37 s/it in the same run.
+
 Used where it pays: CPU float32 tensors (no autocast), the unit's mask density below
 :data:`MAX_DENSITY`, and the kernels built (no compiler, ``NAPARI_E2ENET_NO_KERNELS=1`` or a failed
 build: the dense PyTorch path, as before). Anything else (CUDA, bf16 autocast, eval mode, dense
@@ -66,11 +72,9 @@ MAX_DENSITY = 0.35
 # Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more
 # (a 2 x 24 -> 8 x 16^3 call at density 0.2: 1.2 ms on one thread, 3-8 ms on two, machine busy).
 _SMALL_MACS = 1 << 23
-# Inputs per chunk of the CSR order. Smaller chunks keep a tile's input rows in L1 but reload and
-# store the output tile once per chunk; measured forward time / oneDNN's at density 0.2 (AVX2, one
-# thread, busy machine) for chunks 4 / 8 / 16 / 32 / 64 / all: 96 -> 48 on 64^2 0.86 / 0.68 / 0.68 /
-# 0.50-0.59 / 0.43-0.51 / 0.44-0.50; 240 -> 96 on 32^2 0.64 / 0.56 / 0.49 / 0.48-0.51 / 0.45-0.49 / 0.50-0.55.
-CHUNK = 64
+# Outputs per group of the forward / dX order (CSC by input within groups of outputs): a tile's
+# accumulators, GROUP x 4 x 16 floats (16 KiB), stay in L1 beside the input rows being read.
+GROUP = 64
 
 
 def _chunked_csr(mask: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -90,8 +94,10 @@ def _chunked_csr(mask: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Te
 
 @dataclass(frozen=True)
 class SparseConvPlan:
-    """The index structures of one (O, I) kernel mask: forward / dW (CSR by output over inputs)
-    and dX (CSR by input over outputs), and the unit's per-input-channel depth offsets."""
+    """The index structures of one (O, I) kernel mask: forward (CSC by input within groups of
+    ``group`` outputs), dX (the same over the transposed mask: by output, within groups of
+    inputs), dW (CSR by output), each with ``flat``: its kernels' indices among the weight's
+    (O·I) kernels; and the unit's per-input-channel depth offsets."""
 
     in_channels: int
     out_channels: int
@@ -101,19 +107,23 @@ class SparseConvPlan:
     ptr_t: torch.Tensor
     idx_t: torch.Tensor
     flat_t: torch.Tensor  # index into the (O·I) kernels of the flipped weight, ordered for dX
+    ptr_w: torch.Tensor
+    idx_w: torch.Tensor
+    flat_w: torch.Tensor
     ishift: torch.Tensor | None
-    chunk: int = CHUNK
+    group: int = GROUP
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, *, shift: bool, chunk: int = CHUNK) -> SparseConvPlan:
+    def from_mask(cls, mask: torch.Tensor, *, shift: bool, group: int = GROUP) -> SparseConvPlan:
         mask = mask.detach().to(device="cpu", dtype=torch.bool)
         o_count, i_count = mask.shape
-        ptr, idx, flat = _chunked_csr(mask, chunk)
-        ptr_t, idx_t, flat_io = _chunked_csr(mask.t(), chunk)
+        ptr, idx, flat_io = _chunked_csr(mask.t(), group)
         # flat_io indexes (I, O); the weight is (O, I): kernel (i, o) is o·I + i
-        i_of, o_of = flat_io // o_count, flat_io % o_count
+        flat = (flat_io % o_count) * i_count + flat_io // o_count
+        ptr_t, idx_t, flat_t = _chunked_csr(mask, group)
+        ptr_w, idx_w, flat_w = _chunked_csr(mask, max(1, i_count))
         ishift = depth_offsets(i_count) if shift and i_count >= 3 else None
-        return cls(i_count, o_count, ptr, idx, flat, ptr_t, idx_t, o_of * i_count + i_of, ishift, chunk)
+        return cls(i_count, o_count, ptr, idx, flat, ptr_t, idx_t, flat_t, ptr_w, idx_w, flat_w, ishift, group)
 
     @property
     def nnz(self) -> int:
@@ -164,7 +174,7 @@ class _SparseConv133(torch.autograd.Function):
         taps = weight.detach().reshape(-1, 9)
         y = torch.empty(n, plan.out_channels, d, h, w, dtype=parts[0].dtype)
         kernels.library.tconv_fwd(x=parts, ptr=plan.ptr, idx=plan.idx, weights=taps[plan.flat].contiguous(),
-                                  chunk=plan.chunk, y=y, ishift=plan.ishift, threads=_threads(plan, y))
+                                  group=plan.group, y=y, ishift=plan.ishift, threads=_threads(plan, y))
         return _finish_forward(ctx, y, (*parts, weight), bias, (plan, kernels, dense_dw))
 
     @staticmethod
@@ -182,7 +192,7 @@ class _SparseConv133(torch.autograd.Function):
             gparts = [torch.empty_like(p) for p in parts]
             flipped = weight.detach().flip(-1, -2).reshape(-1, 9)
             lib.tconv_fwd(x=gy, ptr=plan.ptr_t, idx=plan.idx_t, weights=flipped[plan.flat_t].contiguous(),
-                          chunk=plan.chunk, y=gparts, oshift=plan.ishift, threads=threads)
+                          group=plan.group, y=gparts, oshift=plan.ishift, threads=threads)
         if ctx.needs_input_grad[0]:
             if ctx.dense_dw:
                 # Every kernel's gradient (the pruned ones' too): what gradient-based regrowth scores.
@@ -193,9 +203,9 @@ class _SparseConv133(torch.autograd.Function):
                     (False, True, False))[1]
             else:
                 dw = torch.empty(plan.nnz, 9, dtype=torch.float64)
-                lib.tconv_dw(x=parts, dy=gy, ptr=plan.ptr, idx=plan.idx, chunk=plan.chunk, dw=dw, ishift=plan.ishift,
-                             threads=threads)
-                gw = _scatter_active(dw, plan.flat, weight)
+                lib.tconv_dw(x=parts, dy=gy, ptr=plan.ptr_w, idx=plan.idx_w, chunk=max(1, plan.in_channels), dw=dw,
+                             ishift=plan.ishift, threads=threads)
+                gw = _scatter_active(dw, plan.flat_w, weight)
         return gw, _bias_grad(ctx, gy, 1), None, None, None, *gparts
 
 
@@ -389,8 +399,39 @@ class _UnitConv(_SparseHook):
                               dense_weight_grad=self.owner.dense_grads)
 
 
+class _StemConv(_UnitConv):
+    """The replacement of a dense unit's conv with very few input channels (the backbone's first
+    conv, 1 → 48 at full resolution): the same kernels with every kernel active. oneDNN's
+    forward / weight gradient of that conv took 111 / 98 ms against these kernels' 15 / 8 ms at
+    2 × 1 × 64³ → 48 (2 threads, AMD EPYC AVX2): its vectors run over the input channels."""
+
+    def applies(self, x: torch.Tensor) -> bool:
+        conv = self.conv
+        return (self.owner.enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
+                and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+
+    def __call__(self, *parts: torch.Tensor) -> torch.Tensor:
+        unit = self.unit
+        if not self.applies(parts[0]):
+            return unit.conv(unit.shift(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))
+        self.calls += 1
+        return sparse_conv133(parts, unit.conv.weight, unit.conv.bias, self.plan(self._all), self.kernels)
+
+    @property
+    def _all(self) -> torch.Tensor:
+        mask = getattr(self, "_all_mask", None)
+        if mask is None:
+            mask = self._all_mask = torch.ones(self.conv.weight.shape[:2], dtype=torch.bool)
+        return mask
+
+
+# Dense units with at most this many input channels take the kernels (measured for 1: see _StemConv).
+STEM_MAX_CHANNELS = 1
+
+
 class SparseTraining:
-    """The sparse training path installed on a model's masked fusion units (see the module doc).
+    """The sparse training path installed on a model's masked fusion units and masked up convs (see
+    the module doc), and on its dense units with at most ``STEM_MAX_CHANNELS`` inputs (``stems``).
 
     ``dense_weight_grads(True)`` before a backward whose weight gradients the DSFF updater scores
     (``DSFFUpdater.needs_dense_grads``); ``remove()`` restores the plain modules.
@@ -403,11 +444,16 @@ class SparseTraining:
         self.dense_grads = False
         self.units: dict[str, _UnitConv] = {}
         self.ups: dict[str, _UpConv] = {}  # the masked up ConvTranspose3d of the fused nodes
+        self.stems: dict[str, _StemConv] = {}  # dense units with very few inputs (the first conv)
         for name, module in model.named_modules():
-            if isinstance(module, ConvUnit) and hasattr(module.conv, "kernel_mask") and _eligible(module):
+            if isinstance(module, ConvUnit) and _eligible(module) and hasattr(module.conv, "kernel_mask"):
                 hook = _UnitConv(module, kernels, self)
                 module.fused_conv = hook
                 self.units[name] = hook
+            elif isinstance(module, ConvUnit) and _eligible(module) and module.conv.in_channels <= STEM_MAX_CHANNELS:
+                stem = _StemConv(module, kernels, self)
+                module.fused_conv = stem
+                self.stems[name] = stem
             elif isinstance(module, nn.ConvTranspose3d) and hasattr(module, "kernel_mask") and _eligible_up(module):
                 up = _UpConv(module, kernels, self)
                 module.forward = up  # shadows the class forward until remove()
@@ -428,7 +474,7 @@ class SparseTraining:
         return sum(u.calls for u in self.ups.values())
 
     def remove(self) -> None:
-        for hook in self.units.values():
+        for hook in (*self.units.values(), *self.stems.values()):
             if hook.unit.fused_conv is hook:
                 hook.unit.fused_conv = None
         for up in self.ups.values():
@@ -436,6 +482,7 @@ class SparseTraining:
                 del up.conv.__dict__["forward"]
         self.units.clear()
         self.ups.clear()
+        self.stems.clear()
 
 
 def install_sparse_training(model: nn.Module, device: torch.device | str = "cpu") -> SparseTraining | None:

@@ -53,13 +53,14 @@ def _masked_unit(i: int, o: int, density: float, seed: int, shift: bool = True) 
     return unit, mask
 
 
-@pytest.mark.parametrize("shape, density, shift, chunk", [
+@pytest.mark.parametrize("shape, density, shift, group", [
     ((2, 7, 5, 4, 5, 9), 0.4, True, 64),     # odd H, W: the tile and vector tails
-    ((1, 37, 12, 3, 8, 16), 0.2, True, 16),  # 37 inputs: three CSR chunks, the last one short
+    ((1, 37, 12, 3, 8, 16), 0.2, True, 5),   # output groups 5 + 5 + 2 (forward), 8 input groups (dX)
     ((1, 2, 3, 2, 3, 3), 0.5, True, 64),     # C < 3: no depth shift
     ((2, 6, 4, 3, 4, 8), 0.3, False, 4),     # a unit without the shift
+    ((1, 20, 70, 2, 9, 33), 0.3, True, 64),  # 70 outputs: a full group of 64 and a short one
 ])
-def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift, chunk):
+def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift, group):
     n, i, o, d, h, w = shape
     unit, mask = _masked_unit(i, o, density, seed=i * o, shift=shift)
     x = torch.randn(n, i, d, h, w, generator=torch.Generator().manual_seed(1), requires_grad=True)
@@ -68,7 +69,7 @@ def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift
     params = (x, unit.conv.weight, unit.conv.bias)
     rx, rw, rb = torch.autograd.grad(ref, params, gy)
     active = mask[..., None, None, None]
-    plan = SparseConvPlan.from_mask(mask, shift=shift, chunk=chunk)
+    plan = SparseConvPlan.from_mask(mask, shift=shift, group=group)
     for dense in (False, True):
         y = sparse_conv133(x, unit.conv.weight, unit.conv.bias, plan, kernels, dense_weight_grad=dense)
         sx, sw, sb = torch.autograd.grad(y, params, gy)
@@ -83,8 +84,8 @@ def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift
             assert (rw * ~active).abs().max() > 0.1  # (the dense gradient there is not)
 
 
-@pytest.mark.parametrize("splits, chunk", [((5, 5, 3), 4), ((1, 12), 64), ((13,), 64)])
-def test_sparse_conv_of_parts_equals_the_conv_of_their_concatenation(kernels, splits, chunk):
+@pytest.mark.parametrize("splits, group", [((5, 5, 3), 4), ((1, 12), 64), ((13,), 64)])
+def test_sparse_conv_of_parts_equals_the_conv_of_their_concatenation(kernels, splits, group):
     # A fused node's first unit reads its forward, up and down inputs where they lie: the values
     # and every part's gradient must be those of the conv of the concatenation, depth shift included
     # (its three channel groups straddle the parts' boundaries here).
@@ -96,7 +97,7 @@ def test_sparse_conv_of_parts_equals_the_conv_of_their_concatenation(kernels, sp
     gy = torch.randn(ref.shape, generator=g)
     params = (*parts, unit.conv.weight, unit.conv.bias)
     want = torch.autograd.grad(ref, params, gy)
-    y = sparse_conv133(parts, unit.conv.weight, unit.conv.bias, SparseConvPlan.from_mask(mask, shift=True, chunk=chunk),
+    y = sparse_conv133(parts, unit.conv.weight, unit.conv.bias, SparseConvPlan.from_mask(mask, shift=True, group=group),
                        kernels)
     got = torch.autograd.grad(y, params, gy)
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
@@ -182,6 +183,8 @@ def test_a_masked_model_takes_the_sparse_path_with_the_same_gradients(kernels):
     loss_s, grad_s = grads(sparse_model)
     assert sparse.calls == len(masked)  # every masked unit ran the kernels, nothing fell back
     assert sparse.up_calls == len(ups)  # and every masked up ConvTranspose3d
+    # and the first conv (one input channel, dense): its gradients are checked with the others below
+    assert [stem.calls for stem in sparse.stems.values()] == [1]
     torch.testing.assert_close(loss_s, loss_d, atol=1e-5, rtol=1e-5)
     masks = dict(sparse_model.masks())
     hooked = {id(u.unit.conv.weight) for u in sparse.units.values()} | {id(u.conv.weight) for u in sparse.ups.values()}
@@ -238,15 +241,15 @@ def test_the_trainer_trains_masked_units_sparsely(tmp_path, tiny_train_config, t
 def test_bindings_refuse_bad_arguments(kernels):
     lib = kernels.library
     mask = torch.ones(4, 5, dtype=torch.bool)
-    plan = SparseConvPlan.from_mask(mask, shift=True, chunk=2)
+    plan = SparseConvPlan.from_mask(mask, shift=True, group=2)
     x, y = torch.zeros(1, 5, 2, 3, 8), torch.zeros(1, 4, 2, 3, 8)
     taps = torch.zeros(plan.nnz, 9)
-    good = dict(x=x, ptr=plan.ptr, idx=plan.idx, weights=taps, chunk=2, y=y, ishift=plan.ishift)
+    good = dict(x=x, ptr=plan.ptr, idx=plan.idx, weights=taps, group=2, y=y, ishift=plan.ishift)
     lib.tconv_fwd(**good)
     bad = [
-        ({"chunk": 0}, "chunk"),
-        ({"chunk": 3}, "ptr"),  # the structure was built for chunks of 2
-        ({"idx": plan.idx.flip(0).contiguous()}, "chunk's range"),
+        ({"group": 0}, "group"),
+        ({"group": 1}, "ptr"),  # the structure was built for groups of 2
+        ({"idx": plan.idx.flip(0).contiguous()}, "group's range"),
         ({"weights": torch.zeros(plan.nnz, 8)}, "weights"),
         ({"y": torch.zeros(1, 4, 2, 3, 7)}, "output"),
         ({"x": x.transpose(3, 4)}, "x"),
@@ -257,7 +260,9 @@ def test_bindings_refuse_bad_arguments(kernels):
         with pytest.raises(ValueError, match=words):
             lib.tconv_fwd(**{**good, **change})
     with pytest.raises(ValueError, match="dw"):
-        lib.tconv_dw(x=x, dy=y, ptr=plan.ptr, idx=plan.idx, chunk=2, dw=torch.zeros(plan.nnz, 9))
+        lib.tconv_dw(x=x, dy=y, ptr=plan.ptr_w, idx=plan.idx_w, chunk=5, dw=torch.zeros(plan.nnz, 9))
+    with pytest.raises(ValueError, match="ptr"):  # built for one chunk of all 5 inputs
+        lib.tconv_dw(x=x, dy=y, ptr=plan.ptr_w, idx=plan.idx_w, chunk=2, dw=torch.zeros(plan.nnz, 9, dtype=torch.float64))
     up = SparseUpPlan.from_mask(torch.ones(5, 4, dtype=torch.bool))
     good_up = dict(x=x, kernel=(1, 2, 2), ptr=up.ptr, idx=up.idx, weights=torch.zeros(up.nnz, 4),
                    y=torch.zeros(1, 4, 2, 6, 16))

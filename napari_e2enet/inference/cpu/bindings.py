@@ -39,7 +39,7 @@ __all__ = [
     "pp_slack",
 ]
 
-ABI_VERSION = 6  # E2E_ABI_VERSION in kernels.h
+ABI_VERSION = 7  # E2E_ABI_VERSION in kernels.h
 PAD_FLOATS = 16  # E2E_PAD_FLOATS: zero floats before a PP buffer's first plane
 ALIGN_BYTES = 64
 KernelBuildError = _build.KernelBuildError
@@ -85,7 +85,7 @@ SIGNATURES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     # the training kernels (kernels_train.c)
     "e2e_tconv_fwd": ("int", (
         ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("const int64_t *", "xa"),
-        ("const int *", "ishift"), ("int", "CH"), ("const int *", "ptr"), ("const int *", "idx"),
+        ("const int *", "ishift"), ("int", "OG"), ("const int *", "ptr"), ("const int *", "idx"),
         ("const float *", "wts"), ("const int64_t *", "ya"), ("const int *", "oshift"), ("int", "nthreads"))),
     "e2e_tconv_dw": ("int", (
         ("int", "N"), ("int", "I"), ("int", "O"), ("int", "D"), ("int", "H"), ("int", "W"), ("const int64_t *", "xa"),
@@ -409,20 +409,21 @@ class KernelLibrary:
 
     # -- training kernels (kernels_train.c) ---------------------------------------------------
     def tconv_fwd(self, *, x: TrainData, ptr: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                  chunk: int, y: TrainData, ishift: torch.Tensor | None = None,
+                  group: int, y: TrainData, ishift: torch.Tensor | None = None,
                   oshift: torch.Tensor | None = None, threads: int = 1) -> None:
         """Kernel-sparse (1,3,3) conv of a contiguous (N, I, D, H, W) float32 ``x`` into ``y``
-        (N, O, D, H, W), see kernels.h: chunked CSR ``ptr`` (ceil(I/chunk)·O + 1,) / ``idx``
-        (nnz,) int32, ``weights`` (nnz, 9) float32, depth offsets ``ishift`` (I,) / ``oshift``
-        (O,) int32 in {-1, 0, 1} or None. ``x`` and ``y`` may each be a sequence of contiguous
-        tensors that stand for their concatenation along the channels (which is never built)."""
+        (N, O, D, H, W), see kernels.h: CSC by input within groups of ``group`` outputs, ``ptr``
+        (ceil(O/group)·I + 1,) / ``idx`` (nnz,) int32 (output channels), ``weights`` (nnz, 9)
+        float32, depth offsets ``ishift`` (I,) / ``oshift`` (O,) int32 in {-1, 0, 1} or None.
+        ``x`` and ``y`` may each be a sequence of contiguous tensors that stand for their
+        concatenation along the channels (which is never built)."""
         fn = "tconv_fwd"
         (n, i_count, o_count, d, h, w), xa, ya = _train_dims(fn, x, y)
-        nnz = _train_index(fn, ptr, idx, i_count, o_count, chunk)
+        nnz = _group_index(fn, ptr, idx, i_count, o_count, group)
         _tensor(fn, "weights", weights, torch.float32, (nnz, 9))
         ish = _train_shift(fn, "ishift", ishift, i_count)
         osh = _train_shift(fn, "oshift", oshift, o_count)
-        rc = self._lib.e2e_tconv_fwd(n, i_count, o_count, d, h, w, xa.data_ptr(), ish, chunk, ptr.data_ptr(),
+        rc = self._lib.e2e_tconv_fwd(n, i_count, o_count, d, h, w, xa.data_ptr(), ish, group, ptr.data_ptr(),
                                      idx.data_ptr(), weights.data_ptr(), ya.data_ptr(), osh, _threads(fn, threads))
         if rc:
             raise MemoryError(f"{fn}: the kernel could not allocate its scratch planes")
@@ -545,6 +546,18 @@ def _train_index(fn: str, ptr: torch.Tensor, idx: torch.Tensor, i_count: int, o_
     segment = np.repeat(np.arange(chunks * o_count) // o_count, np.diff(ptr.numpy()))
     if nnz and (idx.numpy() // chunk != segment).any():
         raise ValueError(f"{fn}: idx holds an input channel outside its chunk's range")
+    return nnz
+
+
+def _group_index(fn: str, ptr: torch.Tensor, idx: torch.Tensor, i_count: int, o_count: int, group: int) -> int:
+    """Check a CSC-by-input structure within groups of ``group`` outputs (kernels.h) and return nnz."""
+    if not isinstance(group, int) or not 1 <= group <= 2**20:
+        raise ValueError(f"{fn}: group must be a positive int, got {group!r}")
+    groups = -(-o_count // group)
+    nnz = _sparse_index(fn, "ptr", ptr, "idx", idx, groups * i_count, o_count)
+    segment = np.repeat(np.arange(groups * i_count) // i_count, np.diff(ptr.numpy()))
+    if nnz and (idx.numpy() // group != segment).any():
+        raise ValueError(f"{fn}: idx holds an output channel outside its group's range")
     return nnz
 
 

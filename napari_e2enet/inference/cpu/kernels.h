@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define E2E_ABI_VERSION 6
+#define E2E_ABI_VERSION 7
 #define E2E_PAD_FLOATS 16
 
 /* E2E_ABI_VERSION of the compiled library. */
@@ -65,20 +65,23 @@ void e2e_maxpool(int C, int D, int H, int W, int Pi, int kd, int kh, int kw,
 /* Training kernels (kernels_train.c), the (1,3,3) conv with "same" padding on (N, C, D, H, W)
    float32 data given as address tables: xa / ya / dya (N * C,) int64, entry n * C + c the address
    of channel c of sample n, a contiguous (D, H, W) volume (the channels may lie in several
-   tensors: a concatenation that is never built). A kernel-sparse weight is given in chunked CSR order: inputs are
-   grouped in chunks of CH channels, ptr[(chunk * O + o) .. + 1] are the active kernels of output o
-   among the chunk's inputs, idx[k] their input channel, wts[k * 9 ..] their taps (row-major).
-   ishift (I,) or NULL: input channel c is read at slice d + ishift[c] (zero outside), the
-   restricted depth shift. Both return 0, or 1 when a thread could not allocate its scratch. */
+   tensors: a concatenation that is never built). ishift (I,) or NULL: input channel c is read at
+   slice d + ishift[c] (zero outside), the restricted depth shift. Both return 0, or 1 when a
+   thread could not allocate its scratch. */
 
-/* y[n, o, d + oshift[o]] = sum_k conv3x3(x_shifted[n, idx[k], d], wts[k]); oshift (O,) or NULL
-   (the adjoint of a depth shift: dX is this call on dY with the transposed, flipped weights). */
-int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const int64_t *xa, const int *ishift, int CH,
+/* y[n, o, d + oshift[o]] = sum over active (o, i) of conv3x3(x_shifted[n, i, d], wts[k]); oshift
+   (O,) or NULL (the adjoint of a depth shift: dX is this call on dY with the transposed, flipped
+   weights). The kernel-sparse weight in CSC order within groups of OG outputs: ptr[(g * I + i) ..
+   + 1] are the active kernels of input i among outputs g * OG .. g * OG + OG - 1, idx[k] their
+   output channel, wts[k * 9 ..] their taps (row-major). */
+int e2e_tconv_fwd(int N, int I, int O, int D, int H, int W, const int64_t *xa, const int *ishift, int OG,
                   const int *ptr, const int *idx, const float *wts, const int64_t *ya, const int *oshift,
                   int nthreads);
 
 /* dw[k * 9 + tap] = sum over n, d, h, w of dy[n, o_k, d, h, w] * x_shifted[n, idx[k], d, h + kh - 1, w + kw - 1]
-   (float64, overwritten) for the active kernels only. */
+   (float64, overwritten) for the active kernels only, given in chunked CSR order: inputs grouped
+   in chunks of CH channels, ptr[(chunk * O + o) .. + 1] the active kernels of output o among the
+   chunk's inputs, idx[k] their input channel. */
 int e2e_tconv_dw(int N, int I, int O, int D, int H, int W, const int64_t *xa, const int *ishift,
                  const int64_t *dya, int CH, const int *ptr, const int *idx, double *dw, int nthreads);
 
