@@ -13,7 +13,7 @@ kernels (``inference/cpu/kernels_train.c``) whose work is proportional to the ac
   updater scores pruned kernels by their gradient (``regrow="gradient"``, RigL), the trainer
   asks for dense weight gradients on those iterations only (:meth:`SparseTraining.dense_weight_grads`).
 
-Measured (AMD EPYC, AVX2, one thread, interleaved, a shared machine at load ~2.5; the paper
+Measured with the first, output-stationary kernel (AMD EPYC, AVX2, one thread, interleaved, a shared machine at load ~2.5; the paper
 network's level-0 fusion conv 96 → 48 over 64 × 64 planes, random masks at density 0.2, time
 relative to oneDNN's dense forward): oneDNN fwd / dX / dW 1.00 / 0.90 / 1.97, these kernels
 0.67 / 0.66 / 0.41 with chunks of 16 inputs (fwd 0.43–0.51 with chunks of 64, the default); level
@@ -36,7 +36,9 @@ A fused node's first unit takes its forward, up and down inputs as separate tens
 concatenation is never built and each part's gradient is a contiguous tensor of its own (the up
 conv's backward no longer copies its slice of the concatenation's gradient). Whole step, paper
 network S = 0.8, 64³ batch 2, 2 threads, AMD EPYC (AVX2), old and new code in alternating
-processes, median of 3 steps each: 13.03 / 14.52 → 11.07 / 10.48 s/it (0.77×).
+processes, median of 3 steps each: 13.03 / 14.52 → 11.07 / 10.48 s/it (0.77×). The dense units
+with one input channel (the backbone's first conv) use the same kernels (``SparseTraining.stems``).
+docs/cpu-fast-path.md, "Sparse training kernels, third pass", has the profile and the numbers.
 
 The forward / dX kernel is input-stationary since (see kernels_train.c): 96 → 48 on 64³ × 2 at
 density 0.2, 2 threads, same EPYC, interleaved with the previous library: forward 126–148 →
