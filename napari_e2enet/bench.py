@@ -571,6 +571,7 @@ def _training_row(run: dict[str, Any], *, patch: int, batch: int, threads: int, 
 
     step = statistics.median(run["step"])
     row: dict[str, Any] = {"model": run["name"], "patch": patch, "batch": batch, "seconds_per_iteration": step,
+                           "times_s": list(run["step"]),  # every timed step: the spread behind the median
                            "params": sum(p.numel() for p in run["model"].parameters()),
                            "sparse_units": run["sparse_units"]}
     if run["updater"] is not None:

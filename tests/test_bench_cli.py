@@ -47,6 +47,8 @@ def test_bench_training_rows_and_dsff_cost():
     rows = {r["model"]: r for r in run_training_benchmark(["small_s8", "small_s0"], patch=32, batch=1, iterations=2,
                                                            run_length=2000)}
     assert rows["small_s8"]["seconds_per_iteration"] > 0 and rows["small_s0"]["seconds_per_iteration"] > 0
+    for row in rows.values():  # every timed step is reported, the median is one of them
+        assert len(row["times_s"]) == 2 and min(row["times_s"]) <= row["seconds_per_iteration"] <= max(row["times_s"])
     assert rows["small_s8"]["update_every"] == SparsityConfig(sparsity=0.8).resolved_update_every(2000)
     assert 0 < rows["small_s8"]["dsff_percent"] < 100
     assert "dsff_percent" not in rows["small_s0"]  # dense fusion: no updater, no DSFF cost
