@@ -537,28 +537,28 @@ def _train_dims(fn: str, x: object, y: object) -> tuple[tuple[int, int, int, int
     return (n, i_count, o_count, d, h, w), xa, ya
 
 
-def _train_index(fn: str, ptr: torch.Tensor, idx: torch.Tensor, i_count: int, o_count: int, chunk: int) -> int:
-    """Check a chunked CSR structure (kernels.h) and return nnz."""
-    if not isinstance(chunk, int) or not 1 <= chunk <= 2**20:
-        raise ValueError(f"{fn}: chunk must be a positive int, got {chunk!r}")
-    chunks = -(-i_count // chunk)
-    nnz = _sparse_index(fn, "ptr", ptr, "idx", idx, chunks * o_count, i_count)
-    segment = np.repeat(np.arange(chunks * o_count) // o_count, np.diff(ptr.numpy()))
-    if nnz and (idx.numpy() // chunk != segment).any():
-        raise ValueError(f"{fn}: idx holds an input channel outside its chunk's range")
+def _grouped_index(fn: str, ptr: torch.Tensor, idx: torch.Tensor, *, rows: int, columns: int, size: int,
+                   unit: str, column: str) -> int:
+    """Check a grouped sparse structure (kernels.h) and return nnz: ``ptr`` over ceil(columns /
+    size) groups × ``rows`` segments, segment (g, r) holding the ``idx`` (columns) of group g only."""
+    if not isinstance(size, int) or not 1 <= size <= 2**20:
+        raise ValueError(f"{fn}: {unit} must be a positive int, got {size!r}")
+    groups = -(-columns // size)
+    nnz = _sparse_index(fn, "ptr", ptr, "idx", idx, groups * rows, columns)
+    segment = np.repeat(np.arange(groups * rows) // rows, np.diff(ptr.numpy()))
+    if nnz and (idx.numpy() // size != segment).any():
+        raise ValueError(f"{fn}: idx holds an {column} channel outside its {unit}'s range")
     return nnz
+
+
+def _train_index(fn: str, ptr: torch.Tensor, idx: torch.Tensor, i_count: int, o_count: int, chunk: int) -> int:
+    """Check a chunked CSR structure (by output, inputs in chunks of ``chunk``) and return nnz."""
+    return _grouped_index(fn, ptr, idx, rows=o_count, columns=i_count, size=chunk, unit="chunk", column="input")
 
 
 def _group_index(fn: str, ptr: torch.Tensor, idx: torch.Tensor, i_count: int, o_count: int, group: int) -> int:
-    """Check a CSC-by-input structure within groups of ``group`` outputs (kernels.h) and return nnz."""
-    if not isinstance(group, int) or not 1 <= group <= 2**20:
-        raise ValueError(f"{fn}: group must be a positive int, got {group!r}")
-    groups = -(-o_count // group)
-    nnz = _sparse_index(fn, "ptr", ptr, "idx", idx, groups * i_count, o_count)
-    segment = np.repeat(np.arange(groups * i_count) // i_count, np.diff(ptr.numpy()))
-    if nnz and (idx.numpy() // group != segment).any():
-        raise ValueError(f"{fn}: idx holds an output channel outside its group's range")
-    return nnz
+    """Check a CSC-by-input structure within groups of ``group`` outputs and return nnz."""
+    return _grouped_index(fn, ptr, idx, rows=i_count, columns=o_count, size=group, unit="group", column="output")
 
 
 def _train_shift(fn: str, name: str, shift: torch.Tensor | None, channels: int) -> int | None:
