@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ class PPLike(Protocol):
     buffer: torch.Tensor
 
 
-TrainData = torch.Tensor | Sequence[torch.Tensor]
+TrainData: TypeAlias = torch.Tensor | Sequence[torch.Tensor]
 """A training kernel's (N, C, D, H, W) float32 data: one contiguous tensor, or several that stand
 for their concatenation along the channels."""
 
@@ -508,8 +508,9 @@ def _up_dims(fn: str, x: object, y: object, kernel: object) -> tuple[int, int, i
 def _channel_table(fn: str, name: str, data: object) -> tuple[tuple[int, ...], torch.Tensor]:
     """(N, C, D, H, W) and the (N·C,) int64 channel addresses (kernels.h) of a contiguous 5-D
     float32 tensor, or of the channel concatenation of a sequence of them (same N, D, H, W)."""
-    parts = [data] if isinstance(data, torch.Tensor) else list(data) if isinstance(data, (list, tuple)) else [data]
-    if not parts or any(not isinstance(t, torch.Tensor) or t.dim() != 5 for t in parts):
+    items = list(data) if isinstance(data, (list, tuple)) else [data]
+    parts = [t for t in items if isinstance(t, torch.Tensor) and t.dim() == 5]
+    if not parts or len(parts) != len(items):
         raise ValueError(f"{fn}: {name} must be a 5-D (N, C, D, H, W) tensor or a sequence of them")
     n, _, d, h, w = (int(v) for v in parts[0].shape)
     vol = d * h * w
