@@ -496,4 +496,7 @@ def install_sparse_training(model: nn.Module, device: torch.device | str = "cpu"
     if kernels is None:
         return None
     sparse = SparseTraining(model, kernels)
-    return sparse if sparse.units or sparse.ups else None
+    if sparse.units or sparse.ups:
+        return sparse
+    sparse.remove()  # no masked layer: not even the first conv is hooked (nobody could unhook it)
+    return None

@@ -222,6 +222,24 @@ def test_dense_layers_and_a_high_density_stay_on_pytorch(kernels):
     assert sparse.calls == 0
 
 
+def test_a_model_without_masks_is_left_unhooked(kernels):
+    # nothing masked: install_sparse_training returns None, so it must not leave a one-input-channel
+    # unit (which the kernels would take) hooked where nobody can remove it
+    from napari_e2enet.training.sparse_conv import install_sparse_training
+
+    stem = ConvUnit(1, 4, shift=False)
+    model = torch.nn.Sequential(stem, ConvUnit(4, 4)).train()
+    assert install_sparse_training(model) is None
+    assert stem.fused_conv is None
+    sparse = SparseTraining(model, kernels)  # installed explicitly, the stem is taken
+    assert list(sparse.stems) == ["0"] and stem.fused_conv is not None
+    x = torch.randn(1, 1, 3, 5, 9, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(x), model.eval()(x), atol=1e-5, rtol=1e-5)  # kernels vs oneDNN
+    assert sparse.stems["0"].calls == 1
+    sparse.remove()
+    assert stem.fused_conv is None
+
+
 def test_dense_weight_gradients_only_at_gradient_regrowth_updates():
     model = _tiny_masked_model()
     for regrow, expected in (("gradient", [False, True, False, True]), ("random", [False] * 4)):
