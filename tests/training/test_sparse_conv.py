@@ -12,6 +12,7 @@ import torch
 from napari_e2enet import create_model
 from napari_e2enet.config import SparsityConfig
 from napari_e2enet.inference.cpu import find_compiler, load
+from napari_e2enet.inference.cpu.build import cpu_families
 from napari_e2enet.inference.cpu.compact import Kernels, load_kernels
 from napari_e2enet.models.blocks import ConvUnit
 from napari_e2enet.sparse import DSFFUpdater
@@ -82,6 +83,29 @@ def test_sparse_conv_equals_the_dense_masked_conv(kernels, shape, density, shift
         else:  # pruned kernels: exactly zero
             assert not (sw * ~active).any()
             assert (rw * ~active).abs().max() > 0.1  # (the dense gradient there is not)
+
+
+@pytest.mark.parametrize("family", cpu_families())
+def test_every_kernel_family_this_cpu_runs_computes_the_same_conv(tmp_path_factory, family):
+    # the equivalence tests above run the best family; the portable (generic) form of the training
+    # kernels is another code path (no intrinsics) that a machine without AVX2 would use
+    lib = load(family, cache_dir=tmp_path_factory.mktemp(f"kernels-{family}"))
+    unit, mask = _masked_unit(37, 70, 0.3, seed=11)
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 37, 3, 9, 33, generator=g)
+    plan = SparseConvPlan.from_mask(mask, shift=True)
+    taps = unit.conv.weight.detach().reshape(-1, 9)
+    y = torch.empty(2, 70, 3, 9, 33)
+    lib.tconv_fwd(x=x, ptr=plan.ptr, idx=plan.idx, weights=taps[plan.flat].contiguous(), group=plan.group, y=y,
+                  ishift=plan.ishift, threads=2)
+    ref = torch.nn.functional.conv3d(unit.shift(x), unit.conv.weight.detach(), None, padding=(0, 1, 1))
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+    gy = torch.randn(ref.shape, generator=g)
+    dw = torch.empty(plan.nnz, 9, dtype=torch.float64)
+    lib.tconv_dw(x=x, dy=gy, ptr=plan.ptr_w, idx=plan.idx_w, chunk=37, dw=dw, ishift=plan.ishift, threads=2)
+    want = torch.ops.aten.convolution_backward(gy, unit.shift(x), unit.conv.weight.detach(), None, (1, 1, 1), (0, 1, 1),
+                                               (1, 1, 1), False, (0, 0, 0), 1, (False, True, False))[1]
+    torch.testing.assert_close(dw.float(), want.reshape(-1, 9)[plan.flat_w], atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("splits, group", [((5, 5, 3), 4), ((1, 12), 64), ((13,), 64)])
