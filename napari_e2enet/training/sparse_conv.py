@@ -13,9 +13,9 @@ kernels (``inference/cpu/kernels_train.c``) whose work is proportional to the ac
   updater scores pruned kernels by their gradient (``regrow="gradient"``, RigL), the trainer
   asks for dense weight gradients on those iterations only (:meth:`SparseTraining.dense_weight_grads`).
 
-Measured with the first, output-stationary kernel (AMD EPYC, AVX2, one thread, interleaved, a shared machine at load ~2.5; the paper
-network's level-0 fusion conv 96 → 48 over 64 × 64 planes, random masks at density 0.2, time
-relative to oneDNN's dense forward): oneDNN fwd / dX / dW 1.00 / 0.90 / 1.97, these kernels
+Measured with the first, output-stationary kernel (AMD EPYC, AVX2, one thread, interleaved, a
+shared machine at load ~2.5; the paper network's level-0 fusion conv 96 → 48 over 64 × 64 planes,
+random masks at density 0.2, time relative to oneDNN's dense forward): oneDNN fwd / dX / dW 1.00 / 0.90 / 1.97, these kernels
 0.67 / 0.66 / 0.41 with chunks of 16 inputs (fwd 0.43–0.51 with chunks of 64, the default); level
 1, 240 → 96 on 32²: oneDNN 1.00 / 1.10 / 1.31, these kernels 0.42 / 0.54 / 0.38.
 Whole step (``bench --parts train``, 64³ batch 2, 2 threads, same AVX2 EPYC, one process,
@@ -40,9 +40,9 @@ processes, median of 3 steps each: 13.03 / 14.52 → 11.07 / 10.48 s/it (0.77×)
 with one input channel (the backbone's first conv) use the same kernels (``SparseTraining.stems``).
 docs/cpu-fast-path.md, "Sparse training kernels, third pass", has the profile and the numbers.
 
-The forward / dX kernel is input-stationary since (see kernels_train.c): 96 → 48 on 64³ × 2 at
+The forward / dX kernel is now input-stationary (see kernels_train.c): 96 → 48 on 64³ × 2 at
 density 0.2, 2 threads, same EPYC, interleaved with the previous library: forward 126–148 →
-74 ms, dX 129–146 → 73–80 ms (30–35 → 55–60 GMAC/s); 240 → 96 on 32³: 78–85 → 41–42 ms. Whole
+74 ms, dX 134–146 → 73–80 ms (30–35 → 55–65 GMAC/s); 240 → 96 on 32³: 78–85 → 41–42 ms. Whole
 step, paper network S = 0.8, the parts change alone against both (alternating processes,
 median of 3): 11.64 / 11.64 → 9.53 / 9.73 s/it (0.83×); PlainConvUNet 9.37 s/it in the same run.
 
@@ -389,6 +389,10 @@ class _UnitConv(_SparseHook):
     def _build_plan(self, mask: torch.Tensor) -> SparseConvPlan:
         return SparseConvPlan.from_mask(mask, shift=isinstance(self.unit.shift, DepthShift))
 
+    def mask(self) -> torch.Tensor:
+        """The (out, in) kernel mask the kernels follow: the unit's DSFF mask."""
+        return self.unit.conv.kernel_mask
+
     def __call__(self, *parts: torch.Tensor) -> torch.Tensor:
         """shift + conv of the channel concatenation of ``parts`` (one tensor: the unit's input)."""
         unit = self.unit
@@ -396,8 +400,7 @@ class _UnitConv(_SparseHook):
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             return unit.conv(unit.shift(x))
         self.calls += 1
-        plan = self.plan(unit.conv.kernel_mask)
-        return sparse_conv133(parts, unit.conv.weight, unit.conv.bias, plan, self.kernels,
+        return sparse_conv133(parts, unit.conv.weight, unit.conv.bias, self.plan(self.mask()), self.kernels,
                               dense_weight_grad=self.owner.dense_grads)
 
 
@@ -407,24 +410,17 @@ class _StemConv(_UnitConv):
     forward / weight gradient of that conv took 111 / 98 ms against these kernels' 15 / 8 ms at
     2 × 1 × 64³ → 48 (2 threads, AMD EPYC AVX2): its vectors run over the input channels."""
 
+    def __init__(self, unit: ConvUnit, kernels: Kernels, owner: SparseTraining) -> None:
+        super().__init__(unit, kernels, owner)
+        self._all = torch.ones(unit.conv.weight.shape[:2], dtype=torch.bool)
+
+    def mask(self) -> torch.Tensor:
+        return self._all
+
     def applies(self, x: torch.Tensor) -> bool:
         conv = self.conv
         return (self.owner.enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
                 and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
-
-    def __call__(self, *parts: torch.Tensor) -> torch.Tensor:
-        unit = self.unit
-        if not self.applies(parts[0]):
-            return unit.conv(unit.shift(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)))
-        self.calls += 1
-        return sparse_conv133(parts, unit.conv.weight, unit.conv.bias, self.plan(self._all), self.kernels)
-
-    @property
-    def _all(self) -> torch.Tensor:
-        mask = getattr(self, "_all_mask", None)
-        if mask is None:
-            mask = self._all_mask = torch.ones(self.conv.weight.shape[:2], dtype=torch.bool)
-        return mask
 
 
 # Dense units with at most this many input channels take the kernels (measured for 1: see _StemConv).
