@@ -351,6 +351,25 @@ def test_bf16_runs_on_random_weights(backend):
     assert accelerate(model, "auto").precision == ("bf16" if bf16_native() else "fp32")
 
 
+def test_bf16_sparse_backend_runs_its_fusion_convs_in_bf16_where_the_cpu_can():
+    """With AVX512-BF16 the sparse decoder's (1,3,3) convs take bf16 weights (and say so); the
+    result stays within bf16 rounding of fp32. Elsewhere they stay fp32, also said."""
+    kernels, _ = kernel_status()
+    if kernels is None:
+        pytest.skip("no sparse kernels here")
+    model = create_model("e2enet_small", sparsity=0.9, seed=17).eval()
+    fast = accelerate(model, "bf16", backend="sparse")
+    convs = [u.conv for node in fast._sparse_nodes.values() for u in node.units]
+    assert convs and all((c.weight_pairs is not None) == kernels.bf16 for c in convs)
+    assert fast.sparse_bf16 == kernels.bf16
+    assert ("bf16 fusion convs" if kernels.bf16 else "fp32 fusion convs") in backend_info(fast)["backend_reason"]
+    x = torch.randn(1, 1, 16, 32, 32)
+    ref = _reference(model, x)
+    out = fast(x)
+    assert float((out - ref).abs().max()) <= 0.05 * float(ref.abs().max())
+    assert "fusion convs" not in backend_info(accelerate(model, "fp32", backend="sparse"))["backend_reason"]
+
+
 # -- compact forms and kernels ----------------------------------------------------------------
 
 

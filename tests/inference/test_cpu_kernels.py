@@ -188,19 +188,29 @@ def _sconv_reference(x: torch.Tensor, weight: torch.Tensor, norm: LazyNorm, shif
     return F.conv2d(shifted.transpose(0, 1), weight[:, :, 0], padding=1).transpose(0, 1)
 
 
-def _sconv_error(k: Kernels, shape: tuple[int, int, int, int, int], seed: int) -> float:
-    """Max |kernel - PyTorch| of one sparse (1,3,3) conv with lazy norm and depth shift."""
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).float()
+
+
+def _sconv_error(k: Kernels, shape: tuple[int, int, int, int, int], seed: int, *, bf16: bool = False) -> float:
+    """Max |kernel - PyTorch| of one sparse (1,3,3) conv with lazy norm and depth shift. ``bf16``:
+    the bf16 kernel, on bf16 inputs and weights through a norm that is exact in bf16 (scales and
+    slope powers of two, no offset), so that its products are the fp32 reference's."""
     i, o, d, h, w = shape
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(i, d, h, w, generator=gen)
     weight = torch.randn(o, i, 1, 3, 3, generator=gen) * (torch.rand(o, i, generator=gen) < 0.5)[:, :, None, None, None]
     norm = LazyNorm(torch.rand(i, generator=gen) + 0.5, torch.randn(i, generator=gen), torch.full((i,), 0.01))
+    if bf16:
+        x, weight = _bf16(x), _bf16(weight)
+        norm = LazyNorm(2.0 ** torch.randint(-2, 3, (i,), generator=gen).float(), torch.zeros(i), torch.full((i,), 0.25))
     shift = depth_offsets(i)
     ref = _sconv_reference(x, weight, norm, shift)
     src = PaddedPlanar.from_dense(x)
     out = PaddedPlanar(o, d, h, w)
     stats = torch.zeros(2 * o, dtype=torch.float64)
-    k.sconv133(conv_csc(weight), src.channel_ptrs(), shift, out, stats, norm=norm)
+    conv = conv_csc(weight)
+    k.sconv133(conv.in_bf16() if bf16 else conv, src.channel_ptrs(), shift, out, stats, norm=norm)
     halo = max(float(out.planes[:, :, 0].abs().max()), float(out.planes[:, :, :, w:].abs().max()))
     assert halo == 0.0  # halo rows and padding columns stay zero
     sums = float((stats[:o] - ref.double().sum((1, 2, 3))).abs().max()) / max(1.0, float(ref.abs().sum()) / o)
@@ -241,6 +251,36 @@ def test_kernels_match_torch_on_odd_shapes(kernels):
     k.head(PaddedPlanar.from_dense(x), head_w, out, norm=norm)
     ref = torch.einsum("kc,cdhw->kdhw", head_w, norm.apply(x))
     assert float((out - ref).abs().max()) < 1e-5
+
+
+def test_bf16_conv_matches_torch_on_bf16_values(kernels):
+    """The bf16 (1,3,3) conv (AVX512-BF16 dot products, taps paired across rows) on values that
+    bf16 holds exactly equals the fp32 reference: every tap, partial tile, halo and statistic.
+    Families or CPUs without it refuse the call instead of crashing."""
+    conv = conv_csc(torch.randn(2, 2, 1, 3, 3)).in_bf16()
+    if not kernels.bf16:
+        src, out = PaddedPlanar.from_dense(torch.randn(2, 1, 3, 3)), PaddedPlanar(2, 1, 3, 3)
+        with pytest.raises(ValueError, match="AVX512-BF16"):
+            kernels.sconv133(conv, src.channel_ptrs(), depth_offsets(2), out, None)
+        return
+    shapes = [(7, 5, 3, 5, 9), (12, 4, 2, 17, 33), (5, 3, 1, 1, 1), (9, 6, 4, 9, 20), (5, 48, 2, 5, 64),
+              (6, 50, 2, 5, 40), (3, 49, 1, 3, 17), (4, 8, 2, 16, 16), (4, 8, 1, 19, 16)]
+    for n, shape in enumerate(shapes):
+        assert _sconv_error(kernels, shape, 40 + n, bf16=True) < 1e-4, shape
+
+
+def test_bf16_weight_pairs_hold_the_taps_in_kernel_order():
+    """(nnz, 9) taps → 12 bf16 pairs per kernel, low half first: (q0,q3) (q1,q4) (q2,q5) (q6,0)
+    (q7,0) (q8,0) (0,q0) (0,q1) (0,q2) (q3,q6) (q4,q7) (q5,q8); values rounded to bf16."""
+    taps = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 1.0 + 2.0 ** -10]])
+    words = bindings.bf16_weight_pairs(taps)
+    assert words.dtype == torch.int32 and tuple(words.shape) == (1, 12)
+    halves = words.view(torch.int16).view(torch.bfloat16).float().view(12, 2)  # little-endian: low half first
+    expect = [(1, 4), (2, 5), (3, 6), (7, 0), (8, 0), (1, 0), (0, 1), (0, 2), (0, 3), (4, 7), (5, 8), (6, 1)]
+    assert halves.tolist() == [[float(a), float(b)] for a, b in expect]  # 1 + 2^-10 rounds to 1
+    negative = bindings.bf16_weight_pairs(torch.full((2, 9), -0.5)).view(torch.int16).view(torch.bfloat16).float()
+    pattern = [[-0.5, -0.5]] * 3 + [[-0.5, 0.0]] * 3 + [[0.0, -0.5]] * 3 + [[-0.5, -0.5]] * 3
+    assert negative.view(2, 12, 2).tolist() == [pattern, pattern]  # sign bits stay in their half
 
 
 def test_channels_last_kernels_match_torch(kernels):

@@ -31,6 +31,7 @@ __all__ = [
     "ABI_VERSION",
     "PAD_FLOATS",
     "SIGNATURES",
+    "bf16_weight_pairs",
     "KernelBuildError",
     "KernelLibrary",
     "PPLike",
@@ -39,7 +40,7 @@ __all__ = [
     "pp_slack",
 ]
 
-ABI_VERSION = 7  # E2E_ABI_VERSION in kernels.h
+ABI_VERSION = 8  # E2E_ABI_VERSION in kernels.h
 PAD_FLOATS = 16  # E2E_PAD_FLOATS: zero floats before a PP buffer's first plane
 ALIGN_BYTES = 64
 KernelBuildError = _build.KernelBuildError
@@ -54,6 +55,13 @@ SIGNATURES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ("int", "P"), ("const int64_t *", "chan"), ("const int *", "dshift"),
         ("const float *", "ia"), ("const float *", "ib"), ("const float *", "is"),
         ("const int *", "colptr"), ("const int *", "rowidx"), ("const float *", "wts"),
+        ("float *", "out"), ("int64_t", "ostride"), ("double *", "stats"), ("int", "nt"), ("int", "nthreads"))),
+    "e2e_bf16_built": ("int", ()),
+    "e2e_sconv133_bf16": ("int", (
+        ("int", "I"), ("int", "O"), ("int", "D"), ("int", "d0"), ("int", "d1"), ("int", "H"), ("int", "W"),
+        ("int", "P"), ("const int64_t *", "chan"), ("const int *", "dshift"),
+        ("const float *", "ia"), ("const float *", "ib"), ("const float *", "is"),
+        ("const int *", "colptr"), ("const int *", "rowidx"), ("const uint32_t *", "wpairs"),
         ("float *", "out"), ("int64_t", "ostride"), ("double *", "stats"), ("int", "nt"), ("int", "nthreads"))),
     "e2e_head": ("void", (
         ("int", "C"), ("int", "D"), ("int", "H"), ("int", "W"), ("int", "P"), ("const float *", "x"),
@@ -135,6 +143,21 @@ def pp_slack(pitch: int, row_block: int = 8) -> int:
     """Floats a PP buffer needs after its last plane: a convolution tile reads ``row_block`` + 2
     rows from its first row and 16 floats past a row's end (default: enough for every build)."""
     return (row_block + 4) * pitch + 64
+
+
+# (first, second) tap of each of the 12 bf16 pairs of e2e_sconv133_bf16 (kernels.h); 9: zero
+_BF16_PAIRS = ((0, 3), (1, 4), (2, 5), (6, 9), (7, 9), (8, 9), (9, 0), (9, 1), (9, 2), (3, 6), (4, 7), (5, 8))
+
+
+def bf16_weight_pairs(weights: torch.Tensor) -> torch.Tensor:
+    """(nnz, 9) float32 taps → (nnz, 12) int32 bf16 pairs (round to nearest even) in the order
+    ``e2e_sconv133_bf16`` reads them: the low 16 bits hold the pair's first tap."""
+    bits = weights.detach().to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+    bits = torch.cat([bits, torch.zeros_like(bits[:, :1])], dim=1)  # column 9: the zero tap
+    first = bits[:, [a for a, _ in _BF16_PAIRS]]
+    second = bits[:, [b for _, b in _BF16_PAIRS]]
+    word = first | (second << 16)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,6 +287,8 @@ class KernelLibrary:
             raise KernelBuildError(f"{built.path.name} has kernel ABI {version}, these bindings need {ABI_VERSION}")
         self._lib = lib
         self.row_block: int = lib.e2e_row_block()
+        # bf16 dot products: built in (AVX-512 family, a compiler that knows them) and run by this CPU
+        self.bf16: bool = bool(lib.e2e_bf16_built()) and "avx512_bf16" in (_build._cpu_flags() or set())
 
     def describe(self) -> str:
         """One line: family, compiler, OpenMP."""
@@ -278,13 +303,34 @@ class KernelLibrary:
         channel addresses (PP tensors shaped like ``out``), ``dshift`` (I,) int32 in {-1, 0, 1},
         CSC ``colptr`` (I+1,) / ``rowidx`` (nnz,) int32, ``weights`` (nnz, 9) float32, ``norm``
         (a, b, s) (I,) float32 each, ``stats`` (2·O,) float64 accumulated."""
-        fn = "sconv133"
+        args = self._sconv_args("sconv133", chan, dshift, colptr, rowidx, weights, torch.float32, 9, out,
+                                depth_range, norm, stats, streaming, threads)
+        self._lib.e2e_sconv133(*args)
+
+    def sconv133_bf16(self, *, chan: torch.Tensor, dshift: torch.Tensor, colptr: torch.Tensor,
+                      rowidx: torch.Tensor, weight_pairs: torch.Tensor, out: PPLike, depth_range: tuple[int, int],
+                      norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                      stats: torch.Tensor | None = None, streaming: bool = False, threads: int = 1) -> None:
+        """:meth:`sconv133` with bf16 products (fp32 sums): ``weight_pairs`` (nnz, 12) int32 from
+        :func:`bf16_weight_pairs`. Only where :attr:`bf16` (else ``ValueError``)."""
+        if not self.bf16:
+            raise ValueError("sconv133_bf16: this library or CPU has no AVX512-BF16")
+        args = self._sconv_args("sconv133_bf16", chan, dshift, colptr, rowidx, weight_pairs, torch.int32, 12, out,
+                                depth_range, norm, stats, streaming, threads)
+        if self._lib.e2e_sconv133_bf16(*args) != 0:
+            raise ValueError("sconv133_bf16: not built into this library")
+
+    def _sconv_args(self, fn: str, chan: torch.Tensor, dshift: torch.Tensor, colptr: torch.Tensor,
+                    rowidx: torch.Tensor, weights: torch.Tensor, wdtype: torch.dtype, wcols: int, out: PPLike,
+                    depth_range: tuple[int, int], norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                    stats: torch.Tensor | None, streaming: bool, threads: int) -> tuple[object, ...]:
+        """The checked C arguments of the two sparse (1,3,3) convolutions (they differ in the weights)."""
         i_count = chan.numel() if isinstance(chan, torch.Tensor) else -1
         _tensor(fn, "chan", chan, torch.int64, (i_count,))
         o_count = getattr(out, "C", -1)
         out_base = _pp(fn, "out", out, self.row_block)
         nnz = _sparse_index(fn, "colptr", colptr, "rowidx", rowidx, i_count, o_count)
-        _tensor(fn, "weights", weights, torch.float32, (nnz, 9))
+        _tensor(fn, "weights", weights, wdtype, (nnz, wcols))
         _tensor(fn, "dshift", dshift, torch.int32, (i_count,))
         if i_count and np.abs(dshift.numpy()).max() > 1:
             raise ValueError(f"{fn}: dshift must be -1, 0 or 1 (the restricted depth shift)")
@@ -297,10 +343,9 @@ class KernelLibrary:
             raise ValueError(f"{fn}: depth range {depth_range} outside [0, {out.D}]")
         stats_ptr = None if stats is None else _tensor(fn, "stats", stats, torch.float64, (2 * o_count,))
         ia, ib, is_ = _norm(fn, norm, i_count)
-        self._lib.e2e_sconv133(i_count, o_count, out.D, d0, d1, out.H, out.W, out.P, chan.data_ptr(),
-                               dshift.data_ptr(), ia, ib, is_, colptr.data_ptr(), rowidx.data_ptr(),
-                               weights.data_ptr(), out_base, out.D * (out.H + 2) * out.P, stats_ptr,
-                               int(bool(streaming)), _threads(fn, threads))
+        return (i_count, o_count, out.D, d0, d1, out.H, out.W, out.P, chan.data_ptr(), dshift.data_ptr(), ia, ib,
+                is_, colptr.data_ptr(), rowidx.data_ptr(), weights.data_ptr(), out_base,
+                out.D * (out.H + 2) * out.P, stats_ptr, int(bool(streaming)), _threads(fn, threads))
 
     def convt(self, *, x: PPLike, rowptr: torch.Tensor, colidx: torch.Tensor, weights: torch.Tensor,
               kernel: tuple[int, int, int], out: PPLike, depth_range: tuple[int, int] | None = None,

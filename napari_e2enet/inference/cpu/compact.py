@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ...models.blocks import shift_group_sizes
 from ...sparse.compact import effective_mask
-from .bindings import PAD_FLOATS, KernelLibrary, best_library, pp_slack
+from .bindings import PAD_FLOATS, KernelLibrary, best_library, bf16_weight_pairs, pp_slack
 
 __all__ = [
     "CSCConv",
@@ -62,6 +62,13 @@ class CSCConv:
     colptr: torch.Tensor
     rowidx: torch.Tensor
     weights: torch.Tensor
+    # (nnz, 12) int32 bf16 pairs (bindings.bf16_weight_pairs): the conv then runs with bf16
+    # products (Kernels.sconv133 on a CPU with AVX512-BF16); None: fp32
+    weight_pairs: torch.Tensor | None = None
+
+    def in_bf16(self) -> CSCConv:
+        """This conv with bf16 products (weights rounded to bf16, kept as the kernel's pairs)."""
+        return replace(self, weight_pairs=bf16_weight_pairs(self.weights))
 
     @property
     def nnz(self) -> int:
@@ -378,6 +385,7 @@ class Kernels:
         self.family: str = library.family
         self.openmp: bool = library.openmp
         self.row_block: int = library.row_block
+        self.bf16: bool = library.bf16  # sconv133 runs a CSCConv.in_bf16() with bf16 products
 
     @property
     def backend(self) -> str:
@@ -407,11 +415,15 @@ class Kernels:
             raise ValueError(f"sconv133: a {conv.in_channels} → {conv.out_channels} conv got "
                              f"{channel_ptrs.numel()} input channels and {out.C} output channels")
         d0, d1 = depth_range if depth_range is not None else (0, out.D)
-        with _record("e2e_sconv133"):
-            self.library.sconv133(chan=channel_ptrs, dshift=dshift, colptr=conv.colptr, rowidx=conv.rowidx,
-                                  weights=conv.weights, out=out, depth_range=(d0, d1), norm=_norm_vectors(norm),
-                                  stats=stats, streaming=streaming,
-                                  threads=self._threads(out.C * out.cstride * (d1 - d0) // max(out.D, 1)))
+        common = {"chan": channel_ptrs, "dshift": dshift, "colptr": conv.colptr, "rowidx": conv.rowidx, "out": out,
+                  "depth_range": (d0, d1), "norm": _norm_vectors(norm), "stats": stats, "streaming": streaming,
+                  "threads": self._threads(out.C * out.cstride * (d1 - d0) // max(out.D, 1))}
+        if conv.weight_pairs is not None:
+            with _record("e2e_sconv133_bf16"):
+                self.library.sconv133_bf16(weight_pairs=conv.weight_pairs, **common)
+        else:
+            with _record("e2e_sconv133"):
+                self.library.sconv133(weights=conv.weights, **common)
 
     def convt(self, conv: CSRConvT, x: PaddedPlanar, out: PaddedPlanar, *, norm: LazyNorm | None = None,
               streaming: bool = False, depth_range: tuple[int, int] | None = None) -> None:

@@ -43,6 +43,15 @@ typedef float v8 __attribute__((vector_size(32))); /* one AVX2 register */
 #else
 #define RB 4
 #endif
+/* bf16 dot products (AVX512-BF16, Zen 4 / Cooper Lake and later) for e2e_sconv133_bf16: compiled
+   into the AVX-512 build as functions of their own target, called only where the CPU has the
+   flag (the bindings check /proc/cpuinfo); GCC >= 10 and Clang >= 9 know the intrinsics. */
+#if defined(__AVX512F__) && ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#define E2E_BF16 1
+#define BF16_TARGET __attribute__((target("avx512bf16")))
+#else
+#define E2E_BF16 0
+#endif
 
 /* Dynamic scheduling: on a shared machine one thread may get less CPU than the other; static
    partitions would then wait for it at the barrier. Chunks keep neighbouring tiles together. */
@@ -58,6 +67,7 @@ typedef float v8 __attribute__((vector_size(32))); /* one AVX2 register */
 
 int e2e_abi_version(void) { return E2E_ABI_VERSION; }
 int e2e_row_block(void) { return RB; }
+int e2e_bf16_built(void) { return E2E_BF16; }
 
 /* C11 aligned_alloc wants a size that is a multiple of the alignment (glibc does not mind,
    AddressSanitizer does: it found the cl_stats scratch of 2C+32 floats). */
@@ -248,12 +258,56 @@ static inline void sconv_taps_avx2(const float *const *R, float *acc, const int 
    pieces: only slices d0-1 .. d1 of each input channel are read).
    stats (optional): stats[o] += sum, stats[O+o] += sum of squares.
    nt: use streaming stores for the output (large outputs). */
-void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
-                  const int64_t *chan, const int *dshift,
-                  const float *ia, const float *ib, const float *is,
-                  const int *colptr, const int *rowidx, const float *wts,
-                  float *out, int64_t ostride, double *stats, int nt, int nthreads)
+#if E2E_BF16
+/* One input channel's visit of a tile in bf16 (e2e_sconv133_bf16). A dot-product lane j takes two
+   bf16 products, so the 3 x 3 taps are paired vertically: E[3p + s] interleaves tile rows 2p and
+   2p + 1 at column shift s (lane j: both rows at column j), and output row j reads E[3p .. 3p + 5]
+   (p = j / 2, rows 2p .. 2p + 3) with 6 weight pairs, wp[0..5] for even rows and wp[6..11] for
+   odd ones (bindings: the packing). 48 dot products per kernel and tile instead of 72 FMAs; the
+   pairs are rounded (RNE) once per visit and feed all of the channel's active kernels.
+   noinline: it is the only code of its target, called from a function that is not. */
+static BF16_TARGET __attribute__((noinline)) void sconv_channel_bf16(const v16 *X, float *acc, const int *rowidx,
+                                                                     const uint32_t *wp, int k0, int k1)
 {
+    static const short interleave[32] __attribute__((aligned(64))) = {
+        0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i il = _mm512_load_si512((const void *)interleave);
+    __m512bh E[3 * (RB / 2 + 1)];
+#pragma GCC unroll 16
+    for (int p = 0; p <= RB / 2; p++)
+#pragma GCC unroll 3
+        for (int s = 0; s < 3; s++) {
+            const __m512bh t = _mm512_cvtne2ps_pbh((__m512)X[3 * (2 * p + 1) + s], (__m512)X[3 * (2 * p) + s]);
+            E[3 * p + s] = (__m512bh)_mm512_permutexvar_epi16(il, (__m512i)t);
+        }
+    for (int k = k0; k < k1; k++) {
+        float *a = acc + (size_t)rowidx[k] * RB * 16;
+        const uint32_t *w = wp + 12 * (size_t)k;
+        __m512bh Wt[12];
+#pragma GCC unroll 12
+        for (int q = 0; q < 12; q++) Wt[q] = (__m512bh)_mm512_set1_epi32((int)w[q]);
+#pragma GCC unroll 16
+        for (int j = 0; j < RB; j++) {
+            const __m512bh *e = E + 3 * (j / 2), *wj = Wt + 6 * (j & 1);
+            /* two chains of 3 dot products: one chain of 6 left the stores waiting on its latency */
+            __m512 A = _mm512_load_ps(a + 16 * j), B = _mm512_setzero_ps();
+#pragma GCC unroll 3
+            for (int t = 0; t < 3; t++) { A = _mm512_dpbf16_ps(A, e[t], wj[t]); B = _mm512_dpbf16_ps(B, e[t + 3], wj[t + 3]); }
+            _mm512_store_ps(a + 16 * j, _mm512_add_ps(A, B));
+        }
+    }
+}
+#endif
+
+/* The body of e2e_sconv133 and e2e_sconv133_bf16: wpairs NULL runs the fp32 kernel, else the
+   bf16 channel visit above on the same tiles, loads and epilogue (AVX-512 builds only). */
+static inline __attribute__((always_inline)) void sconv133_tiles(
+    int I, int O, int D, int d0, int d1, int H, int W, int P, const int64_t *chan, const int *dshift,
+    const float *ia, const float *ib, const float *is, const int *colptr, const int *rowidx,
+    const float *wts, const uint32_t *wpairs, float *out, int64_t ostride, double *stats, int nt, int nthreads)
+{
+    (void)wpairs; /* AVX2 and generic builds have no bf16 visit */
     const int nwb = (W + 15) / 16, nhb = (H + RB - 1) / RB;
     const int ntask = (d1 - d0) * nhb * nwb;
     const size_t plane = (size_t)(H + 2) * P;
@@ -317,6 +371,9 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                         X[3 * j + 2] = xform(LDU(r + 1), a, b, sl) * mright;
                     }
                 }
+#if E2E_BF16
+                if (wpairs) { sconv_channel_bf16(X, acc, rowidx, wpairs, k0, k1); continue; }
+#endif
                 for (int k = k0; k < k1; k++) {
                     float *acc_o = acc + (size_t)rowidx[k] * RB * 16;
                     const float *q = wts + 9 * (size_t)k;
@@ -387,6 +444,34 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                 for (int l = 0; l < STAT_LANES; l++) stats[j] += tst[((size_t)t * 2 * O + j) * STAT_LANES + l];
         free(tst);
     }
+}
+
+void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
+                  const int64_t *chan, const int *dshift,
+                  const float *ia, const float *ib, const float *is,
+                  const int *colptr, const int *rowidx, const float *wts,
+                  float *out, int64_t ostride, double *stats, int nt, int nthreads)
+{
+    sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, wts, NULL, out, ostride,
+                   stats, nt, nthreads);
+}
+
+int e2e_sconv133_bf16(int I, int O, int D, int d0, int d1, int H, int W, int P,
+                      const int64_t *chan, const int *dshift,
+                      const float *ia, const float *ib, const float *is,
+                      const int *colptr, const int *rowidx, const uint32_t *wpairs,
+                      float *out, int64_t ostride, double *stats, int nt, int nthreads)
+{
+#if E2E_BF16
+    sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, NULL, wpairs, out, ostride,
+                   stats, nt, nthreads);
+    return 0;
+#else
+    (void)I; (void)O; (void)D; (void)d0; (void)d1; (void)H; (void)W; (void)P; (void)chan; (void)dshift;
+    (void)ia; (void)ib; (void)is; (void)colptr; (void)rowidx; (void)wpairs; (void)out; (void)ostride;
+    (void)stats; (void)nt; (void)nthreads;
+    return 2;
+#endif
 }
 
 /* 1x1x1 head without bias on a PP tensor read through the lazy norm: out[k, d, h, w] =

@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define E2E_ABI_VERSION 7
+#define E2E_ABI_VERSION 8
 #define E2E_PAD_FLOATS 16
 
 /* E2E_ABI_VERSION of the compiled library. */
@@ -29,6 +29,20 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                   const float *ia, const float *ib, const float *is,
                   const int *colptr, const int *rowidx, const float *wts,
                   float *out, int64_t ostride, double *stats, int nt, int nthreads);
+
+/* 1 where this build has e2e_sconv133_bf16 (AVX-512 with a compiler that knows AVX512-BF16). */
+int e2e_bf16_built(void);
+
+/* e2e_sconv133 with bf16 products and fp32 sums: the inputs are rounded to bf16 (after the lazy
+   norm) and the weights come as bf16 pairs, 12 uint32 per kernel (low half the first element):
+   (q0,q3) (q1,q4) (q2,q5) (q6,0) (q7,0) (q8,0) for even tile rows, (0,q0) (0,q1) (0,q2) (q3,q6)
+   (q4,q7) (q5,q8) for odd ones, q the row-major taps. Returns 0, or 2 where it was not built.
+   Call it only on a CPU with AVX512-BF16. */
+int e2e_sconv133_bf16(int I, int O, int D, int d0, int d1, int H, int W, int P,
+                      const int64_t *chan, const int *dshift,
+                      const float *ia, const float *ib, const float *is,
+                      const int *colptr, const int *rowidx, const uint32_t *wpairs,
+                      float *out, int64_t ostride, double *stats, int nt, int nthreads);
 
 /* 1x1x1 head (no bias) from a PP tensor into dense (K, D, H, W) logits. */
 void e2e_head(int C, int D, int H, int W, int P, const float *x, int64_t cstride,
