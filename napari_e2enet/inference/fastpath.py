@@ -167,7 +167,8 @@ class _DenseUnit:
         self.run_table = torch.tensor([[r.b0, r.b1, r.delta] for r in self.runs], dtype=torch.int32)
 
     def _fast(self, x: torch.Tensor) -> bool:
-        return self.kernels is not None and self.same_channels and x.dtype == torch.float32
+        """Whether the C kernels build this unit's input from x (float32 or bfloat16 either side)."""
+        return self.kernels is not None and self.same_channels and x.dtype in (torch.float32, torch.bfloat16)
 
     def pooled_input(self, x: torch.Tensor, pool: BufferPool | None) -> bool:
         """Whether :meth:`input` (or :meth:`input_from_raw`) of x builds its result in ``pool``
@@ -182,8 +183,9 @@ class _DenseUnit:
         sd = self.stride[0]
         d_out = (x.shape[0] - 1) // sd + 1
         if self._fast(x):
-            out = _pooled_cl(pool, (d_out, x.shape[1], x.shape[2], x.shape[3])) if pool is not None else None
-            return self.kernels.cl_shift(x, self.run_table, d_out, sd, out=out)  # type: ignore[union-attr]
+            dtype = self.weight.dtype  # what the conv reads: a bf16 unit's input is rounded here
+            out = _pooled_cl(pool, (d_out, x.shape[1], x.shape[2], x.shape[3]), dtype) if pool is not None else None
+            return self.kernels.cl_shift(x, self.run_table, d_out, sd, out=out, dtype=dtype)  # type: ignore[union-attr]
         with torch.profiler.record_function("e2e_shift_copy"):
             buf = torch.empty((d_out, self.weight.shape[1], x.shape[2], x.shape[3]), dtype=x.dtype,
                               memory_format=_CL)
@@ -197,9 +199,10 @@ class _DenseUnit:
         sd = self.stride[0]
         d, c, h, w = raw.y.shape
         d_out = (d - 1) // sd + 1
-        out = _pooled_cl(pool, (d_out, c, h, w)) if pool is not None else None
+        dtype = self.weight.dtype
+        out = _pooled_cl(pool, (d_out, c, h, w), dtype) if pool is not None else None
         return self.kernels.cl_shift(raw.y, self.run_table, d_out, sd, raw.scale, raw.shift,  # type: ignore[union-attr]
-                                     raw.slope, out=out)
+                                     raw.slope, out=out, dtype=dtype)
 
     def pools_output(self, xin: torch.Tensor, pool: BufferPool | None) -> bool:
         """Whether :meth:`conv` of xin writes its output into ``pool`` (float32 only)."""
@@ -245,7 +248,8 @@ class _DenseUnit:
 
 @dataclass
 class _Raw:
-    """A conv output whose InstanceNorm + LeakyReLU has not been applied yet (folded, float32)."""
+    """A conv output whose InstanceNorm + LeakyReLU has not been applied yet (folded, float32 or
+    bfloat16: the C kernels read both)."""
 
     y: torch.Tensor
     scale: torch.Tensor
@@ -275,7 +279,7 @@ def _run_units(units: list[_DenseUnit], xin: torch.Tensor, *, lazy_last: bool = 
         del conv_in
         if xin_pooled and not in_place:
             pool.give(xin)  # type: ignore[union-attr]
-        if nxt is None and lazy_last and unit.kernels is not None and y.dtype == torch.float32:
+        if nxt is None and lazy_last and unit.kernels is not None:  # float32 or bf16 (the kernels read both)
             scale, shift = _affine(y, unit.gamma, unit.beta, unit.eps, unit.kernels)
             return _Raw(y, scale, shift, unit.slope, pooled=y_pooled)
         if nxt is not None and nxt._fast(y) and unit.kernels is not None:
@@ -309,11 +313,14 @@ def _stage_input(first: _DenseUnit, h: torch.Tensor | _Raw,
     return first.input(h, pool if pooled else None), pooled
 
 
-def _pooled_cl(pool: BufferPool, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """A (D, C, H, W) float32 channels_last tensor on a buffer of ``pool`` (give it back with
-    ``pool.give``; its data pointer is the buffer's)."""
+def _pooled_cl(pool: BufferPool, shape: tuple[int, int, int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A (D, C, H, W) float32 or bfloat16 channels_last tensor on a buffer of ``pool`` (give it
+    back with ``pool.give``; its data pointer is the buffer's)."""
     d, c, h, w = shape
-    return pool.take(d * c * h * w).view(d, h, w, c).permute(0, 3, 1, 2)
+    n = d * c * h * w
+    if dtype == torch.bfloat16:  # half as many floats, viewed as bf16 pairs
+        return pool.take((n + 1) // 2).view(torch.bfloat16)[:n].view(d, h, w, c).permute(0, 3, 1, 2)
+    return pool.take(n).view(d, h, w, c).permute(0, 3, 1, 2)
 
 
 def _apply_raw(raw: _Raw) -> torch.Tensor:
@@ -1027,7 +1034,9 @@ class AcceleratedE2ENet(nn.Module):
             if f.pooled:
                 self._pool.give(f.y)
             return act
-        return _Act(k.cl_to_pp(f.float().contiguous(memory_format=_CL), pool), None)
+        if f.dtype not in (torch.float32, torch.bfloat16):
+            f = f.float()
+        return _Act(k.cl_to_pp(f.contiguous(memory_format=_CL), pool), None)
 
     def forward_one(self, x: torch.Tensor) -> torch.Tensor:
         """One sample (C_in, D, H, W) → logits (K, D, H, W) float32."""

@@ -313,6 +313,49 @@ def test_channels_last_kernels_match_torch(kernels):
     assert float(pp.planes[:, :, 0].abs().max()) == 0.0 and float(pp.planes[:, :, :, 9:].abs().max()) == 0.0
 
 
+def test_channels_last_kernels_match_torch_in_bf16(kernels):
+    """The bf16 encoder's copies (issue 18): shift, statistics and CL → PP read bfloat16 and the
+    shift writes it, rounded to nearest even like torch; 16 channels take the vector transposes."""
+    k = kernels
+    torch.manual_seed(18)
+    runs = torch.tensor([[0, 5, 1], [5, 11, 0], [11, 16, -1]], dtype=torch.int32)
+    x32 = (torch.randn(5, 16, 4, 11) * 3).contiguous(memory_format=torch.channels_last)
+    x16 = x32.to(torch.bfloat16)
+    scale, shift = torch.rand(16) + 0.5, torch.randn(16)
+
+    def shifted(src: torch.Tensor, stride: int) -> torch.Tensor:
+        d_out = (5 - 1) // stride + 1
+        ref = torch.zeros(d_out, 16, 4, 11, dtype=src.dtype)
+        for c0, c1, delta in runs.tolist():
+            for d in range(d_out):
+                if 0 <= stride * d + delta < 5:
+                    ref[d, c0:c1] = src[stride * d + delta, c0:c1]
+        return ref
+
+    for stride in (1, 2):
+        d_out = (5 - 1) // stride + 1
+        for src in (x16, x32):
+            for dtype in (torch.bfloat16, torch.float32):
+                if src.dtype == dtype == torch.float32:
+                    continue  # the float32 kernels: test above
+                out = k.cl_shift(src, runs, d_out, stride, dtype=dtype)
+                assert out.dtype == dtype and torch.equal(out, shifted(src, stride).to(dtype)), (src.dtype, dtype)
+                fused = k.cl_shift(src, runs, d_out, stride, scale, shift, 0.01, dtype=dtype)
+                act = F.leaky_relu(src.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), 0.01)
+                # one bf16 step at most: the kernel's fused multiply-add may round differently
+                assert torch.allclose(fused.float(), shifted(act, stride).to(dtype).float(), rtol=2 ** -7, atol=1e-6)
+    stats = k.cl_stats(x16)
+    assert torch.allclose(stats[:16], x16.double().sum((0, 2, 3)), atol=1e-3)
+    assert torch.allclose(stats[16:], (x16.double() ** 2).sum((0, 2, 3)), atol=1e-3)
+    for c in (16, 7):
+        pp = k.cl_to_pp(x16[:, :c].contiguous(memory_format=torch.channels_last))
+        assert torch.equal(pp.interior, x16[:, :c].float().permute(1, 0, 2, 3)), c
+        assert float(pp.planes[:, :, 0].abs().max()) == 0.0 and float(pp.planes[:, :, :, 11:].abs().max()) == 0.0
+    nan = torch.full((1, 16, 1, 2), float("nan")).contiguous(memory_format=torch.channels_last)
+    whole = torch.tensor([[0, 16, 0]], dtype=torch.int32)
+    assert k.cl_shift(nan, whole, 1, dtype=torch.bfloat16).isnan().all()  # a NaN stays a NaN
+
+
 def test_sparse_network_matches_torch(kernels):
     """The whole accelerated sparse forward on this family's kernels equals ``model.eval()``."""
     torch.manual_seed(16)

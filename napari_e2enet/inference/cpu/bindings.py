@@ -40,7 +40,7 @@ __all__ = [
     "pp_slack",
 ]
 
-ABI_VERSION = 8  # E2E_ABI_VERSION in kernels.h
+ABI_VERSION = 9  # E2E_ABI_VERSION in kernels.h
 PAD_FLOATS = 16  # E2E_PAD_FLOATS: zero floats before a PP buffer's first plane
 ALIGN_BYTES = 64
 KernelBuildError = _build.KernelBuildError
@@ -74,14 +74,15 @@ SIGNATURES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ("const int *", "rowptr"), ("const int *", "colidx"), ("const float *", "wts"),
         ("float *", "out"), ("int", "P"), ("int64_t", "ostride"), ("int", "nt"), ("int", "nthreads"))),
     "e2e_cl_to_pp": ("void", (
-        ("int", "D"), ("int", "H"), ("int", "W"), ("int", "C"), ("const float *", "x"), ("float *", "out"),
-        ("int", "P"), ("int64_t", "ostride"), ("int", "nthreads"))),
+        ("int", "D"), ("int", "H"), ("int", "W"), ("int", "C"), ("const void *", "x"), ("int", "xbf16"),
+        ("float *", "out"), ("int", "P"), ("int64_t", "ostride"), ("int", "nthreads"))),
     "e2e_cl_shift": ("void", (
-        ("int", "Dout"), ("int", "Din"), ("int64_t", "HW"), ("int", "C"), ("const float *", "x"),
-        ("float *", "out"), ("int", "nrun"), ("const int *", "rs"), ("const int *", "rdelta"), ("int", "sd"),
+        ("int", "Dout"), ("int", "Din"), ("int64_t", "HW"), ("int", "C"), ("const void *", "x"), ("int", "xbf16"),
+        ("void *", "out"), ("int", "obf16"), ("int", "nrun"), ("const int *", "rs"), ("const int *", "rdelta"), ("int", "sd"),
         ("const float *", "scale"), ("const float *", "shift"), ("float", "slope"), ("int", "nthreads"))),
     "e2e_cl_stats": ("void", (
-        ("int64_t", "P"), ("int", "C"), ("const float *", "x"), ("double *", "stats"), ("int", "nthreads"))),
+        ("int64_t", "P"), ("int", "C"), ("const void *", "x"), ("int", "xbf16"), ("double *", "stats"),
+        ("int", "nthreads"))),
     "e2e_cl_norm_act": ("void", (
         ("int64_t", "P"), ("int", "C"), ("float *", "x"), ("const float *", "scale"), ("const float *", "shift"),
         ("float", "slope"), ("int", "nthreads"))),
@@ -180,12 +181,16 @@ def _tensor(fn: str, name: str, t: object, dtype: torch.dtype, shape: tuple[int,
     return t.data_ptr()
 
 
-def _channels_last(fn: str, name: str, t: object, shape: tuple[int, ...] | None = None) -> int:
-    """Address of a float32 4-D channels_last CPU tensor (rows of C contiguous channels)."""
+def _channels_last(fn: str, name: str, t: object, shape: tuple[int, ...] | None = None, *,
+                   bf16: bool = False) -> int:
+    """Address of a float32 (or, with ``bf16``, float32 or bfloat16) 4-D channels_last CPU tensor
+    (rows of C contiguous channels)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu" or t.dtype != torch.float32 or t.dim() != 4:
-        raise ValueError(f"{fn}: {name} must be a float32 4-D CPU tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    dtypes = (torch.float32, torch.bfloat16) if bf16 else (torch.float32,)
+    if t.device.type != "cpu" or t.dtype not in dtypes or t.dim() != 4:
+        kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{fn}: {name} must be a {kinds} 4-D CPU tensor, got {t.dtype} {tuple(t.shape)} on {t.device}")
     if not t.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"{fn}: {name} must be channels_last (N, C, H, W) memory")
     if shape is not None and tuple(t.shape) != shape:
@@ -402,23 +407,26 @@ class KernelLibrary:
 
     # -- channels-last kernels ---------------------------------------------------------------
     def cl_to_pp(self, *, x: torch.Tensor, out: PPLike, threads: int = 1) -> None:
-        """A folded (D, C, H, W) channels_last float32 tensor into the PP tensor ``out`` (C, D, H, W)."""
+        """A folded (D, C, H, W) channels_last float32 or bfloat16 tensor into the float32 PP tensor
+        ``out`` (C, D, H, W)."""
         fn = "cl_to_pp"
-        src = _channels_last(fn, "x", x)
+        src = _channels_last(fn, "x", x, bf16=True)
         d, c, h, w = x.shape
         base = _pp(fn, "out", out, self.row_block, channels=c, dims=(d, h, w))
-        self._lib.e2e_cl_to_pp(d, h, w, c, src, base, out.P, out.D * (out.H + 2) * out.P, _threads(fn, threads))
+        self._lib.e2e_cl_to_pp(d, h, w, c, src, int(x.dtype == torch.bfloat16), base, out.P,
+                               out.D * (out.H + 2) * out.P, _threads(fn, threads))
 
     def cl_shift(self, *, x: torch.Tensor, out: torch.Tensor, starts: torch.Tensor, deltas: torch.Tensor,
                  stride: int = 1, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
                  slope: float = 1.0, threads: int = 1) -> None:
         """out[d, c] = f(x[stride·d + deltas[r], c]) for c in run r = [starts[r], starts[r+1])
-        (zero outside x), f the affine ``scale``/``shift`` + LeakyReLU(``slope``) or identity."""
+        (zero outside x), f the affine ``scale``/``shift`` + LeakyReLU(``slope``) or identity.
+        ``x`` and ``out`` float32 or bfloat16 each (computed in float32, rounded to nearest even)."""
         fn = "cl_shift"
-        src = _channels_last(fn, "x", x)
+        src = _channels_last(fn, "x", x, bf16=True)
         d_in, c, h, w = x.shape
         d_out = out.shape[0] if isinstance(out, torch.Tensor) and out.dim() == 4 else -1
-        dst = _channels_last(fn, "out", out, (d_out, c, h, w))
+        dst = _channels_last(fn, "out", out, (d_out, c, h, w), bf16=True)
         runs = deltas.numel() if isinstance(deltas, torch.Tensor) else -1
         _tensor(fn, "deltas", deltas, torch.int32, (runs,))
         _tensor(fn, "starts", starts, torch.int32, (runs + 1,))
@@ -431,16 +439,19 @@ class KernelLibrary:
             raise ValueError(f"{fn}: scale and shift go together")
         sp = None if scale is None else _tensor(fn, "scale", scale, torch.float32, (c,))
         hp = None if shift is None else _tensor(fn, "shift", shift, torch.float32, (c,))
-        self._lib.e2e_cl_shift(d_out, d_in, h * w, c, src, dst, runs, starts.data_ptr(), deltas.data_ptr(),
+        self._lib.e2e_cl_shift(d_out, d_in, h * w, c, src, int(x.dtype == torch.bfloat16), dst,
+                               int(out.dtype == torch.bfloat16), runs, starts.data_ptr(), deltas.data_ptr(),
                                stride, sp, hp, float(slope), _threads(fn, threads))
 
     def cl_stats(self, *, x: torch.Tensor, stats: torch.Tensor, threads: int = 1) -> None:
-        """stats (2·C,) float64 = per-channel (sum, sum of squares) of a channels_last tensor."""
+        """stats (2·C,) float64 = per-channel (sum, sum of squares) of a float32 or bfloat16
+        channels_last tensor."""
         fn = "cl_stats"
-        src = _channels_last(fn, "x", x)
+        src = _channels_last(fn, "x", x, bf16=True)
         c = x.shape[1]
         _tensor(fn, "stats", stats, torch.float64, (2 * c,))
-        self._lib.e2e_cl_stats(x.numel() // max(c, 1), c, src, stats.data_ptr(), _threads(fn, threads))
+        self._lib.e2e_cl_stats(x.numel() // max(c, 1), c, src, int(x.dtype == torch.bfloat16), stats.data_ptr(),
+                               _threads(fn, threads))
 
     def cl_norm_act(self, *, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, slope: float,
                     threads: int = 1) -> None:

@@ -449,8 +449,8 @@ class Kernels:
                               threads=self._threads(out.numel()))
 
     def cl_stats(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-channel (sum, sum of squares), (2·C,) float64, of a float32 tensor whose memory is
-        rows of C contiguous channels (a channels_last (N, C, H, W) tensor)."""
+        """Per-channel (sum, sum of squares), (2·C,) float64, of a float32 or bfloat16 tensor whose
+        memory is rows of C contiguous channels (a channels_last (N, C, H, W) tensor)."""
         stats = torch.empty(2 * x.shape[1], dtype=torch.float64)
         with _record("e2e_cl_stats"):
             self.library.cl_stats(x=x, stats=stats, threads=self._threads(x.numel()))
@@ -462,7 +462,7 @@ class Kernels:
             self.library.cl_norm_act(x=x, scale=scale, shift=shift, slope=slope, threads=self._threads(x.numel()))
 
     def cl_to_pp(self, x: torch.Tensor, pool: BufferPool | None = None) -> PaddedPlanar:
-        """A folded (D, C, H, W) float32 channels_last tensor → PP (C, D, H, W)."""
+        """A folded (D, C, H, W) float32 or bfloat16 channels_last tensor → float32 PP (C, D, H, W)."""
         d, c, h, w = x.shape
         out = PaddedPlanar(c, d, h, w, pool=pool)
         with _record("e2e_cl_to_pp"):
@@ -471,16 +471,16 @@ class Kernels:
 
     def cl_shift(self, x: torch.Tensor, runs: torch.Tensor, d_out: int, stride: int = 1,
                  scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                 slope: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Depth-shifted (and depth-strided) copy of a folded (D, C, H, W) float32 channels_last
-        tensor, optionally with a fused affine + LeakyReLU: out[d, c] = f(x[stride·d + δ(c), c]).
-        ``runs`` (R, 3) int32 rows (c0, c1, δ) covering the channels in order; ``out`` optional
-        (d_out, C, H, W) channels_last destination."""
+                 slope: float = 1.0, out: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Depth-shifted (and depth-strided) copy of a folded (D, C, H, W) float32 or bfloat16
+        channels_last tensor, optionally with a fused affine + LeakyReLU: out[d, c] = f(x[stride·d +
+        δ(c), c]). ``runs`` (R, 3) int32 rows (c0, c1, δ) covering the channels in order; ``out``
+        optional (d_out, C, H, W) channels_last destination, else a new one of ``dtype``."""
         if x.dim() != 4:
             raise ValueError(f"cl_shift: expected a folded (D, C, H, W) tensor, got shape {tuple(x.shape)}")
         _, c, h, w = x.shape
         if out is None:
-            out = torch.empty((d_out, c, h, w), dtype=torch.float32, memory_format=torch.channels_last)
+            out = torch.empty((d_out, c, h, w), dtype=dtype, memory_format=torch.channels_last)
         elif tuple(out.shape) != (d_out, c, h, w):
             raise ValueError("cl_shift: out has the wrong shape")
         if runs.dim() != 2 or runs.shape[1] != 3 or runs.shape[0] < 1:

@@ -114,6 +114,22 @@ static inline void fence(void) {
 #endif
 }
 
+/* bfloat16 as stored by PyTorch (the high half of a float32): widening is exact; narrowing rounds
+   to nearest even, as torch's .to(torch.bfloat16) does, and keeps NaN a NaN. */
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* "Lazy" instance norm: a PP tensor may hold a conv's raw output while its consumers read
    leaky(a[c] * x + b[c], s[c]) (the InstanceNorm affine and LeakyReLU of that conv): the
    normalisation costs no pass of its own. ia == NULL means every channel is read as stored. */
@@ -803,30 +819,57 @@ static inline void transpose8(const float *src, int64_t sstride, float *dst, int
 }
 #endif
 
-/* Channels-last (D, H, W, C) float32 -> PP (C, D, H, W) with halo; out channel stride ostride. */
-void e2e_cl_to_pp(int D, int H, int W, int C, const float *x, float *out, int P, int64_t ostride, int nthreads)
+#if defined(__AVX2__)
+/* transpose8 of 8 x 8 bf16 values (rows of 8 at src + j * sstride), widened to float32 */
+static inline void transpose8_bf16(const uint16_t *src, int64_t sstride, float *dst, int64_t dstride)
+{
+    float tmp[64] __attribute__((aligned(32)));
+    for (int j = 0; j < 8; j++) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)(src + (size_t)j * sstride));
+        _mm256_store_ps(tmp + 8 * j, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+    transpose8(tmp, 8, dst, dstride);
+}
+#endif
+
+/* Channels-last (D, H, W, C) float32 (or bfloat16 where xbf16) -> PP (C, D, H, W) float32 with
+   halo; out channel stride ostride. */
+void e2e_cl_to_pp(int D, int H, int W, int C, const void *x, int xbf16, float *out, int P, int64_t ostride,
+                  int nthreads)
 {
     OMP_ONLY(nthreads);
     const size_t plane = (size_t)(H + 2) * P;
+    const float *xf = (const float *)x;
+    const uint16_t *xh = (const uint16_t *)x;
 #pragma omp parallel for num_threads(nthreads) schedule(SCHED(8))
     for (int dh = 0; dh < D * H; dh++) {
         const int d = dh / H, h = dh % H;
-        const float *src = x + (size_t)dh * W * C;
+        const size_t src = (size_t)dh * W * C;
         int cv = 0;
 #if defined(__AVX2__)
         /* 8 x 8 register transposes (the scalar gather below ran at ~2 GB/s) */
         for (; cv + 8 <= C; cv += 8) {
             float *rows = out + (size_t)cv * ostride + (size_t)d * plane + (size_t)(h + 1) * P;
             int w = 0;
-            for (; w + 8 <= W; w += 8) transpose8(src + (size_t)w * C + cv, C, rows + w, ostride);
+            for (; w + 8 <= W; w += 8) {
+                if (xbf16) transpose8_bf16(xh + src + (size_t)w * C + cv, C, rows + w, ostride);
+                else transpose8(xf + src + (size_t)w * C + cv, C, rows + w, ostride);
+            }
             for (; w < W; w++)
-                for (int k = 0; k < 8; k++) rows[(size_t)k * ostride + w] = src[(size_t)w * C + cv + k];
+                for (int k = 0; k < 8; k++) {
+                    const size_t at = src + (size_t)w * C + cv + k;
+                    rows[(size_t)k * ostride + w] = xbf16 ? bf16_to_f32(xh[at]) : xf[at];
+                }
         }
 #endif
         for (int c = 0; c < C; c++) {
             float *pl = out + (size_t)c * ostride + (size_t)d * plane;
             float *row = pl + (size_t)(h + 1) * P;
-            if (c >= cv) for (int w = 0; w < W; w++) row[w] = src[(size_t)w * C + c];
+            if (c >= cv)
+                for (int w = 0; w < W; w++) {
+                    const size_t at = src + (size_t)w * C + c;
+                    row[w] = xbf16 ? bf16_to_f32(xh[at]) : xf[at];
+                }
             memset(row + W, 0, sizeof(float) * (size_t)(P - W));
             if (h == 0) memset(pl, 0, sizeof(float) * (size_t)P);
             if (h == H - 1) memset(pl + (size_t)(H + 1) * P, 0, sizeof(float) * (size_t)P);
@@ -857,16 +900,43 @@ static inline void shift_run_avx2(float *o, const float *i, int c0, int c1, cons
 }
 #endif
 
+/* One run of e2e_cl_shift with bf16 on either side (float32 both sides: shift_run_avx2). Plain
+   loops over restrict pointers, one per combination, which GCC vectorises. */
+static void shift_run_bf16(void *restrict o, const void *restrict i, int c0, int c1, const float *scale,
+                           const float *shift, float slope, int ibf16, int obf16)
+{
+#define SHIFT_LOOP(LOAD, STORE)                                                                   \
+    do {                                                                                          \
+        if (scale)                                                                                \
+            for (int c = c0; c < c1; c++) {                                                       \
+                const float v = (LOAD) * scale[c] + shift[c];                                     \
+                STORE(v > 0.f ? v : v * slope);                                                   \
+            }                                                                                     \
+        else                                                                                      \
+            for (int c = c0; c < c1; c++) STORE(LOAD);                                            \
+    } while (0)
+#define TO_F32(v) ((float *)o)[c] = (v)
+#define TO_BF16(v) ((uint16_t *)o)[c] = f32_to_bf16(v)
+    if (ibf16 && obf16) SHIFT_LOOP(bf16_to_f32(((const uint16_t *)i)[c]), TO_BF16);
+    else if (ibf16) SHIFT_LOOP(bf16_to_f32(((const uint16_t *)i)[c]), TO_F32);
+    else SHIFT_LOOP(((const float *)i)[c], TO_BF16); /* float32 in, bf16 out */
+#undef SHIFT_LOOP
+#undef TO_F32
+#undef TO_BF16
+}
+
 /* Channels-last depth shift with optional fused affine + LeakyReLU:
    out[d', p, c] = f(x[sd*d' + delta_r, p, c]) for channels c in run r = [rs[r], rs[r+1]),
    zero where the source depth is outside [0, Din); f(v) = leaky(v*scale[c] + shift[c], slope),
-   or f(v) = v when scale is NULL. x: Din x HW rows of C floats; out: Dout x HW rows of C. */
-void e2e_cl_shift(int Dout, int Din, int64_t HW, int C, const float *x, float *out, int nrun,
+   or f(v) = v when scale is NULL. x: Din x HW rows of C values, float32 or (xbf16) bfloat16;
+   out: Dout x HW rows of C, float32 or (obf16) bfloat16 (rounded to nearest even). */
+void e2e_cl_shift(int Dout, int Din, int64_t HW, int C, const void *x, int xbf16, void *out, int obf16, int nrun,
                   const int *rs, const int *rdelta, int sd, const float *scale, const float *shift,
                   float slope, int nthreads)
 {
     OMP_ONLY(nthreads);
     const int64_t blk = 64, nb = (HW + blk - 1) / blk;
+    const size_t isz = xbf16 ? 2 : 4, osz = obf16 ? 2 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(SCHED(64))
     for (int64_t t = 0; t < (int64_t)Dout * nb; t++) {
         const int d = (int)(t / nb);
@@ -874,25 +944,28 @@ void e2e_cl_shift(int Dout, int Din, int64_t HW, int C, const float *x, float *o
         for (int r = 0; r < nrun; r++) {
             const int c0 = rs[r], c1 = rs[r + 1], ds = sd * d + rdelta[r];
             for (int64_t p = p0; p < p1; p++) {
-                float *o = out + ((size_t)d * HW + p) * C;
-                if (ds < 0 || ds >= Din) { memset(o + c0, 0, sizeof(float) * (size_t)(c1 - c0)); continue; }
-                const float *i = x + ((size_t)ds * HW + p) * C;
+                char *o = (char *)out + ((size_t)d * HW + p) * C * osz;
+                if (ds < 0 || ds >= Din) { memset(o + (size_t)c0 * osz, 0, osz * (size_t)(c1 - c0)); continue; }
+                const char *i = (const char *)x + ((size_t)ds * HW + p) * C * isz;
+                if (xbf16 || obf16) { shift_run_bf16(o, i, c0, c1, scale, shift, slope, xbf16, obf16); continue; }
 #if defined(__AVX2__)
                 /* explicit vectors: GCC left this loop scalar (o and i may alias as far as it
                    knows), 1.3 GB/s against 17 GB/s for torch's copy_ of the same tensor */
-                shift_run_avx2(o, i, c0, c1, scale, shift, slope);
+                shift_run_avx2((float *)o, (const float *)i, c0, c1, scale, shift, slope);
 #else
-                if (scale) for (int c = c0; c < c1; c++) { float v = i[c] * scale[c] + shift[c]; o[c] = v > 0.f ? v : v * slope; }
-                else for (int c = c0; c < c1; c++) o[c] = i[c];
+                float *of = (float *)o;
+                const float *xi = (const float *)i;
+                if (scale) for (int c = c0; c < c1; c++) { float v = xi[c] * scale[c] + shift[c]; of[c] = v > 0.f ? v : v * slope; }
+                else for (int c = c0; c < c1; c++) of[c] = xi[c];
 #endif
             }
         }
     }
 }
 
-/* Channels-last statistics: x is P rows of C floats (row stride C); stats[c] = sum over rows,
+/* Channels-last statistics: x is P rows of C floats (bfloat16 where xbf16; row stride C); stats[c] = sum over rows,
    stats[C+c] = sum of squares (float partial sums over 256 rows, accumulated in double). */
-void e2e_cl_stats(int64_t P, int C, const float *x, double *stats, int nthreads)
+void e2e_cl_stats(int64_t P, int C, const void *x, int xbf16, double *stats, int nthreads)
 {
     const int64_t nblk = (P + 255) / 256;
     double *tst = calloc((size_t)nthreads * 2 * C, sizeof(double));
@@ -906,8 +979,13 @@ void e2e_cl_stats(int64_t P, int C, const float *x, double *stats, int nthreads)
             const int64_t r0 = blk * 256, r1 = r0 + 256 < P ? r0 + 256 : P;
             for (int c = 0; c < C; c++) { a[c] = 0.f; b[c] = 0.f; }
             for (int64_t r = r0; r < r1; r++) {
-                const float *row = x + (size_t)r * C;
-                for (int c = 0; c < C; c++) { const float v = row[c]; a[c] += v; b[c] += v * v; }
+                if (xbf16) {
+                    const uint16_t *row = (const uint16_t *)x + (size_t)r * C;
+                    for (int c = 0; c < C; c++) { const float v = bf16_to_f32(row[c]); a[c] += v; b[c] += v * v; }
+                } else {
+                    const float *row = (const float *)x + (size_t)r * C;
+                    for (int c = 0; c < C; c++) { const float v = row[c]; a[c] += v; b[c] += v * v; }
+                }
             }
             for (int c = 0; c < C; c++) { st[c] += a[c]; st[C + c] += b[c]; }
         }

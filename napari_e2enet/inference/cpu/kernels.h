@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define E2E_ABI_VERSION 8
+#define E2E_ABI_VERSION 9
 #define E2E_PAD_FLOATS 16
 
 /* E2E_ABI_VERSION of the compiled library. */
@@ -55,17 +55,18 @@ void e2e_convt(int Ci, int O, int Dl, int Hl, int Wl, int Pl, int kd, int kh, in
                const int *rowptr, const int *colidx, const float *wts,
                float *out, int P, int64_t ostride, int nt, int nthreads);
 
-/* Channels-last (D, H, W, C) float32 -> PP (C, D, H, W). */
-void e2e_cl_to_pp(int D, int H, int W, int C, const float *x, float *out, int P, int64_t ostride,
+/* Channels-last (D, H, W, C) float32, or bfloat16 where xbf16 -> PP (C, D, H, W) float32. */
+void e2e_cl_to_pp(int D, int H, int W, int C, const void *x, int xbf16, float *out, int P, int64_t ostride,
                   int nthreads);
 
 /* Channels-last depth shift (and depth stride) with an optional fused affine + LeakyReLU. */
-void e2e_cl_shift(int Dout, int Din, int64_t HW, int C, const float *x, float *out, int nrun,
+/* x and out float32, or bfloat16 where xbf16 / obf16 (rounded to nearest even). */
+void e2e_cl_shift(int Dout, int Din, int64_t HW, int C, const void *x, int xbf16, void *out, int obf16, int nrun,
                   const int *rs, const int *rdelta, int sd, const float *scale, const float *shift,
                   float slope, int nthreads);
 
-/* Channels-last per-channel sum and sum of squares (double). */
-void e2e_cl_stats(int64_t P, int C, const float *x, double *stats, int nthreads);
+/* Channels-last per-channel sum and sum of squares (double) of float32 (bfloat16 where xbf16) x. */
+void e2e_cl_stats(int64_t P, int C, const void *x, int xbf16, double *stats, int nthreads);
 
 /* Channels-last, in place: x = leaky_relu(x * scale[c] + shift[c], slope). */
 void e2e_cl_norm_act(int64_t P, int C, float *x, const float *scale, const float *shift, float slope,
