@@ -544,6 +544,10 @@ void e2e_head(int C, int D, int H, int W, int P, const float *x, int64_t cstride
                 const __m256 a = _mm256_set1_ps(id ? 1.f : ia[c]), b = _mm256_set1_ps(id ? 0.f : ib[c]);
                 const __m256 sl = _mm256_set1_ps(id ? 1.f : is[c]);
                 for (int wb = 0; wb < nwb; wb++) {
+                    /* the same line 8 rows on (a task soon after): C channel streams are more than
+                       the hardware prefetchers follow; 48 x 64 x 128^2 on Zen 4, 2 threads: 26.9 /
+                       30.1 -> 21.0 / 24.1 ms (4 rows on: 21.5 / 28.1) */
+                    __builtin_prefetch(r + (size_t)8 * P + 16 * wb, 0, 1);
                     __m256 v0 = _mm256_load_ps(r + 16 * wb), v1 = _mm256_load_ps(r + 16 * wb + 8);
                     if (!id) {
                         v0 = _mm256_fmadd_ps(a, v0, b);
