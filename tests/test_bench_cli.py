@@ -74,6 +74,9 @@ def test_peak_and_mac_counts_follow_the_isa_and_the_conv_shapes():
     assert mac_per_cycle("bf16", {"avx2", "fma"}) == (16, "AVX2+FMA fp32 (bf16 emulated)")
     assert mac_per_cycle("bf16", {"avx512f", "avx512_bf16"})[0] == 64
     assert mac_per_cycle("bf16", {"avx512f", "avx512_bf16", "amx_bf16"})[0] == 1024
+    zen4 = {"avx2", "fma", "avx512f", "avx512_bf16", "amd_zen4_avx512"}  # 512-bit ops on 256-bit units
+    assert mac_per_cycle("fp32", zen4) == (16, "AVX-512 fp32 (Zen 4: 256-bit units)")
+    assert mac_per_cycle("bf16", zen4) == (32, "AVX512-BF16 (Zen 4: 256-bit units)")
     peak = peak_gmacs("fp32", 2)
     assert peak["gmacs"] is None or abs(peak["gmacs"] - 2 * peak["ghz"] * peak["mac_per_cycle"]) < 1e-9
     net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ConvTranspose3d(4, 3, 2, stride=2))
