@@ -887,6 +887,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--volume-models", nargs="+", default=None, help="whole-volume candidates")
     p.add_argument("--volume-patch", type=_POSITIVE, default=128, help="sliding-window tile (cube) for the volumes")
     p.add_argument("--volume-overlap", type=_OVERLAP, default=0.5)
+    p.add_argument("--volume-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="precision of every whole-volume run (bf16: compare on a CPU with native bf16)")
     p.add_argument("--train-models", nargs="+", default=None,
                    help="plain, e2enet_sN, small_sN (S = N/10; default: plain e2enet_s08 small_s08)")
     p.add_argument("--train-patch", type=_POSITIVE, default=64)
@@ -933,7 +935,8 @@ def _bench(args: argparse.Namespace) -> int:
     if "volume" in args.parts:
         out["volume"] = bench.run_volume_benchmark(shapes, args.volume_models or bench.VOLUME_MODELS,
                                                    patch=args.volume_patch, overlap=args.volume_overlap,
-                                                   threads=args.threads, progress=say)
+                                                   precision=args.volume_precision, threads=args.threads,
+                                                   progress=say)
         text.append(bench.format_volume_table(out["volume"]))
     if "train" in args.parts:
         out["training"] = bench.run_training_benchmark(args.train_models or bench.TRAIN_MODELS,

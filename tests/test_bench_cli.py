@@ -29,11 +29,12 @@ def test_bench_unknown_candidate_is_exit_2():
 def test_bench_volume_reports_time_and_peak_rss_per_run():
     proc = subprocess.run([sys.executable, "-m", "napari_e2enet.cli", "bench", "--parts", "volume", "--volume-shapes",
                            "40x48x48", "--volume-patch", "32", "--volume-models", "small_dense", "small_fast_s09",
-                           "--json"], capture_output=True, text=True, timeout=600)
+                           "--volume-precision", "bf16", "--json"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["model"]: r for r in json.loads(proc.stdout)["volume"]}
     assert set(rows) == {"small_dense", "small_fast_s09"}
     for row in rows.values():
+        assert row["precision"] == "bf16"  # --volume-precision reaches the worker
         assert row["labels_shape"] == [40, 48, 48]
         assert row["seconds"] > 0 and row["peak_rss_mb"] >= row["rss_before_mb"] > 0
         assert row["ratio_to_plain"] is None  # no plain in this run
