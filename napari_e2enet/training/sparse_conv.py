@@ -46,10 +46,13 @@ density 0.2, 2 threads, same EPYC, interleaved with the previous library: forwar
 step, paper network S = 0.8, the parts change alone against both (alternating processes,
 median of 3): 11.64 / 11.64 → 9.53 / 9.73 s/it (0.83×); PlainConvUNet 9.37 s/it in the same run.
 
-Used where it pays: CPU float32 tensors (no autocast), the unit's mask density below
+Used where it pays: CPU float32 tensors, or bfloat16 ones inside a CPU autocast region (training
+with ``precision="bf16"``: the kernels then compute in float32, the rest of the network in bf16;
+paper network S = 0.8, 64³ batch 2, Zen 4: 9.19 s per step with the kernels stepping aside, 6.08 s
+with them, fp32 6.90 s, PlainConvUNet 4.44 / 2.35 s fp32 / bf16), the unit's mask density below
 :data:`MAX_DENSITY`, and the kernels built (no compiler, ``NAPARI_E2ENET_NO_KERNELS=1`` or a failed
-build: the dense PyTorch path, as before). Anything else (CUDA, bf16 autocast, eval mode, dense
-models) runs the unit's own modules.
+build: the dense PyTorch path, as before). Anything else (CUDA, eval mode, dense models) runs the
+unit's own modules.
 """
 
 from __future__ import annotations
@@ -344,16 +347,27 @@ class _SparseHook:
     def applies(self, x: torch.Tensor) -> bool:
         conv = self.conv
         mask = getattr(conv, "kernel_mask", None)
-        return (self.owner.enabled and mask is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and conv.weight.dtype == torch.float32 and x.dim() == 5 and not torch.is_autocast_enabled("cpu")
+        return (self.owner.enabled and mask is not None and x.device.type == "cpu" and _kernel_dtype(x)
+                and conv.weight.dtype == torch.float32 and x.dim() == 5
                 and float(mask.float().mean()) < self.owner.max_density)
+
+
+def _kernel_dtype(x: torch.Tensor) -> bool:
+    """float32 input, or bfloat16 from a CPU autocast region (the kernels then run in float32: x is
+    cast on the way in, its gradient back to bfloat16 on the way out, the output stays float32)."""
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and torch.is_autocast_enabled("cpu"))
+
+
+def _fp32() -> Any:
+    """The kernels' region: no autocast inside (they and their torch glue compute in float32)."""
+    return torch.autocast("cpu", enabled=False)
 
 
 class _UpConv(_SparseHook):
     """The replacement of one masked up ConvTranspose3d's forward (an instance attribute that
     shadows the class's ``forward``; ``SparseTraining.remove`` deletes it). Falls back to the
-    module's own forward wherever the sparse kernels do not apply: eval mode, CUDA, autocast,
-    other dtypes, a density at or above the owner's threshold."""
+    module's own forward wherever the sparse kernels do not apply: eval mode, CUDA, other dtypes
+    (bf16 only from a CPU autocast region), a density at or above the owner's threshold."""
 
     def _build_plan(self, mask: torch.Tensor) -> SparseUpPlan:
         return SparseUpPlan.from_mask(mask)
@@ -366,8 +380,9 @@ class _UpConv(_SparseHook):
         if output_size is not None or not self.applies(x):
             return type(conv).forward(conv, x, output_size)
         self.calls += 1
-        return sparse_up_conv(x, conv.weight, conv.bias, self.plan(conv.kernel_mask), self.kernels,
-                              dense_weight_grad=self.owner.dense_grads)
+        with _fp32():
+            return sparse_up_conv(x.float(), conv.weight, conv.bias, self.plan(conv.kernel_mask), self.kernels,
+                                  dense_weight_grad=self.owner.dense_grads)
 
 
 def _eligible(unit: ConvUnit) -> bool:
@@ -400,8 +415,9 @@ class _UnitConv(_SparseHook):
             x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
             return unit.conv(unit.shift(x))
         self.calls += 1
-        return sparse_conv133(parts, unit.conv.weight, unit.conv.bias, self.plan(self.mask()), self.kernels,
-                              dense_weight_grad=self.owner.dense_grads)
+        with _fp32():
+            return sparse_conv133(tuple(p.float() for p in parts), unit.conv.weight, unit.conv.bias,
+                                  self.plan(self.mask()), self.kernels, dense_weight_grad=self.owner.dense_grads)
 
 
 class _StemConv(_UnitConv):
@@ -419,8 +435,8 @@ class _StemConv(_UnitConv):
 
     def applies(self, x: torch.Tensor) -> bool:
         conv = self.conv
-        return (self.owner.enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5
-                and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+        return (self.owner.enabled and x.device.type == "cpu" and _kernel_dtype(x) and x.dim() == 5
+                and conv.weight.dtype == torch.float32)
 
 
 # Dense units with at most this many input channels take the kernels (measured for 1: see _StemConv).
