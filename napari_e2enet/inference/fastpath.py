@@ -39,6 +39,7 @@ from ..errors import InputError
 from ..models.fusion import FusionStep, last_reads
 from ..sparse.compact import effective_mask
 from .cpu.bindings import PAD_FLOATS
+from .cpu.build import cpu_flags
 from .cpu.compact import (
     BufferPool,
     CSCConv,
@@ -68,15 +69,7 @@ SPARSE_DENSITY_THRESHOLD = 0.5  # mean masked-layer density below which "auto" p
 def bf16_native() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 on x86, or an Arm CPU
     with BF16 dot products). Elsewhere oneDNN emulates bf16 and it is usually not faster."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith(("flags", "Features")):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"avx512_bf16", "amx_bf16", "bf16"} & flags)
-    except OSError:
-        pass
-    return False
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & (cpu_flags() or set()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,14 +855,14 @@ class AcceleratedE2ENet(nn.Module):
         self.backend = backend
         # what the Predictor, `predict --json` and napari report: sparse-<family> or dense, and why
         self.backend_name = f"sparse-{kernels.family}" if backend == "sparse" and kernels is not None else "dense"
-        self.backend_reason = reason
-        if backend == "sparse" and precision == "bf16":
-            self.backend_reason += ("; bf16 fusion convs (AVX512-BF16)" if kernels is not None and kernels.bf16
-                                    else "; fp32 fusion convs (no AVX512-BF16 kernels)")
         self._kernels = kernels
         self._dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         # bf16 where the CPU has its dot products: the fusion convs too (e2e_sconv133_bf16)
         self.sparse_bf16 = precision == "bf16" and kernels is not None and kernels.bf16
+        self.backend_reason = reason
+        if backend == "sparse" and precision == "bf16":
+            self.backend_reason += ("; bf16 fusion convs (AVX512-BF16)" if self.sparse_bf16
+                                    else "; fp32 fusion convs (no AVX512-BF16 kernels)")
         self._divisor = cfg.divisor()
         self._encoder = [[_dense_unit(u, self._dtype, compact=False) for u in stage]
                          for stage in model.backbone.stages]
@@ -1034,9 +1027,7 @@ class AcceleratedE2ENet(nn.Module):
             if f.pooled:
                 self._pool.give(f.y)
             return act
-        if f.dtype not in (torch.float32, torch.bfloat16):
-            f = f.float()
-        return _Act(k.cl_to_pp(f.contiguous(memory_format=_CL), pool), None)
+        return _Act(k.cl_to_pp(f.contiguous(memory_format=_CL), pool), None)  # float32 or bf16
 
     def forward_one(self, x: torch.Tensor) -> torch.Tensor:
         """One sample (C_in, D, H, W) → logits (K, D, H, W) float32."""

@@ -293,7 +293,7 @@ class KernelLibrary:
         self._lib = lib
         self.row_block: int = lib.e2e_row_block()
         # bf16 dot products: built in (AVX-512 family, a compiler that knows them) and run by this CPU
-        self.bf16: bool = bool(lib.e2e_bf16_built()) and "avx512_bf16" in (_build._cpu_flags() or set())
+        self.bf16: bool = bool(lib.e2e_bf16_built()) and "avx512_bf16" in (_build.cpu_flags() or set())
 
     def describe(self) -> str:
         """One line: family, compiler, OpenMP."""

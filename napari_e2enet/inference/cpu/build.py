@@ -66,7 +66,7 @@ class Build:
     openmp: bool
 
 
-def _cpu_flags() -> set[str] | None:
+def cpu_flags() -> set[str] | None:
     """The CPU's feature flags from /proc/cpuinfo (None where there is none, e.g. macOS)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
@@ -82,7 +82,7 @@ def cpu_families() -> tuple[str, ...]:
     """The kernel families this CPU can run, fastest first; always ends with ``generic``."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ("generic",)
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if flags is None:  # no /proc/cpuinfo: ask PyTorch which vector level it dispatched to
         import torch
 
