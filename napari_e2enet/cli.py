@@ -401,6 +401,20 @@ def shard(items: list, num_parts: int, part_id: int) -> list:
     return items[checked[1]::checked[0]]
 
 
+_OFFSET = _whole(-65536, 65536)
+
+
+def _intensity_offset(text: str) -> int | str:
+    """``--intensity-offset``: a whole number (CTs are stored with 1024, 1000 or 2048) or "auto"."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (e.g. -1024) or auto, got {text!r}") from None
+    return _OFFSET(text)  # (refuses a number beyond the range in its own words)
+
+
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input", required=True,
                    help="a NIfTI/NRRD/MHA file, a DICOM folder or .zip, or a folder of NIfTI/NRRD/MHA cases "
@@ -422,6 +436,10 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
                    help="fast-path backend; auto: sparse kernels and dense oneDNN timed on the first tile, the "
                         "faster runs (--json says which and why)")
     p.add_argument("--no-accelerate", action="store_true", help="run the model as trained (no fast sparse path)")
+    p.add_argument("--intensity-offset", type=_intensity_offset, default=None, metavar="N|auto",
+                   help="add N to the voxel values before anything else, e.g. -1024 for a CT stored without its "
+                        "rescale intercept (air near 0 instead of -1000 HU); auto: the offset detected in each case, "
+                        "for a CT model only (default: none; a warning says when a CT looks offset)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
     p.add_argument("--num-parts", type=int, default=None, help="split a folder into this many parts")
     p.add_argument("--part-id", type=int, default=None, help="which part this process predicts (0-based)")
@@ -566,7 +584,8 @@ def _predict_run(args: argparse.Namespace, created: list) -> int:
     cases_bar = tqdm(total=len(jobs), desc="cases", unit="case", file=sys.stderr, disable=len(jobs) < 2)
     bar, current = None, ""
     try:
-        for event in iter_predict_cases(predictor, jobs, overwrite=args.overwrite, series=args.series, stop=stop):
+        for event in iter_predict_cases(predictor, jobs, overwrite=args.overwrite, series=args.series, stop=stop,
+                                        intensity_offset=args.intensity_offset):
             if isinstance(event, CaseStarted):
                 current = event.name
                 bar = tqdm(desc=current, unit="tile", file=sys.stderr, leave=False)
@@ -595,7 +614,8 @@ def _predict_run(args: argparse.Namespace, created: list) -> int:
             bar.close()  # an error line must not land on the end of a progress bar
         cases_bar.close()
         signals.__exit__(None, None, None)
-    summary = {"model": predictor.describe(), "cases": results, "seconds": round(time.perf_counter() - t0, 2)}
+    summary = {"model": predictor.describe(), "intensity_offset": args.intensity_offset, "cases": results,
+               "seconds": round(time.perf_counter() - t0, 2)}
     if args.json:
         emit_json(summary)
     else:

@@ -170,6 +170,13 @@ class SegmentWidget(JobWidget):
         self.accelerate_check.setToolTip("Run the compacted sparse model (core inference.accelerate); "
                                          "off: the plain masked network")
         form.addRow("Accelerate", self.accelerate_check)
+        # the CLI's --intensity-offset auto: a CT model's scan stored with +1024 (air near 0) is
+        # shifted back to HU; the warning for such a scan names this row (intended_input.CT_OFFSET_WIDGET)
+        self.ct_offset_check = QCheckBox("correct if detected (raw values, air at ~0)")
+        self.ct_offset_check.setToolTip("When the image looks like a CT stored without its rescale intercept "
+                                        "(air near 0 instead of -1000 HU) and the model is a CT model, subtract "
+                                        "the detected offset (usually 1024) before segmenting")
+        form.addRow("CT offset", self.ct_offset_check)
         self.existing_combo = QComboBox()
         for key, text in EXISTING_MODES.items():
             self.existing_combo.addItem(text, key)
@@ -370,13 +377,14 @@ class SegmentWidget(JobWidget):
             return None
         spec = self.model_spec()
         config = self.inference_config()
+        intensity_offset = "auto" if self.ct_offset_check.isChecked() else None
         mode = mode or self.existing_combo.currentData()
         image_name = image_layer.name
 
         def run(stop: threading.Event) -> Iterator[Any]:
             predictor = self._predictor(spec, config)
             yield ("model", predictor.describe())
-            yield from predictor.iter_predict(volume, stop=stop)
+            yield from predictor.iter_predict(volume, stop=stop, intensity_offset=intensity_offset)
 
         self._pending = None
         self._job_kind = "segment"

@@ -11,6 +11,25 @@ with a bright 8 mm shell around the brain (a scalp):
 
 - **CT or not**: air. A CT in Hounsfield units has ≥ 1 % of its voxels at or below −500 (air outside
   the body, lungs, bowel gas); an MR image has none (phantom: 56 %, sample: 0 %).
+- **A CT stored with an intensity offset** (raw scanner values, the rescale intercept −1024 not
+  applied: air near 0 and water near 1024; common after NIfTI/NRRD conversions) has no air in HU but
+  all of: (1) air: ≥ 5 % of the voxels within [−50, +100] of the low end (the 0.1st percentile);
+  (2) soft tissue: of the voxels more than 500 above the air peak (the median of the voxels in
+  (low end, low end + 100]), the most common value (20-wide bins) lies 800–1250 above the air peak
+  (−200 to +250 HU) and ≥ 55 % lie within ±150 of it; (3) bone: the brightest voxel lies at least
+  1.5× as far above the air peak as that mode (about +400 to +600 HU and up). The offset is the air peak +
+  1000 (air is −1000 HU), taken as 1000, 1024 or 2048 when within 50 of one. Measured (air-plateau
+  share / tissue mode / share within ±150 / brightest ÷ mode): the CT phantom + 1024 (96×96×64),
+  seeds 0–5: 53–56 % / 910–930 / 0.78–0.81 / 1.72–1.83, offset 1024 (air peak 24.4–26.9); at
+  48×48×32: 0.75–0.79 / 1.62–1.68; at 40×32×20 the bones blur to 1.50–1.58 (the edge of the test);
+  seed 0 + 1024 as uint16 with a 12-voxel zero margin: 79 %, offset 1024; with a 40-voxel margin
+  (87 % of the voxels padding): 94 %, 1024; + 1000: offset 1000 (air peak 0.6); + 2048: 2048; a
+  synthetic head CT + 1024 (25 % of it skull): 61 % / 1030 / 0.64 / 2.16. Not a CT: the sample (×1)
+  has no voxel 500 above its background; the sample scaled by 0.1–30 (steps of 0.05), with and
+  without a noisy background or a bright scalp shell, and a T1-like abdomen drawn from the phantom
+  (fat brightest) never pass: where their mode lies 800–1250 above the background, the brightest
+  voxel is at most 1.48× the mode (the sample ×6.1, whose share within ±150 is then 0.51) and the
+  share within ±150 at most 0.64 (0.94 for the T1 abdomen, whose brightest voxel is 1.08× its mode).
 - **Background touching the border**: in a skull-stripped image the volume border is the constant
   background; a head with its skull (or any MRI with a noisy background) has signal there
   (sample: 0.05 % of the border voxels, phantom: 100 %).
@@ -32,7 +51,8 @@ from scipy import ndimage as ndi
 from .preprocess import Plan, foreground_mask
 from .volume import Volume
 
-__all__ = ["IntendedInput", "ScanStatistics", "input_warnings", "looks_like_ct", "modality_fits", "scan_statistics"]
+__all__ = ["IntendedInput", "ScanStatistics", "ct_offset_warning", "input_warnings", "looks_like_ct", "modality_fits",
+           "scan_statistics", "stored_ct_offset"]
 
 _MAX_VOXELS = 2_000_000
 _AIR_HU = -500.0
@@ -42,6 +62,20 @@ _RIM_MM = 4.0
 _RIM_BRIGHTNESS = 1.1
 _SPACING_FACTOR = 2.0
 SKULL_STRIP_TOOLS = "e.g. SynthStrip or HD-BET"
+# A CT stored with an intensity offset (module docstring): thresholds in stored units above the air peak
+_AIR_TRUE_HU = -1000.0  # what air reads in HU (scanners clip at -1024 below it)
+_OFFSET_AIR_WINDOW = (-50.0, 100.0)  # around the low end: the air plateau (and padding at the low end)
+_OFFSET_AIR_SHARE = 0.05
+_OFFSET_BODY_ABOVE_AIR = 500.0  # above this the voxels are body (> -500 HU once corrected)
+_OFFSET_TISSUE_MODE = (800.0, 1250.0)  # -200 .. +250 HU: fat, muscle, organs, blood
+_OFFSET_TISSUE_BIN = 20.0
+_OFFSET_TISSUE_PEAK = 150.0
+_OFFSET_TISSUE_PEAK_SHARE = 0.55
+_OFFSET_BONE_RATIO = 1.5
+_USUAL_CT_OFFSETS = (1000.0, 1024.0, 2048.0)
+_USUAL_OFFSET_TOLERANCE = 50.0
+CT_OFFSET_OPTION = "--intensity-offset"
+CT_OFFSET_WIDGET = "'CT offset'"  # the Segment widget's checkbox (napari_e2enet._napari.segment_widget)
 
 
 @dataclass(frozen=True)
@@ -131,6 +165,9 @@ class ScanStatistics:
             (NaN when the foreground is too thin to have an inside).
         empty: every voxel is the background value.
         spacing: (sx, sy, sz) voxel size in mm.
+        ct_offset: the offset of a CT stored without its rescale intercept (HU = value − ct_offset;
+            1024 for most scanners; :func:`stored_ct_offset`); 0.0 when the scan does not look like
+            one (a CT in HU included).
     """
 
     air_share: float
@@ -138,6 +175,7 @@ class ScanStatistics:
     rim_brightness: float
     empty: bool
     spacing: tuple[float, float, float]
+    ct_offset: float = 0.0
 
 
 def scan_statistics(volume: Volume) -> ScanStatistics:
@@ -158,12 +196,64 @@ def scan_statistics(volume: Volume) -> ScanStatistics:
             inner = float(np.median(small[inside]))
             if inner > 0:
                 rim_brightness = float(np.median(small[rim])) / inner
-    return ScanStatistics(float(np.mean(small <= _AIR_HU)), border, rim_brightness, not mask.any(), spacing)
+    air_share = float(np.mean(small <= _AIR_HU))
+    ct_offset = stored_ct_offset(small) if air_share < _CT_AIR_SHARE else 0.0  # (a CT in HU has none)
+    return ScanStatistics(air_share, border, rim_brightness, not mask.any(), spacing, ct_offset)
+
+
+def stored_ct_offset(values: np.ndarray) -> float:
+    """The offset of a CT whose voxels were stored without the rescale intercept (HU = value − offset),
+    e.g. 1024 for raw scanner values with air near 0 instead of −1000 HU; 0.0 when ``values`` do not
+    look like such a CT. The three tests and their measurements are in the module docstring."""
+    flat = np.asarray(values, dtype=np.float32).ravel()
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return 0.0
+    low = float(np.percentile(flat, 0.1))
+    near_low = (flat >= low + _OFFSET_AIR_WINDOW[0]) & (flat <= low + _OFFSET_AIR_WINDOW[1])
+    if np.mean(near_low) < _OFFSET_AIR_SHARE:
+        return 0.0  # no air around the body
+    # the air peak leaves out the low end itself: zero padding and the scanner's clipping sit there
+    plateau = flat[(flat > low) & (flat <= low + _OFFSET_AIR_WINDOW[1])]
+    air = float(np.median(plateau)) if plateau.size else low
+    body = flat[flat > air + _OFFSET_BODY_ABOVE_AIR] - np.float32(air)
+    if body.size < 100:
+        return 0.0
+    mode = _tissue_mode(body)
+    if not _OFFSET_TISSUE_MODE[0] <= mode <= _OFFSET_TISSUE_MODE[1]:
+        return 0.0  # the body's most common value is not soft tissue at 0 +- 200 HU
+    if np.mean(np.abs(body - np.float32(mode)) <= _OFFSET_TISSUE_PEAK) < _OFFSET_TISSUE_PEAK_SHARE:
+        return 0.0  # CT soft tissue is one narrow peak in HU; MR tissue spreads with its scale
+    if float(body.max()) < _OFFSET_BONE_RATIO * mode:
+        return 0.0  # no bone (or contrast) above the tissue, as an MR image would look
+    estimate = air - _AIR_TRUE_HU
+    usual = min(_USUAL_CT_OFFSETS, key=lambda offset: abs(offset - estimate))
+    return usual if abs(usual - estimate) <= _USUAL_OFFSET_TOLERANCE else float(round(estimate))
+
+
+def _tissue_mode(body: np.ndarray) -> float:
+    """The most common value of ``body`` (values above the air peak, > 500), in bins of 20; values
+    beyond 10 000 bins share the last one (its centre is then far outside the soft-tissue window)."""
+    top = min(float(body.max()), _OFFSET_BODY_ABOVE_AIR + _OFFSET_TISSUE_BIN * 10_000)
+    edges = np.arange(_OFFSET_BODY_ABOVE_AIR, top + _OFFSET_TISSUE_BIN, _OFFSET_TISSUE_BIN)
+    counts, _ = np.histogram(np.minimum(body, np.float32(edges[-1])), bins=edges)
+    k = int(np.argmax(counts))
+    return float(edges[k] + _OFFSET_TISSUE_BIN / 2)
 
 
 def looks_like_ct(stats: ScanStatistics) -> bool:
-    """True when the scan has air in HU (>= 1 % of its voxels at or below -500): a CT."""
-    return stats.air_share >= _CT_AIR_SHARE
+    """True when the scan has air in HU (>= 1 % of its voxels at or below -500), or looks like a CT
+    stored with an intensity offset (``stats.ct_offset``): a CT."""
+    return stats.air_share >= _CT_AIR_SHARE or stats.ct_offset != 0.0
+
+
+def ct_offset_warning(stats: ScanStatistics) -> str:
+    """What is off with a CT stored with an offset and how to correct it (CLI option, napari)."""
+    offset = stats.ct_offset
+    return (f"this scan looks like a CT stored with a {offset:+g} offset (air at ~{offset + _AIR_TRUE_HU:g} instead "
+            f"of {_AIR_TRUE_HU:g} HU: the rescale intercept {-offset:g} was not applied): pass "
+            f"{CT_OFFSET_OPTION} {-offset:g} (or auto) to predict; in napari, tick {CT_OFFSET_WIDGET} in the "
+            "Segment widget")
 
 
 def modality_fits(intended: IntendedInput, stats: ScanStatistics) -> bool:
@@ -178,12 +268,15 @@ def input_warnings(intended: IntendedInput, stats: ScanStatistics) -> list[str]:
         return ["the image holds only its background value: nothing to segment (all labels are background)"]
     out: list[str] = []
     looks_ct = looks_like_ct(stats)
-    if intended.is_ct and not looks_ct:
+    if intended.is_ct and stats.ct_offset:
+        out.append(f"{expects}, but {ct_offset_warning(stats)}")
+    elif intended.is_ct and not looks_ct:
         out.append(f"{expects}, but this scan has no air (no voxel at or below {_AIR_HU:g}): it does not look like "
                    "a CT in HU; use a model trained on this modality")
     elif not intended.is_ct and looks_ct:
-        out.append(f"{expects}, but this scan looks like a CT ({stats.air_share:.0%} of the voxels at or below "
-                   f"{_AIR_HU:g}, air in HU): use a model trained on CT")
+        why = (f"stored with a {stats.ct_offset:+g} offset, air at ~{stats.ct_offset + _AIR_TRUE_HU:g}"
+               if stats.ct_offset else f"{stats.air_share:.0%} of the voxels at or below {_AIR_HU:g}, air in HU")
+        out.append(f"{expects}, but this scan looks like a CT ({why}): use a model trained on CT")
     elif intended.skull_stripped:
         if stats.border_signal_share >= _BORDER_SIGNAL_SHARE:
             out.append(f"{expects}; {stats.border_signal_share:.0%} of the volume border holds signal (skull, scalp "

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..data import read_image, write_volume
 from ..errors import InputError
-from .predictor import InputWarning, Prediction, Predictor, PredictProgress
+from .predictor import InputWarning, IntensityOffset, Prediction, Predictor, PredictProgress
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,14 @@ class CaseResult:
     seconds: float | None = None
     tiles: int | None = None
     warnings: list[str] = field(default_factory=list)
+    intensity_offset: float = 0.0  # added to the voxel values before preprocessing (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         """The row of ``predict --json``'s ``cases``."""
         if self.status != "ok":
             return {"case": self.case, "output": self.output, "status": self.status}
         return {"case": self.case, "output": self.output, "status": self.status, "seconds": self.seconds,
-                "tiles": self.tiles, "warnings": list(self.warnings)}
+                "tiles": self.tiles, "warnings": list(self.warnings), "intensity_offset": self.intensity_offset}
 
 
 BatchEvent = CaseStarted | PredictProgress | InputWarning | CaseResult
@@ -64,8 +65,10 @@ def iter_predict_cases(
     overwrite: bool = False,
     series: str | None = None,
     stop: threading.Event | None = None,
+    intensity_offset: IntensityOffset = None,
 ) -> Iterator[BatchEvent]:
     """Segment each job's input into its target; see the module docstring for the events.
+    ``intensity_offset`` goes to every case's ``Predictor.iter_predict`` ("auto" decides per case).
 
     Raises:
         InputError: a case's channel count differs from the model's (before its prediction).
@@ -81,7 +84,7 @@ def iter_predict_cases(
                              job.files[0])
         yield CaseStarted(job.name)
         prediction = None
-        for item in predictor.iter_predict(volume, stop=stop):
+        for item in predictor.iter_predict(volume, stop=stop, intensity_offset=intensity_offset):
             if isinstance(item, Prediction):
                 prediction = item
             else:
@@ -90,4 +93,4 @@ def iter_predict_cases(
             return
         write_volume(prediction.labels, job.target, like=volume, label_table=prediction.label_table)
         yield CaseResult(job.name, str(job.target), "ok", round(prediction.seconds, 2), prediction.tiles,
-                         list(prediction.warnings))
+                         list(prediction.warnings), prediction.intensity_offset)

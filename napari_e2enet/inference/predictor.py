@@ -10,6 +10,11 @@ The network sees every scan in the orientation its plan names (``Plan.orientatio
 order does not change the result. Models that normalise over the foreground (skull-stripped MRI)
 predict only inside the foreground's bounding box (nnU-Net's crop): the rest is background, and the
 time follows the content, not the padding around it.
+
+``intensity_offset`` (``iter_predict``, ``predict``) adds a number to every voxel before anything
+else, e.g. −1024 for a CT stored without its rescale intercept (air near 0 instead of −1000 HU);
+``"auto"`` adds the offset :func:`~napari_e2enet.data.intended_input.stored_ct_offset` detects, for a
+CT model only. The offset applied is ``Prediction.intensity_offset``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,14 @@ from torch import nn
 from ..bundled import rank_bundled_models
 from ..config import InferenceConfig
 from ..data import Plan, Volume, preprocess
-from ..data.intended_input import IntendedInput, input_warnings, scan_statistics
+from ..data.intended_input import (
+    CT_OFFSET_OPTION,
+    CT_OFFSET_WIDGET,
+    IntendedInput,
+    input_warnings,
+    looks_like_ct,
+    scan_statistics,
+)
 from ..data.io import float32_voxels
 from ..data.preprocess import field_of_view
 from ..device import ThreadChooser, resolve_device
@@ -40,6 +52,7 @@ from ..modelcard import DEFAULT_MODEL, ModelCard, bundled_model, load_model, mod
 from ..models import E2ENet
 from .sliding_window import SlidingWindowResult, TileProgress, iter_sliding_window, tile_starts
 
+IntensityOffset = float | str | None  # added to the voxel values; "auto": the detected CT offset; None: nothing
 PROBE_MIN_TILES = 8  # fewer tiles than this: the fast path's backend is not timed (see _allow_probe)
 MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))  # tensor dims of (N, C, D, H, W)
 
@@ -81,6 +94,7 @@ class Prediction:
     backend: str = ""  # what ran the tiles ("dense", "sparse-avx2", ...) and why (measured or not)
     backend_reason: str = ""
     precision: str = ""  # the precision that ran ("fp32" or "bf16")
+    intensity_offset: float = 0.0  # added to the voxel values before preprocessing (0: none)
 
 
 class Predictor:
@@ -215,22 +229,71 @@ class Predictor:
             better = self._fitting_bundled_model(stats)
             if better is not None:
                 name, summary = better
-                warnings[0] += (f"; the bundled model '{name}' ({summary}) fits this scan: --model {name}, or "
-                                "choose it in the Segment widget")
+                if stats.ct_offset:
+                    warnings[0] += (f"; the bundled model '{name}' ({summary}) fits this scan once corrected: "
+                                    f"--model {name} {CT_OFFSET_OPTION} auto, or choose it in the Segment widget "
+                                    f"and tick {CT_OFFSET_WIDGET}")
+                else:
+                    warnings[0] += (f"; the bundled model '{name}' ({summary}) fits this scan: --model {name}, or "
+                                    "choose it in the Segment widget")
         return warnings
 
     def _fitting_bundled_model(self, stats: Any) -> tuple[str, str] | None:
-        """(name, what it expects) of a bundled model that would give no warning, other than this one."""
+        """(name, what it expects) of a bundled model that would give no warning, other than this one.
+        For a CT stored with an offset a CT model's first warning is the offset's (input_warnings puts
+        it first), which the hint's correction removes, so only its other warnings count."""
         for name, warnings in rank_bundled_models(stats):
             intended = bundled_model(name).intended
-            if not warnings and intended is not None and intended != self.intended:
+            if intended is None or intended == self.intended:
+                continue
+            if stats.ct_offset and intended.is_ct:
+                warnings = warnings[1:]
+            if not warnings:
                 return name, intended.summary()
         return None
 
-    def iter_predict(self, volume: Volume, stop: threading.Event | None = None
-                     ) -> Iterator[InputWarning | PredictProgress | Prediction]:
+    def apply_intensity_offset(self, volume: Volume, intensity_offset: IntensityOffset = None
+                               ) -> tuple[Volume, float, list[str]]:
+        """``volume`` with ``intensity_offset`` added to every voxel (float32; the same Volume when the
+        offset is None, 0 or an "auto" that found nothing), the offset added, and one-line notes: what
+        "auto" did, or that a number was added to a CT model's scan that already reads in HU.
+
+        Raises:
+            ValueError: ``intensity_offset`` is not a finite number, "auto" or None.
+        """
+        if intensity_offset is None:
+            return volume, 0.0, []
+        notes: list[str] = []
+        if isinstance(intensity_offset, str):
+            if intensity_offset != "auto":
+                raise ValueError(f"intensity_offset must be a number, 'auto' or None, got {intensity_offset!r}")
+            detected = scan_statistics(volume).ct_offset if self.intended.is_ct else 0.0
+            offset = -detected
+            if detected:
+                notes.append(f"intensity offset auto: added {offset:g} to the voxel values (this scan looks like a "
+                             f"CT stored with a {detected:+g} offset; air now reads ~-1000 HU)")
+        else:
+            offset = float(intensity_offset)
+            if not math.isfinite(offset):
+                raise ValueError(f"intensity_offset must be a finite number, got {intensity_offset!r}")
+            if offset and self.intended.is_ct:
+                stats = scan_statistics(volume)
+                if looks_like_ct(stats) and not stats.ct_offset:
+                    notes.append(f"intensity offset {offset:g} was added to a scan that already reads in HU "
+                                 f"({stats.air_share:.0%} of the voxels at or below -500, air): it is no longer "
+                                 "in HU; leave the offset out")
+        if not offset:
+            return volume, 0.0, notes
+        shifted = float32_voxels(volume.array, volume.name or None) + np.float32(offset)
+        return volume.with_array(shifted), offset, notes
+
+    def iter_predict(self, volume: Volume, stop: threading.Event | None = None,
+                     intensity_offset: IntensityOffset = None) -> Iterator[InputWarning | PredictProgress | Prediction]:
+        """See the module docstring; ``intensity_offset`` (a number, "auto" or None) as in
+        :meth:`apply_intensity_offset`."""
         t0 = time.perf_counter()
-        warnings = tuple(self.check_input(volume))
+        volume, offset, notes = self.apply_intensity_offset(volume, intensity_offset)
+        warnings = (*notes, *self.check_input(volume))
         box = field_of_view(volume, self.plan)
         if box is not None:  # what cannot fit is refused before anything else is said about the volume
             self._check_memory(volume.crop(box), volume.name)
@@ -262,7 +325,7 @@ class Predictor:
                      name=f"{volume.name}_labels" if volume.name else "labels", meta=dict(volume.meta))
         ran = self.ran()
         yield Prediction(out, time.perf_counter() - t0, str(self.device), tiles, self.labels, warnings,
-                         ran["backend"], ran["backend_reason"], ran["precision"])
+                         ran["backend"], ran["backend_reason"], ran["precision"], offset)
 
     def ran(self) -> dict[str, str]:
         """The backend, its reason and the precision of the last tiles (builds the network)."""
@@ -282,9 +345,10 @@ class Predictor:
                            f"at this model's voxel size of {voxel} mm ({'x'.join(map(str, grid))} voxels)",
                      self.source or None)
 
-    def predict(self, volume: Volume, stop: threading.Event | None = None) -> Volume:
+    def predict(self, volume: Volume, stop: threading.Event | None = None,
+                intensity_offset: IntensityOffset = None) -> Volume:
         """Labels on the source grid; raises :class:`PredictionCancelled` if ``stop`` was set."""
-        for item in self.iter_predict(volume, stop):
+        for item in self.iter_predict(volume, stop, intensity_offset):
             if isinstance(item, Prediction):
                 return item.labels
         raise PredictionCancelled("prediction was cancelled")

@@ -23,7 +23,7 @@ class _Thresholder:
     def __init__(self, in_channels: int = 1) -> None:
         self.model = SimpleNamespace(config=SimpleNamespace(in_channels=in_channels))
 
-    def iter_predict(self, volume: Volume, stop: threading.Event | None = None):
+    def iter_predict(self, volume: Volume, stop: threading.Event | None = None, intensity_offset=None):
         yield PredictProgress(1, 2)
         if stop is not None and stop.is_set():
             return

@@ -77,3 +77,37 @@ def test_the_mri_sample_gets_the_brain_model_and_a_hand_pick_stays(make_napari_v
     assert any("does not look like a CT" in w and f"'{BRAIN_MODEL}'" in w for w in warnings), warnings
     assert not _errors(notes)
     assert len(_labels_layers(viewer)) == 3  # two references and the result: a warning, not a refusal
+
+
+def test_a_ct_stored_with_an_offset_is_told_how_and_corrected_by_the_ct_offset_box(make_napari_viewer, qtbot,
+                                                                                   notes, tmp_path):
+    """A phantom stored as raw uint16 (+1024, air near 0): the CT model is still chosen, Segment warns
+    and names the 'CT offset' box; ticked, the next Segment adds -1024 first and labels what the
+    scan in HU gives."""
+    from napari_e2enet._napari.layers import geometry_of
+    from napari_e2enet.data import make_phantom, write_volume
+
+    image, _ = make_phantom(0, shape=(48, 48, 32))  # one tile: a few seconds
+    path = write_volume(image.with_array(np.round(image.array + 1024).astype(np.uint16)), tmp_path / "ct_raw.nii.gz")
+    viewer = make_napari_viewer()
+    widget = _segment_widget(viewer)
+    (layer,) = viewer.open(str(path), plugin="napari-e2enet")
+    assert widget.model_spec() == CT_MODEL  # an offset CT is still a CT
+    assert not widget.ct_offset_check.isChecked()
+    _click(qtbot, widget.segment_btn)
+    _wait_idle(qtbot, widget)
+    (warning,) = _warnings(notes)
+    assert "looks like a CT stored with a +1024 offset" in warning and "'CT offset'" in warning
+    notes.clear()
+    widget.ct_offset_check.setChecked(True)
+    widget.existing_combo.setCurrentIndex(widget.existing_combo.findData("new"))
+    _click(qtbot, widget.segment_btn)
+    _wait_idle(qtbot, widget)
+    (note,) = _warnings(notes)
+    assert "added -1024 to the voxel values" in note
+    assert not _errors(notes)
+    raw, corrected = (np.asarray(result.data) for result in _labels_layers(viewer))
+    # the scan in HU through the widget's own (cached) predictor, in the layer's display order
+    in_hu = geometry_of(layer).to_display(widget._predictor(CT_MODEL, widget.inference_config()).predict(image).array)
+    # measured: 0.526 of the voxels agree uncorrected, 0.9998 corrected (uint16 rounds the HU)
+    assert np.mean(raw == in_hu) < 0.8 and np.mean(corrected == in_hu) > 0.999

@@ -84,6 +84,13 @@ OPTION_CASES = {
                           r"argument --overlap: must be a finite number in \[0, 1\), got 1"),
     "predict_overlap_nan": (["predict", "-i", "{image}", "-o", "{tmp}/o.nii.gz", "--overlap", "nan"],
                             r"argument --overlap: must be a finite number"),
+    "predict_intensity_offset_text": (["predict", "-i", "{image}", "-o", "{tmp}/o.nii.gz", "--intensity-offset",
+                                       "minus"], r"argument --intensity-offset: must be a whole number \(e\.g\. "
+                                                 r"-1024\) or auto, got 'minus'"),
+    "predict_intensity_offset_fraction": (["predict", "-i", "{image}", "-o", "{tmp}/o.nii.gz", "--intensity-offset",
+                                           "-1024.5"], r"argument --intensity-offset: must be a whole number"),
+    "predict_intensity_offset_huge": (["predict", "-i", "{image}", "-o", "{tmp}/o.nii.gz", "--intensity-offset",
+                                       "1e9"], r"argument --intensity-offset: must be a whole number"),
     "finetune_iterations_0": (["finetune", "--image", "{image}", "--labels", "{labels}", "--out", "{tmp}/ft",
                                "--iterations", "0"], r"argument --iterations: must be >= 1"),
     "finetune_lr_negative": (["finetune", "--image", "{image}", "--labels", "{labels}", "--out", "{tmp}/ft",
