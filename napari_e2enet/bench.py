@@ -524,9 +524,9 @@ def run_training_benchmark(
     one topology update (prune + regrow) every ΔT iterations, ΔT being the default for a
     ``run_length``-iteration run (``SparsityConfig.resolved_update_every``), as a % of training time.
     """
+    from .allocator import keep_freed_memory
     from .config import SparsityConfig
     from .sparse import DSFFUpdater
-    from .training.loop import train_step
     from .training.losses import DeepSupervisionLoss
     from .training.sparse_conv import install_sparse_training
 
@@ -552,28 +552,37 @@ def run_training_benchmark(
         runs.append({"name": name, "model": model, "opt": opt, "updater": updater, "sparsity": sparsity,
                      "sparse_units": len(sparse.units) if sparse is not None else 0,
                      "step": [], "update": [], "apply": []})
-    for it in range(iterations + 1):
-        for run in runs:
-            t0 = time.perf_counter()
-            train_step(run["model"], run["opt"], loss_fn, images, target)
-            t1 = time.perf_counter()
-            if run["updater"] is not None:
-                run["updater"].apply()
-                t2 = time.perf_counter()
-                run["updater"].after_step(it + 1)  # re-applies the masks, then prunes and regrows
-                t3 = time.perf_counter()
-                if it:
-                    run["apply"].append(t2 - t1)
-                    run["update"].append(max(0.0, (t3 - t2) - (t2 - t1)))
-            if it:
-                run["step"].append(t1 - t0)
-        say(f"training {patch}^3 b{batch}: iteration {it}/{iterations} done" + (" (warm-up)" if not it else ""))
+    with keep_freed_memory():  # as the Trainer and fine-tuning do
+        for it in range(iterations + 1):
+            _training_round(runs, it, loss_fn, images, target)
+            say(f"training {patch}^3 b{batch}: iteration {it}/{iterations} done" + (" (warm-up)" if not it else ""))
     results = [_training_row(run, patch=patch, batch=batch, threads=threads, run_length=run_length, seed=seed)
                for run in runs]
     base = next((row["seconds_per_iteration"] for row in results if row["model"] == "plain"), None)
     for row in results:
         row["ratio_to_plain"] = row["seconds_per_iteration"] / base if base else None
     return results
+
+
+def _training_round(runs: list[dict[str, Any]], it: int, loss_fn: nn.Module, images: torch.Tensor,
+                    target: torch.Tensor) -> None:
+    """One timed step of every candidate (iteration 0 is the warm-up), with its DSFF mask work."""
+    from .training.loop import train_step
+
+    for run in runs:
+        t0 = time.perf_counter()
+        train_step(run["model"], run["opt"], loss_fn, images, target)
+        t1 = time.perf_counter()
+        if run["updater"] is not None:
+            run["updater"].apply()
+            t2 = time.perf_counter()
+            run["updater"].after_step(it + 1)  # re-applies the masks, then prunes and regrows
+            t3 = time.perf_counter()
+            if it:
+                run["apply"].append(t2 - t1)
+                run["update"].append(max(0.0, (t3 - t2) - (t2 - t1)))
+        if it:
+            run["step"].append(t1 - t0)
 
 
 def _training_row(run: dict[str, Any], *, patch: int, batch: int, threads: int, run_length: int,

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from ..allocator import keep_freed_memory
 from ..config import MIN_UPDATE_EVERY, SparsityConfig
 from ..data import Plan, Volume, preprocess, preprocess_labels
 from ..data.preprocess import field_of_view
@@ -289,7 +290,7 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
     # The masked fusion convs skip their pruned kernels on the CPU (training.sparse_conv): the bundled
     # models are DSFF-sparse, and fine-tune time is what the user waits for.
     sparse = install_sparse_training(model, device) if model.masks() else None
-    with ThreadChooser(None if device.type == "cpu" else (torch.get_num_threads(),)) as threads:
+    with ThreadChooser(None if device.type == "cpu" else (torch.get_num_threads(),)) as threads, keep_freed_memory():
         for it in range(total):
             if stop.is_set():
                 _remove(sparse)

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..allocator import keep_freed_memory
 from ..config import ModelConfig, TrainConfig, load_config, save_config
 from ..data import (
     AugmentConfig,
@@ -371,9 +372,11 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def iter_fit(self) -> Iterator[TrainEvent]:
-        """The events of the run; the run folder is locked from the first event until the last."""
+        """The events of the run; the run folder is locked from the first event until the last.
+        Freed tensors' memory is kept for the next step meanwhile (:func:`keep_freed_memory`)."""
         try:
-            yield from self._iter_fit()
+            with keep_freed_memory():
+                yield from self._iter_fit()
         finally:
             if self._lock is not None:
                 self._lock.release()
