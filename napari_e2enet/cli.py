@@ -915,6 +915,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch", type=_POSITIVE, default=2)
     p.add_argument("--train-iterations", type=_POSITIVE, default=6, help="timed training steps (after one warm-up)")
     p.add_argument("--threads", type=_POSITIVE, default=2)
+    p.add_argument("--freed-memory", choices=["kept", "returned"], default=None,
+                   help="freed tensors' memory kept in the process for the next allocation, or returned at once "
+                        "(glibc's default: every fresh tensor is faulted in again); default: as the project runs "
+                        "them, returned for inference (the fast path pools its buffers) and kept for training")
     p.add_argument("--json", action="store_true", help="print the machine line and results as one JSON object")
 
 
@@ -943,12 +947,16 @@ def _bench(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         sys.stderr.write(message + "\n")
 
-    machine = bench.machine_info()
+    machine = {**bench.machine_info(), "freed_memory": args.freed_memory or "returned in inference, kept in training"}
+    keep_inference = keep_training = args.freed_memory == "kept"
+    if args.freed_memory is None:
+        keep_training = True
     out: dict[str, Any] = {"machine": machine}
     text = []
     if "patch" in args.parts:
         out["results"] = bench.run_patch_benchmark(args.sizes, args.repeats, precisions=args.precisions,
-                                                   models=args.models, threads=args.threads, progress=say)
+                                                   models=args.models, threads=args.threads, progress=say,
+                                                   keep_memory=keep_inference)
         text.append(bench.format_table(out["results"], machine))
     else:
         text.append(bench.format_table([], machine))
@@ -956,13 +964,13 @@ def _bench(args: argparse.Namespace) -> int:
         out["volume"] = bench.run_volume_benchmark(shapes, args.volume_models or bench.VOLUME_MODELS,
                                                    patch=args.volume_patch, overlap=args.volume_overlap,
                                                    precision=args.volume_precision, threads=args.threads,
-                                                   progress=say)
+                                                   progress=say, keep_memory=keep_inference)
         text.append(bench.format_volume_table(out["volume"]))
     if "train" in args.parts:
         out["training"] = bench.run_training_benchmark(args.train_models or bench.TRAIN_MODELS,
                                                        patch=args.train_patch, batch=args.train_batch,
                                                        iterations=args.train_iterations, threads=args.threads,
-                                                       progress=say)
+                                                       progress=say, keep_memory=keep_training)
         text.append(bench.format_training_table(out["training"]))
     if args.json:
         emit_json(json_safe(out))

@@ -10,6 +10,7 @@ def test_bench_json_reports_machine_and_medians():
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert {"cpu", "threads", "torch", "bf16_native"} <= set(report["machine"])
+    assert report["machine"]["freed_memory"] == "returned in inference, kept in training"  # as predict, train run
     rows = {r["model"]: r for r in report["results"]}
     assert set(rows) == {"small_dense", "small_fast_s09"}
     assert all(r["median_s"] > 0 for r in rows.values())
@@ -29,9 +30,12 @@ def test_bench_unknown_candidate_is_exit_2():
 def test_bench_volume_reports_time_and_peak_rss_per_run():
     proc = subprocess.run([sys.executable, "-m", "napari_e2enet.cli", "bench", "--parts", "volume", "--volume-shapes",
                            "40x48x48", "--volume-patch", "32", "--volume-models", "small_dense", "small_fast_s09",
-                           "--volume-precision", "bf16", "--json"], capture_output=True, text=True, timeout=600)
+                           "--volume-precision", "bf16", "--freed-memory", "kept", "--json"],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = {r["model"]: r for r in json.loads(proc.stdout)["volume"]}
+    report = json.loads(proc.stdout)
+    assert report["machine"]["freed_memory"] == "kept"
+    rows = {r["model"]: r for r in report["volume"]}
     assert set(rows) == {"small_dense", "small_fast_s09"}
     for row in rows.values():
         assert row["precision"] == "bf16"  # --volume-precision reaches the worker
