@@ -666,6 +666,9 @@ def _finetune_args(p: argparse.ArgumentParser) -> None:
                    help="all: every layer (default); decoder: encoder frozen")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--intensity-offset", type=_intensity_offset, default=None, metavar="N|auto",
+                   help="added to the image's voxels before fine-tuning, as predict adds it (auto: the detected "
+                        "offset of a CT stored without its rescale intercept, for a CT model)")
     p.add_argument("--json", action="store_true", help="print a summary as one JSON object")
 
 
@@ -700,7 +703,8 @@ def _finetune(args: argparse.Namespace) -> int:
     bar = None  # made at "start": a refusal before it must not land on the end of a progress bar
     last = None
     try:
-        for event in iter_finetune(model_file, image, labels, out, edited=edited, config=config, stop=stop):
+        for event in iter_finetune(model_file, image, labels, out, edited=edited, config=config, stop=stop,
+                                   intensity_offset=args.intensity_offset):
             last = event
             if event.kind == "start":
                 bar = tqdm(total=config.iterations, unit="it", desc="finetune", file=sys.stderr, dynamic_ncols=True)

@@ -602,10 +602,11 @@ class SegmentWidget(JobWidget):
             return None
         self._finetune_run = run_dir
         image_name = image.name
+        intensity_offset = "auto" if self.ct_offset_check.isChecked() else None  # learn from what was segmented
 
         def run(stop: threading.Event) -> Iterator[Any]:
             yield from iter_finetune(model_file, image_volume, labels_volume, run_dir, edited=edited, config=config,
-                                     stop=stop)
+                                     stop=stop, intensity_offset=intensity_offset)
 
         self._job_kind = "finetune"
         self.status_label.setText(f"Fine-tuning on the corrected slices of {image_name} → {run_dir}")

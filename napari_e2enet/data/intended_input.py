@@ -48,10 +48,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from .io import float32_voxels
 from .preprocess import Plan, foreground_mask
 from .volume import Volume
 
-__all__ = ["IntendedInput", "ScanStatistics", "ct_offset_warning", "input_warnings", "looks_like_ct", "modality_fits",
+__all__ = ["IntendedInput", "IntensityOffset", "ScanStatistics", "apply_intensity_offset", "ct_offset_warning", "input_warnings", "looks_like_ct", "modality_fits",
            "scan_statistics", "stored_ct_offset"]
 
 _MAX_VOXELS = 2_000_000
@@ -292,3 +293,43 @@ def input_warnings(intended: IntendedInput, stats: ScanStatistics) -> list[str]:
             out.append(f"voxels of {size} mm are far from the {lo:g}–{hi:g} mm the model was trained on: the scan "
                        "is resampled, but expect coarser or less accurate borders")
     return out
+
+
+IntensityOffset = float | str | None  # added to the voxel values; "auto": the detected CT offset; None: nothing
+
+
+def apply_intensity_offset(volume: Volume, intended: IntendedInput, intensity_offset: IntensityOffset = None
+                           ) -> tuple[Volume, float, list[str]]:
+    """``volume`` with ``intensity_offset`` added to every voxel (float32; the same Volume when the
+    offset is None, 0 or an "auto" that found nothing or is meant for a model that is not a CT one),
+    the offset added, and one-line notes: what "auto" did, or that a number was added to a CT model's
+    scan that already reads in HU. Used by prediction and fine-tuning alike.
+
+    Raises:
+        ValueError: ``intensity_offset`` is not a finite number, "auto" or None.
+    """
+    if intensity_offset is None:
+        return volume, 0.0, []
+    notes: list[str] = []
+    if isinstance(intensity_offset, str):
+        if intensity_offset != "auto":
+            raise ValueError(f"intensity_offset must be a number, 'auto' or None, got {intensity_offset!r}")
+        detected = scan_statistics(volume).ct_offset if intended.is_ct else 0.0
+        offset = -detected
+        if detected:
+            notes.append(f"intensity offset auto: added {offset:g} to the voxel values (this scan looks like a "
+                         f"CT stored with a {detected:+g} offset; air now reads ~-1000 HU)")
+    else:
+        offset = float(intensity_offset)
+        if not math.isfinite(offset):
+            raise ValueError(f"intensity_offset must be a finite number, got {intensity_offset!r}")
+        if offset and intended.is_ct:
+            stats = scan_statistics(volume)
+            if looks_like_ct(stats) and not stats.ct_offset:
+                notes.append(f"intensity offset {offset:g} was added to a scan that already reads in HU "
+                             f"({stats.air_share:.0%} of the voxels at or below -500, air): it is no longer "
+                             "in HU; leave the offset out")
+    if not offset:
+        return volume, 0.0, notes
+    shifted = float32_voxels(volume.array, volume.name or None) + np.float32(offset)
+    return volume.with_array(shifted), offset, notes

@@ -38,8 +38,9 @@ from ..data.intended_input import (
     CT_OFFSET_OPTION,
     CT_OFFSET_WIDGET,
     IntendedInput,
+    IntensityOffset,
+    apply_intensity_offset,
     input_warnings,
-    looks_like_ct,
     scan_statistics,
 )
 from ..data.io import float32_voxels
@@ -52,7 +53,6 @@ from ..modelcard import DEFAULT_MODEL, ModelCard, bundled_model, load_model, mod
 from ..models import E2ENet
 from .sliding_window import SlidingWindowResult, TileProgress, iter_sliding_window, tile_starts
 
-IntensityOffset = float | str | None  # added to the voxel values; "auto": the detected CT offset; None: nothing
 PROBE_MIN_TILES = 8  # fewer tiles than this: the fast path's backend is not timed (see _allow_probe)
 MIRROR_AXES = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))  # tensor dims of (N, C, D, H, W)
 
@@ -254,38 +254,8 @@ class Predictor:
 
     def apply_intensity_offset(self, volume: Volume, intensity_offset: IntensityOffset = None
                                ) -> tuple[Volume, float, list[str]]:
-        """``volume`` with ``intensity_offset`` added to every voxel (float32; the same Volume when the
-        offset is None, 0 or an "auto" that found nothing), the offset added, and one-line notes: what
-        "auto" did, or that a number was added to a CT model's scan that already reads in HU.
-
-        Raises:
-            ValueError: ``intensity_offset`` is not a finite number, "auto" or None.
-        """
-        if intensity_offset is None:
-            return volume, 0.0, []
-        notes: list[str] = []
-        if isinstance(intensity_offset, str):
-            if intensity_offset != "auto":
-                raise ValueError(f"intensity_offset must be a number, 'auto' or None, got {intensity_offset!r}")
-            detected = scan_statistics(volume).ct_offset if self.intended.is_ct else 0.0
-            offset = -detected
-            if detected:
-                notes.append(f"intensity offset auto: added {offset:g} to the voxel values (this scan looks like a "
-                             f"CT stored with a {detected:+g} offset; air now reads ~-1000 HU)")
-        else:
-            offset = float(intensity_offset)
-            if not math.isfinite(offset):
-                raise ValueError(f"intensity_offset must be a finite number, got {intensity_offset!r}")
-            if offset and self.intended.is_ct:
-                stats = scan_statistics(volume)
-                if looks_like_ct(stats) and not stats.ct_offset:
-                    notes.append(f"intensity offset {offset:g} was added to a scan that already reads in HU "
-                                 f"({stats.air_share:.0%} of the voxels at or below -500, air): it is no longer "
-                                 "in HU; leave the offset out")
-        if not offset:
-            return volume, 0.0, notes
-        shifted = float32_voxels(volume.array, volume.name or None) + np.float32(offset)
-        return volume.with_array(shifted), offset, notes
+        """:func:`~napari_e2enet.data.intended_input.apply_intensity_offset` for this model's intended input."""
+        return apply_intensity_offset(volume, self.intended, intensity_offset)
 
     def iter_predict(self, volume: Volume, stop: threading.Event | None = None,
                      intensity_offset: IntensityOffset = None) -> Iterator[InputWarning | PredictProgress | Prediction]:

@@ -50,6 +50,7 @@ from scipy import ndimage as ndi
 from ..allocator import keep_freed_memory
 from ..config import MIN_UPDATE_EVERY, SparsityConfig
 from ..data import Plan, Volume, preprocess, preprocess_labels
+from ..data.intended_input import IntendedInput, IntensityOffset, apply_intensity_offset
 from ..data.preprocess import field_of_view
 from ..device import ThreadChooser, resolve_device
 from ..errors import InputError
@@ -258,9 +259,13 @@ class _RegionSampler:
 
 def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: str | Path, *,
                   edited: np.ndarray | None = None, config: FinetuneConfig | None = None,
-                  stop: threading.Event | None = None) -> Iterator[FinetuneEvent]:
+                  stop: threading.Event | None = None,
+                  intensity_offset: IntensityOffset = None) -> Iterator[FinetuneEvent]:
     """Fine-tune ``model_file`` on ``labels`` of ``image`` (restricted to the edited planes) and
-    write the result as a run folder ``out``.
+    write the result as a run folder ``out``. ``intensity_offset`` (a number, "auto" or None) is
+    applied to ``image`` as prediction applies it (:func:`~napari_e2enet.data.intended_input.apply_intensity_offset`),
+    so that a CT stored with an offset is learnt from in HU, as it was segmented; the "start" event's
+    message says what was added.
 
     image: (X, Y, Z) or (C, X, Y, Z) Volume; labels: (X, Y, Z) integer Volume on the image's grid;
     edited: (X, Y, Z) bool, True where the user changed a label (None: learn from every voxel).
@@ -271,6 +276,8 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
     model_file = model_file_in(model_file)
     meta = read_metadata(model_file)
     card = ModelCard.from_metadata(meta, model_file)
+    image, _, offset_notes = apply_intensity_offset(image, card.intended or IntendedInput.from_plan(card.plan),
+                                                    intensity_offset)
     region = _corrected_region(image, labels, edited, card.labels)
     device = resolve_device(config.device)
     model, _ = load_model(model_file)
@@ -283,8 +290,9 @@ def iter_finetune(model_file: str | Path, image: Volume, labels: Volume, out: st
     params, optimizer, updater = _optimiser(model, config, meta)
     total = config.iterations
     yield FinetuneEvent("start", 0, total, seconds=time.perf_counter() - t0,
-                        message=f"{region_voxels} voxels in the corrected region; patch {patch}, "
-                                f"{'decoder only' if config.train == 'decoder' else 'all layers'}")
+                        message="; ".join([f"{region_voxels} voxels in the corrected region; patch {patch}, "
+                                           f"{'decoder only' if config.train == 'decoder' else 'all layers'}",
+                                           *offset_notes]))
     model.train()
     loss_value = float("nan")
     # The masked fusion convs skip their pruned kernels on the CPU (training.sparse_conv): the bundled

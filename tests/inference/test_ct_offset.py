@@ -184,3 +184,26 @@ def test_a_bad_intensity_offset_is_one_line_and_exit_2(tmp_path, capsys, value):
     assert exc.value.code == 2 and len(err) == 1
     assert err[0].startswith("napari-e2enet predict: error: argument --intensity-offset: must be a whole number")
     assert not list(tmp_path.iterdir())
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------------
+
+
+def test_finetune_learns_from_the_offset_ct_as_it_was_segmented(phantom, tmp_path):
+    """Fine-tuning with the same ``intensity_offset="auto"`` as the segmentation sees the scan in HU:
+    its first loss is the model's loss on a CT it knows, not on a scan 1024 brighter than any it saw."""
+    from napari_e2enet.training.finetune import FinetuneConfig, iter_finetune
+
+    image, labels = phantom
+    stored = image.with_array(np.round(image.array + 1024).astype(np.uint16))
+    config = FinetuneConfig(iterations=1, device="cpu", seed=0)
+    model = bundled_model(CT_MODEL).weights
+
+    def first_loss(offset: str | None, out: str) -> tuple[float, str]:
+        events = list(iter_finetune(model, stored, labels, tmp_path / out, config=config, intensity_offset=offset))
+        return next(e.loss for e in events if e.kind == "iteration"), events[0].message
+
+    corrected, message = first_loss("auto", "auto")
+    raw, raw_message = first_loss(None, "raw")
+    assert "added -1024" in message and "added" not in raw_message
+    assert corrected < 0.5 * raw
