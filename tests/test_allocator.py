@@ -63,11 +63,13 @@ def probe() -> dict[str, Any]:
 def test_fresh_tensors_reuse_freed_memory_inside_the_block_and_not_outside(probe) -> None:
     assert probe["switched"]
     assert probe["outside"] > 6 * _ROUND  # each fresh tensor was faulted in again
-    assert probe["inside"] < 2 * _ROUND  # (measured: 0, at most one round when the heap moved)
+    # measured 0, now and then one or two rounds: the host reclaims idle guest pages (DAMON) and
+    # those fault in again; without the block every round faults
+    assert probe["inside"] < 4 * _ROUND
 
 
 def test_nested_blocks_keep_the_setting_until_the_outermost_leaves(probe) -> None:
-    assert probe["after_inner_block"] < 2 * _ROUND
+    assert probe["after_inner_block"] < 4 * _ROUND
 
 
 def test_leaving_the_block_gives_the_memory_back(probe) -> None:
