@@ -459,7 +459,7 @@ def run_volume_benchmark(
         for name in names:
             spec: dict[str, Any] = {"model": name, "shape": [int(v) for v in shape], "patch": patch, "overlap": overlap,
                     "precision": precision, "threads": threads, "seed": seed,
-                                    "keep_memory": keep_memory}
+                    "keep_memory": keep_memory}
             say(f"volume {'x'.join(map(str, spec['shape']))}: {name}")
             proc = subprocess.run([sys.executable, "-m", "napari_e2enet.bench", "--volume-worker", json.dumps(spec)],
                                   capture_output=True, text=True, check=False)

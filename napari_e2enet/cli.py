@@ -952,9 +952,8 @@ def _bench(args: argparse.Namespace) -> int:
         sys.stderr.write(message + "\n")
 
     machine = {**bench.machine_info(), "freed_memory": args.freed_memory or "returned in inference, kept in training"}
-    keep_inference = keep_training = args.freed_memory == "kept"
-    if args.freed_memory is None:
-        keep_training = True
+    keep_inference = args.freed_memory == "kept"  # default: as predict and train run
+    keep_training = args.freed_memory != "returned"
     out: dict[str, Any] = {"machine": machine}
     text = []
     if "patch" in args.parts:

@@ -52,8 +52,8 @@ from .io import float32_voxels
 from .preprocess import Plan, foreground_mask
 from .volume import Volume
 
-__all__ = ["IntendedInput", "IntensityOffset", "ScanStatistics", "apply_intensity_offset", "ct_offset_warning", "input_warnings", "looks_like_ct", "modality_fits",
-           "scan_statistics", "stored_ct_offset"]
+__all__ = ["IntendedInput", "IntensityOffset", "ScanStatistics", "apply_intensity_offset", "ct_offset_warning",
+           "input_warnings", "looks_like_ct", "modality_fits", "scan_statistics", "stored_ct_offset"]
 
 _MAX_VOXELS = 2_000_000
 _AIR_HU = -500.0
