@@ -21,7 +21,8 @@ leave restores them.
 Main thread only, in effect: a worker thread allocates from its own glibc arena, whose heaps are
 released whole whatever these settings say (measured: 100 MB and 40 MB tensors made and freed in a
 thread inside the block faulted all their pages in every time). The CLI's train / finetune and
-``bench`` run on the main thread; napari's training job runs on a worker and keeps glibc's default.
+``bench`` run on the main thread; napari's training and fine-tuning jobs run on the main thread of
+a child process for this reason (:mod:`napari_e2enet.training.isolated`).
 """
 
 from __future__ import annotations

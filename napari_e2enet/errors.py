@@ -16,4 +16,5 @@ class InputError(ValueError):
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = None if path is None else Path(path)
         text = " ".join(str(message).split())  # one line, always
+        self.message = text  # without the path (a training process sends both to napari)
         super().__init__(f"{path}: {text}" if path is not None else text)

@@ -571,7 +571,7 @@ class SegmentWidget(JobWidget):
     def fine_tune(self) -> Job | None:
         """Fine-tune the current model on the slices the user corrected (``training.finetune``: the
         edited planes only, encoder frozen, no validation), then segment again with the result."""
-        from ..training.finetune import iter_finetune
+        from ..training.isolated import finetune_events, iter_in_subprocess
 
         if self.refuse_if_busy("napari-e2enet: a job is already running"):
             return None
@@ -605,8 +605,10 @@ class SegmentWidget(JobWidget):
         intensity_offset = "auto" if self.ct_offset_check.isChecked() else None  # learn from what was segmented
 
         def run(stop: threading.Event) -> Iterator[Any]:
-            yield from iter_finetune(model_file, image_volume, labels_volume, run_dir, edited=edited, config=config,
-                                     stop=stop, intensity_offset=intensity_offset)
+            # in a child process, as the Train widget's runs (training.isolated says why)
+            yield from iter_in_subprocess(finetune_events, model_file, image_volume, labels_volume, run_dir,
+                                          edited=edited, config=config, intensity_offset=intensity_offset,
+                                          stop=stop)
 
         self._job_kind = "finetune"
         self.status_label.setText(f"Fine-tuning on the corrected slices of {image_name} → {run_dir}")

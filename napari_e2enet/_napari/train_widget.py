@@ -327,14 +327,11 @@ class TrainWidget(JobWidget):
         total = config.iterations
 
         def run(stop: threading.Event) -> Iterator[Any]:
-            from ..training import Trainer
+            # in a child process: its main thread keeps freed activations for the next step (a
+            # worker thread's malloc arena cannot), and training leaves napari's GIL alone
+            from ..training.isolated import fit_events, iter_in_subprocess
 
-            trainer = Trainer(config, run_dir, dataset=dataset, resume=resume, stop=stop)
-            events = trainer.iter_fit()
-            try:
-                yield from events
-            finally:
-                events.close()
+            yield from iter_in_subprocess(fit_events, config, run_dir, dataset, resume=resume, stop=stop)
 
         self.progress_bar.setRange(0, total)
         self.status_label.setText(f"{'Resuming' if resume else 'Starting'} {run_dir.name}…")
