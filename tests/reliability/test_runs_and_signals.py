@@ -345,24 +345,26 @@ def test_kill_9_in_the_first_minute_after_the_first_iterations_finds_a_saved_sta
     assert_same_result(run, reference, 4)
 
 
-KILL_ITERATIONS = 32  # ten kills advance the run by at most 30 iterations; the last resume trains the rest
+KILL_ITERATIONS = 20  # six kills advance the run by at most 18 iterations; the last resume trains the rest
 
 
 @pytest.mark.slow
-def test_ten_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, assets, reference_run, capfd):
-    """Ten kill -9, each at a random point: before a random step, or halfway through writing the
+def test_six_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, assets, reference_run, capfd):
+    """Six kill -9, each at a random point: before a random step, or halfway through writing the
     state or the model file of a random save. The state is saved after every iteration here
-    (checkpoint_every_s tiny), so each kill must leave exactly the last completed iteration's state."""
+    (checkpoint_every_s tiny), so each kill must leave exactly the last completed iteration's state.
+    The seed draws each kind twice, and cuts the first save after a resume of both files (six, not
+    the ten of before: each kill is a CLI start, ~11 s; the kinds and cut points are all still here)."""
     config = _config(tmp_path, assets, "c", iterations=KILL_ITERATIONS, iterations_per_epoch=4,
                      checkpoint_every_s=1e-6)
     reference_config = _config(tmp_path, assets, "r", iterations=KILL_ITERATIONS, iterations_per_epoch=4,
                                checkpoint_every_s=0.0)  # saved per epoch only: saves must not change a run
     reference = reference_run(reference_config)
     run = tmp_path / "run"
-    rng = random.Random(16)
+    rng = random.Random(22)
     at = 0  # the iteration of the saved state
     kinds = []
-    for kill in range(10):
+    for kill in range(6):
         if at == 0:  # the first save must survive: a kill before it leaves no run to resume
             kind, k = rng.choice(["step", "state", "model"]), rng.randint(2, 3)
         else:
@@ -381,7 +383,7 @@ def test_ten_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, ass
         state = load_state(run / "training_state.pt")  # whole, checksum verified
         assert state["iteration"] == at, (kill, kind, k, state["iteration"])
         load_model(run / "model.safetensors")
-    assert {"step", "state", "model"} <= set(kinds)
+    assert sorted(kinds) == ["model", "model", "state", "state", "step", "step"]
     assert "took over train.lock" in resume_here(run, capfd)
     assert_same_result(run, reference, KILL_ITERATIONS)
     assert sorted(p.name for p in run.iterdir()) == RUN_FILES  # no lock, no temporaries left
