@@ -262,11 +262,13 @@ class Predictor:
         """See the module docstring; ``intensity_offset`` (a number, "auto" or None) as in
         :meth:`apply_intensity_offset`."""
         t0 = time.perf_counter()
+        source = volume
         volume, offset, notes = self.apply_intensity_offset(volume, intensity_offset)
+        copy = volume.array.nbytes if volume is not source else 0  # lives beside the caller's volume
         warnings = (*notes, *self.check_input(volume))
         box = field_of_view(volume, self.plan)
         if box is not None:  # what cannot fit is refused before anything else is said about the volume
-            self._check_memory(volume.crop(box), volume.name)
+            self._check_memory(volume.crop(box), volume.name, extra=copy)
         for message in warnings:
             yield InputWarning(message)
         labels: np.ndarray = np.zeros(volume.spatial_shape, _label_dtype(self.model.config.num_classes))
@@ -304,12 +306,13 @@ class Predictor:
         info = backend_info(self.network, "InferenceConfig.accelerate is off: the PyTorch model as is")
         return {**info, "precision": self.precision_info()["precision"]}
 
-    def _check_memory(self, crop: Volume, name: str | None) -> None:
+    def _check_memory(self, crop: Volume, name: str | None, extra: float = 0.0) -> None:
         """Refuse (one line naming the model file) a volume whose resampling to this model's voxel size
-        would need more memory than there is, before allocating any of it."""
+        would need more memory than there is, before allocating any of it. ``extra``: bytes already
+        held for it besides the caller's volume (the intensity-offset copy)."""
         grid = network_grid(crop, self.plan)
-        need = prediction_bytes(crop.spatial_shape, crop.num_channels, grid, self.model.config.num_classes,
-                                self.patch)
+        need = extra + prediction_bytes(crop.spatial_shape, crop.num_channels, grid, self.model.config.num_classes,
+                                        self.patch)
         voxel = "x".join(f"{s:g}" for s in self.plan.target_spacing)
         check_memory(need, f"segmenting {name or 'the image'} ({'x'.join(map(str, crop.spatial_shape))} voxels) "
                            f"at this model's voxel size of {voxel} mm ({'x'.join(map(str, grid))} voxels)",

@@ -18,7 +18,7 @@ from napari_e2enet.cli import main
 from napari_e2enet.config import InferenceConfig
 from napari_e2enet.data import Volume, make_phantom, read_volume
 from napari_e2enet.data.intended_input import input_warnings, looks_like_ct, scan_statistics, stored_ct_offset
-from napari_e2enet.inference import InputWarning, Prediction, Predictor, fastpath
+from napari_e2enet.inference import InputWarning, Prediction, Predictor, PredictProgress, fastpath
 from napari_e2enet.labels import AMOS
 from napari_e2enet.metrics import dice
 
@@ -156,6 +156,42 @@ def test_an_explicit_offset_gives_the_dice_in_hu(phantom, ct_predictor):
     assert not [e for e in events if isinstance(e, InputWarning)]
     assert _mean_dice(prediction.labels.array, ref.array) == pytest.approx(_sample_dice(), abs=0.01)
     assert prediction.labels.array.dtype == np.uint8 and np.array_equal(prediction.labels.affine, image.affine)
+
+
+def test_the_offset_copy_counts_in_the_memory_check(phantom, ct_predictor, monkeypatch):
+    """The corrected scan is a float32 copy that lives beside the caller's: the memory check counts
+    it, so a scan that would fit only without the copy is refused (one line) before any tile runs."""
+    from napari_e2enet import memory
+    from napari_e2enet.errors import InputError
+    from napari_e2enet.inference import predictor as predictor_module
+
+    image, _ = phantom
+    stored = Volume((np.round(image.array) + 1024).astype(np.int16), image.affine, name="offset_ct")
+    in_hu = Volume(stored.array.astype(np.float32) - 1024, image.affine, name="offset_ct")  # what the copy holds
+    copy_bytes = in_hu.array.nbytes
+    needs: list[float] = []
+
+    class Checked(Exception):
+        pass
+
+    def record(need, what, path):
+        needs.append(need)
+        raise Checked
+
+    monkeypatch.setattr(predictor_module, "check_memory", record)
+    for volume, offset in ((in_hu, None), (stored, -1024)):
+        with pytest.raises(Checked):
+            next(iter(ct_predictor.iter_predict(volume, intensity_offset=offset)))
+    assert needs[1] - needs[0] == copy_bytes  # the same crop and grid, plus the copy
+    monkeypatch.undo()
+
+    monkeypatch.setattr(memory, "available_memory", lambda: (int(needs[0] + copy_bytes / 2), "a test limit"))
+    events = ct_predictor.iter_predict(in_hu)
+    assert isinstance(next(events), (InputWarning, Prediction, PredictProgress))  # past the check
+    events.close()
+    with pytest.raises(InputError, match=r"needs about [\d.]+ GiB of memory, but only [\d.]+ GiB is available "
+                                         r"\(a test limit\)"):
+        next(iter(ct_predictor.iter_predict(stored, intensity_offset=-1024)))
 
 
 def test_auto_leaves_scans_alone_that_are_not_offset_cts(phantom, mri, ct_predictor):
