@@ -20,6 +20,7 @@ import builtins
 import multiprocessing as mp
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -139,8 +140,6 @@ def _last_message(process: Any, events: Any) -> tuple[str, Any]:
 def _end(process: Any, events: Any, child_stop: Any, *, graceful: bool) -> None:
     """Ask a still-running child to stop, give it time to save (reading what it still posts, so its
     queue never blocks it), then make sure it is gone."""
-    import time
-
     if not graceful:
         child_stop.set()
     deadline = time.monotonic() + (_STOP_GRACE_S if not graceful else 10.0)
