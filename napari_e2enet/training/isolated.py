@@ -19,6 +19,7 @@ from __future__ import annotations
 import builtins
 import multiprocessing as mp
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -91,9 +92,44 @@ def iter_in_subprocess(gen_func: Callable[..., Iterator[Any]], *args: Any, stop:
         events.close()
 
 
+class _StopRequest:
+    """The child's stop: the parent's shared event, or a Ctrl-C that reached this process.
+
+    A Ctrl-C in the terminal napari runs from reaches the whole process group, this child too. It
+    must stop the job the way Stop does (save, then end), not kill it mid-step with a
+    KeyboardInterrupt. The signal handler only sets a plain flag: setting the shared event there
+    deadlocks when the signal lands while the main thread holds that event's lock (in ``is_set``).
+    """
+
+    def __init__(self, shared: Any) -> None:
+        self.shared = shared
+        self.interrupted = False
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        self.interrupted = True
+
+    def is_set(self) -> bool:
+        return self.interrupted or self.shared.is_set()
+
+    def set(self) -> None:
+        self.interrupted = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Like Event.wait; a Ctrl-C is seen within ``_POLL_S``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self.shared.wait(left)
+        return True
+
+
 def _child(gen_func: Callable[..., Iterator[Any]], args: tuple[Any, ...], kwargs: dict[str, Any],
-           events: Any, stop: Any) -> None:
+           events: Any, shared_stop: Any) -> None:
     """The child's main thread: run the generator inside keep_freed_memory, post every event."""
+    stop = _StopRequest(shared_stop)
+    signal.signal(signal.SIGINT, stop.on_signal)
     try:
         with keep_freed_memory():
             for event in gen_func(stop, *args, **kwargs):

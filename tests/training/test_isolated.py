@@ -5,6 +5,7 @@ early lets the child finish its clean-up."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from pathlib import Path
 
@@ -34,6 +35,11 @@ def count_until_stopped(stop, marker: str):
         yield ("stopped", i)
     finally:
         Path(marker).write_text(str(i))  # the clean-up a stop or a close must still run
+
+
+def pid_then_count_until_stopped(stop, marker: str):
+    yield ("pid", os.getpid())
+    yield from count_until_stopped(stop, marker)
 
 
 def fails(stop, how: str):
@@ -92,3 +98,17 @@ def test_an_error_of_our_own_type_is_named_and_a_crash_names_its_exit_code():
         for event in iter_in_subprocess(fails, "exit", stop=threading.Event()):
             seen.append(event)
     assert seen == ["started"]
+
+
+def test_a_ctrl_c_that_reaches_the_child_stops_the_job_like_stop_does(tmp_path):
+    """Ctrl-C in napari's terminal reaches the child too: it must save and end, not die mid-step."""
+    marker = tmp_path / "cleaned"
+    seen = []
+    for kind, value in iter_in_subprocess(pid_then_count_until_stopped, str(marker), stop=threading.Event()):
+        seen.append(kind)
+        if kind == "pid":
+            child = value
+        elif value == 2:
+            os.kill(child, signal.SIGINT)
+    assert seen[-1] == "stopped" and seen.count("iteration") < 10
+    assert marker.is_file()
