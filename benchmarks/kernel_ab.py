@@ -7,7 +7,7 @@ the lazy norm, as in a forward); ``forward`` times the paper network's whole fas
 
     cp -r napari_e2enet/inference/cpu /tmp/old_cpu    # before editing kernels.c
     .venv/bin/python benchmarks/kernel_ab.py /tmp/old_cpu sconv 96 48 32 128 128 0.1
-    .venv/bin/python benchmarks/kernel_ab.py /tmp/old_cpu forward 0.9 128
+    .venv/bin/python benchmarks/kernel_ab.py /tmp/old_cpu forward 0.9 128 --threads 2
 """
 
 from __future__ import annotations
@@ -77,9 +77,14 @@ def forward(old: Kernels, new: Kernels, sparsity: float, size: int) -> None:
 
 
 def main() -> None:
+    threads = 1
+    if "--threads" in sys.argv:  # both libraries on N threads (default 1: the per-core rate)
+        at = sys.argv.index("--threads")
+        threads = int(sys.argv[at + 1])
+        del sys.argv[at:at + 2]
     if len(sys.argv) < 3 or sys.argv[2] not in ("sconv", "forward"):
         raise SystemExit(__doc__)
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     cache = Path(tempfile.mkdtemp())
     old, new = Kernels(load(source_dir=Path(sys.argv[1]), cache_dir=cache)), Kernels(load(cache_dir=cache))
     if sys.argv[2] == "sconv":
