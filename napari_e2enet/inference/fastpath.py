@@ -42,6 +42,7 @@ from .cpu.bindings import PAD_FLOATS
 from .cpu.build import cpu_flags
 from .cpu.compact import (
     BufferPool,
+    ComputedUp,
     CSCConv,
     CSRConvT,
     Kernels,
@@ -570,18 +571,19 @@ class _SparseUnit:
 
     def run(self, k: Kernels, channel_ptrs: torch.Tensor | Iterator[tuple[int, int, torch.Tensor]],
             norm: LazyNorm | None, like: PaddedPlanar, pool: BufferPool,
-            out: PaddedPlanar | None = None) -> _Act:
+            out: PaddedPlanar | None = None, up: ComputedUp | None = None) -> _Act:
         """Raw conv output + the lazy InstanceNorm/LeakyReLU its consumers apply on load.
         ``channel_ptrs``: the input channels' addresses, or depth pieces (d0, d1, addresses) that
         together cover all output slices (an input computed piece by piece, see _SparseNode).
-        ``out``: where to write (default: a new tensor shaped like ``like``, from ``pool``)."""
+        ``out``: where to write (default: a new tensor shaped like ``like``, from ``pool``).
+        ``up``: input channels the kernel computes from a deeper tensor (see _SparseNode)."""
         o = self.conv.out_channels
         out = out if out is not None else PaddedPlanar(o, like.D, like.H, like.W, pool=pool)
         stats = torch.zeros(2 * o, dtype=torch.float64)
         pieces = [(0, like.D, channel_ptrs)] if isinstance(channel_ptrs, torch.Tensor) else channel_ptrs
         for d0, d1, ptrs in pieces:
             k.sconv133(self.conv, ptrs, self.dshift, out, stats, norm=norm,
-                       streaming=out.cstride * o * 4 > _STREAM_BYTES, depth_range=(d0, d1))
+                       streaming=out.cstride * o * 4 > _STREAM_BYTES, depth_range=(d0, d1), up=up)
         n = like.D * like.H * like.W
         mean = stats[:o] / n
         var = (stats[o:] / n - mean * mean).clamp_min_(0.0)
@@ -666,6 +668,9 @@ class _SparseNode:
         """The node's output. The caller says which inputs this node reads last: ``deeper`` is
         then released once up-sampled and ``fwd`` after the first unit, so fewer
         full-resolution buffers are live at once."""
+        if self._computes_up(deeper.t):
+            return self._fused(k, fwd, deeper, shallower, pool, last_reader_of_deeper=last_reader_of_deeper,
+                               last_reader_of_fwd=last_reader_of_fwd)
         kd, kh, kw = self.up.kernel
         d = deeper.t
         depth = d.D * kd
@@ -726,9 +731,56 @@ class _SparseNode:
         y = self.units[0].run(k, pieces(), norm, fwd.t, pool, out=inplace.out if inplace is not None else None)
         if inplace is not None:
             inplace.finish(fwd)
+        up.release()
+        return self._finish(k, y, fwd, deeper, down, pool, last_reader_of_deeper=last_reader_of_deeper,
+                            last_reader_of_fwd=last_reader_of_fwd)
+
+    def _computes_up(self, deep: PaddedPlanar) -> bool:
+        """Whether the first fusion conv computes the up-sampled channels itself (e2e_sconv133_up):
+        a (2, 2, 2) ConvT, fp32 weights, a width the kernel's rows take, and an up-sampled input
+        large enough to cost a trip through memory."""
+        return (self.up.kernel == (2, 2, 2) and self.up.out_channels > 0 and self.units[0].conv.weight_pairs is None
+                and (2 * deep.W) % 16 == 0
+                and 4 * self.up.out_channels * 8 * deep.D * deep.H * deep.W >= _COMPUTED_UP_BYTES)
+
+    def _fused(self, k: Kernels, fwd: _Act, deeper: _Act, shallower: _Act | None, pool: BufferPool, *,
+               last_reader_of_deeper: bool, last_reader_of_fwd: bool) -> _Act:
+        """__call__ with the up-sampled channels computed inside the first fusion conv, row block by
+        row block, from ``deeper`` (never stored: at level 0 of the paper network the ConvT wrote
+        ~2.9 GB a forward that the conv read back)."""
+        ptrs = [fwd.t.channel_ptrs(), torch.zeros(self.channels, dtype=torch.int64)]
+        norms = [_read_norm(fwd), LazyNorm.identity(self.channels)]
+        down = self._down_input(k, shallower, pool)
+        if down is not None:
+            ptrs.append(down.channel_ptrs())
+            norms.append(LazyNorm.identity(down.C))
+        norm = LazyNorm.cat(norms) if fwd.norm is not None else None
+        up_at = len(ptrs[0])
+        channel_ptrs = torch.cat(ptrs)
+        up = ComputedUp(up_at, self.up_map.to(torch.int32), self.up, deeper.t, deeper.norm)
+        depth = fwd.t.D
+        step = _up_piece_depth(self.up.out_channels, depth, fwd.t.H, fwd.t.W, 2)
+        bounds = [(d0, min(depth, d0 + step)) for d0 in range(0, depth, step)]
+        inplace = _inplace_output(fwd, self.units[0], bounds, pool) if last_reader_of_fwd else None
+
+        def pieces() -> Iterator[tuple[int, int, torch.Tensor]]:
+            for d0, d1 in bounds:
+                if inplace is not None and d0 == inplace.staged_from:  # read the copy from here on
+                    channel_ptrs[:up_at] = inplace.staged_ptrs
+                yield d0, d1, channel_ptrs
+
+        y = self.units[0].run(k, pieces(), norm, fwd.t, pool, out=inplace.out if inplace is not None else None,
+                              up=up)
+        if inplace is not None:
+            inplace.finish(fwd)
+        return self._finish(k, y, fwd, deeper, down, pool, last_reader_of_deeper=last_reader_of_deeper,
+                            last_reader_of_fwd=last_reader_of_fwd)
+
+    def _finish(self, k: Kernels, y: _Act, fwd: _Act, deeper: _Act, down: PaddedPlanar | None, pool: BufferPool, *,
+                last_reader_of_deeper: bool, last_reader_of_fwd: bool) -> _Act:
+        """Release the inputs this node read last, then run the node's other units."""
         if last_reader_of_deeper:
             deeper.release()
-        up.release()
         if down is not None:
             down.release()
         if last_reader_of_fwd:
@@ -796,6 +848,7 @@ def _inplace_output(fwd: _Act, unit: _SparseUnit, bounds: list[tuple[int, int]],
 
 
 _UP_PIECE_BYTES = 96 << 20  # up-sampled inputs larger than this are computed in depth pieces
+_COMPUTED_UP_BYTES = 128 << 20  # up-sampled inputs at least this large are computed inside the fusion conv
 
 
 def _pp_pitch(width: int) -> int:

@@ -117,6 +117,40 @@ def test_up_sampling_in_depth_pieces_gives_the_same_logits_in_less_memory(monkey
         assert pieced._pool.nbytes < arena_whole
 
 
+@needs_kernels
+@pytest.mark.parametrize("pools", [None, ((1, 2, 2), (2, 2, 2), (1, 2, 2), (2, 2, 2))])
+def test_up_channels_computed_inside_the_fusion_conv_give_the_same_logits(monkeypatch, pools):
+    """Nodes whose up-sampled input is large compute it inside their first fusion conv (never
+    stored): bit-identical logits to the ConvT-then-conv path, in depth pieces and with in-place
+    outputs too; a (1, 2, 2) up-sampling keeps the stored path."""
+    from napari_e2enet.inference import fastpath as acc
+    from napari_e2enet.inference.cpu import compact
+
+    torch.manual_seed(8)
+    model = create_model("e2enet_small", sparsity=0.9, seed=9, **({"pools": pools} if pools else {}))
+    x = torch.randn(1, 1, 16, 32, 32)
+    monkeypatch.setattr(acc, "_COMPUTED_UP_BYTES", 1 << 62)
+    stored = accelerate(model, backend="sparse")
+    expected = stored(x)
+    kinds = []
+    original = compact.Kernels.sconv133
+
+    def recording(self, *args, **kwargs):
+        kinds.append(kwargs.get("up") is not None)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(compact.Kernels, "sconv133", recording)
+    monkeypatch.setattr(acc, "_COMPUTED_UP_BYTES", 0)
+    for depth in (16, 4):  # whole, and depth pieces (the level-0 output laid on its input)
+        monkeypatch.setattr(acc, "_UP_PIECE_BYTES", 0 if depth < 16 else 1 << 62)
+        monkeypatch.setattr(acc, "_UP_PIECE_DEPTH", depth)
+        kinds.clear()
+        computed = accelerate(model, backend="sparse")
+        assert torch.equal(computed(x), expected)
+        assert torch.equal(computed(x), expected)  # the planned arena
+        assert any(kinds) and (all(kinds) is False)  # some nodes computed their up channels
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_cubic_input_anisotropic_pools_and_batch(backend):
     torch.manual_seed(4)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from napari_e2enet.inference.cpu import bindings, build
 from napari_e2enet.inference.cpu.compact import (
+    ComputedUp,
     Kernels,
     LazyNorm,
     PaddedPlanar,
@@ -251,6 +252,50 @@ def test_kernels_match_torch_on_odd_shapes(kernels):
     k.head(PaddedPlanar.from_dense(x), head_w, out, norm=norm)
     ref = torch.einsum("kc,cdhw->kdhw", head_w, norm.apply(x))
     assert float((out - ref).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("low", [(5, 6, 16), (3, 7, 24), (2, 3, 8)], ids=["full-tiles", "odd-rows", "one-tile"])
+def test_up_channels_computed_in_the_fusion_conv_equals_convt_then_conv(kernels, low):
+    """e2e_sconv133_up: the up-sampled channels made row block by row block inside the conv give the
+    same output and statistics as the ConvT into a buffer and the conv reading it (depth shifts at
+    both ends, lazy norms on both inputs, an up channel no kernel reads, rows not a multiple of RB)."""
+    k = kernels
+    g = torch.Generator().manual_seed(sum(low))
+    deep_c, up_c, fwd_c, out_c = 12, 6, 5, 7
+    depth, height, width = (2 * n for n in low)
+    deep = PaddedPlanar.from_dense(torch.randn(deep_c, *low, generator=g))
+    read = torch.tensor([0, 2, 3, 5])  # the up channels with kernels; 1 and 4 unread
+    convt = convt_csr((torch.randn(deep_c, up_c, 2, 2, 2, generator=g)
+                       * (torch.rand(deep_c, up_c, 1, 1, 1, generator=g) < 0.5))[:, read])
+    deep_norm = LazyNorm(torch.rand(deep_c, generator=g) + 0.5, torch.randn(deep_c, generator=g),
+                         torch.full((deep_c,), 0.01))
+    up = PaddedPlanar(len(read), depth, height, width)
+    k.convt(convt, deep, up, norm=deep_norm)
+    fwd = PaddedPlanar.from_dense(torch.randn(fwd_c, depth, height, width, generator=g))
+    up_map = torch.full((up_c,), -1, dtype=torch.int32)
+    up_map[read] = torch.arange(len(read), dtype=torch.int32)
+    weight = torch.randn(out_c, fwd_c + up_c, 1, 3, 3, generator=g) * (torch.rand(out_c, fwd_c + up_c, 1, 1, 1,
+                                                                                  generator=g) < 0.6)
+    weight[:, fwd_c:][:, up_map < 0] = 0
+    csc, shift = conv_csc(weight), depth_offsets(fwd_c + up_c)
+    norm = LazyNorm.cat([LazyNorm(torch.rand(fwd_c, generator=g) + 0.5, torch.randn(fwd_c, generator=g),
+                                  torch.full((fwd_c,), 0.01)), LazyNorm.identity(up_c)])
+    ptrs = torch.zeros(fwd_c + up_c, dtype=torch.int64)
+    ptrs[:fwd_c] = fwd.channel_ptrs()
+    ptrs[fwd_c + read] = up.channel_ptrs()
+    stored, computed = PaddedPlanar(out_c, depth, height, width), PaddedPlanar(out_c, depth, height, width)
+    stats_stored, stats_computed = torch.zeros(2 * out_c, dtype=torch.float64), torch.zeros(2 * out_c, dtype=torch.float64)
+    k.sconv133(csc, ptrs, shift, stored, stats_stored, norm=norm)
+    ptrs[fwd_c:] = 0  # not read: the kernel computes these channels
+    k.sconv133(csc, ptrs, shift, computed, stats_computed, norm=norm,
+               up=ComputedUp(fwd_c, up_map, convt, deep, deep_norm))
+    assert float(stored.interior.abs().max()) > 0
+    assert torch.allclose(computed.buffer, stored.buffer, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(stats_computed, stats_stored, rtol=1e-9)
+    with pytest.raises(ValueError, match="W a multiple of 16"):
+        odd = PaddedPlanar.from_dense(torch.randn(deep_c, low[0], low[1], 5, generator=g))
+        k.sconv133(csc, ptrs, shift, PaddedPlanar(out_c, depth, height, 10), None,
+                   up=ComputedUp(fwd_c, up_map, convt, odd, None))
 
 
 def test_bf16_conv_matches_torch_on_bf16_values(kernels):

@@ -40,7 +40,7 @@ __all__ = [
     "pp_slack",
 ]
 
-ABI_VERSION = 9  # E2E_ABI_VERSION in kernels.h
+ABI_VERSION = 10  # E2E_ABI_VERSION in kernels.h
 PAD_FLOATS = 16  # E2E_PAD_FLOATS: zero floats before a PP buffer's first plane
 ALIGN_BYTES = 64
 KernelBuildError = _build.KernelBuildError
@@ -56,6 +56,16 @@ SIGNATURES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ("const float *", "ia"), ("const float *", "ib"), ("const float *", "is"),
         ("const int *", "colptr"), ("const int *", "rowidx"), ("const float *", "wts"),
         ("float *", "out"), ("int64_t", "ostride"), ("double *", "stats"), ("int", "nt"), ("int", "nthreads"))),
+    "e2e_sconv133_up": ("int", (
+        ("int", "I"), ("int", "O"), ("int", "D"), ("int", "d0"), ("int", "d1"), ("int", "H"), ("int", "W"),
+        ("int", "P"), ("const int64_t *", "chan"), ("const int *", "dshift"),
+        ("const float *", "ia"), ("const float *", "ib"), ("const float *", "is"),
+        ("const int *", "colptr"), ("const int *", "rowidx"), ("const float *", "wts"),
+        ("float *", "out"), ("int64_t", "ostride"), ("double *", "stats"), ("int", "nt"), ("int", "nthreads"),
+        ("int", "u0"), ("int", "u1"), ("const int *", "umap"), ("const float *", "deep"), ("int", "Hl"),
+        ("int", "Pl"), ("int64_t", "dstride"), ("const float *", "da"), ("const float *", "db"),
+        ("const float *", "ds"), ("const int *", "urowptr"), ("const int *", "ucolidx"),
+        ("const float *", "uwts"))),
     "e2e_bf16_built": ("int", ()),
     "e2e_sconv133_bf16": ("int", (
         ("int", "I"), ("int", "O"), ("int", "D"), ("int", "d0"), ("int", "d1"), ("int", "H"), ("int", "W"),
@@ -325,11 +335,48 @@ class KernelLibrary:
         if self._lib.e2e_sconv133_bf16(*args) != 0:
             raise ValueError("sconv133_bf16: not built into this library")
 
+    def sconv133_up(self, *, chan: torch.Tensor, dshift: torch.Tensor, colptr: torch.Tensor, rowidx: torch.Tensor,
+                    weights: torch.Tensor, out: PPLike, depth_range: tuple[int, int], up_first: int,
+                    up_map: torch.Tensor, deep: PPLike, rowptr: torch.Tensor, colidx: torch.Tensor,
+                    up_weights: torch.Tensor, norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    deep_norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                    stats: torch.Tensor | None = None, streaming: bool = False, threads: int = 1) -> None:
+        """:meth:`sconv133` whose input channels ``up_first`` .. ``up_first + len(up_map)`` are the
+        ConvTranspose3d (kernel == stride == 2) of ``deep`` (read through ``deep_norm``), computed in
+        the kernel: channel ``up_first + c`` is output ``up_map[c]`` ((C,) int32, -1: no kernels read
+        it) of the CSR ``rowptr`` / ``colidx`` / ``up_weights`` (nnz, 8). Their ``chan`` entries are
+        not read. ``out`` W a multiple of 16, H and D twice ``deep``'s."""
+        fn = "sconv133_up"
+        u0 = int(up_first)
+        _tensor(fn, "up_map", up_map, torch.int32)
+        u1 = u0 + up_map.numel()
+        args = self._sconv_args(fn, chan, dshift, colptr, rowidx, weights, torch.float32, 9, out, depth_range, norm,
+                                stats, streaming, threads, computed=(u0, u1))
+        if up_map.dim() != 1 or not 0 <= u0 <= u1 <= chan.numel():
+            raise ValueError(f"{fn}: up channels [{u0}, {u1}) outside the {chan.numel()} input channels")
+        deep_base = _pp(fn, "deep", deep, self.row_block, dims=(out.D // 2, out.H // 2, out.W // 2))
+        if out.W % 16 or out.D % 2 or out.H % 2:
+            raise ValueError(f"{fn}: out must have W a multiple of 16 and even D and H, got {out.D, out.H, out.W}")
+        outputs = int(rowptr.numel()) - 1
+        nnz = _sparse_index(fn, "rowptr", rowptr, "colidx", colidx, outputs, deep.C)
+        _tensor(fn, "up_weights", up_weights, torch.float32, (nnz, 8))
+        used = up_map.numpy()
+        if used.size and (used.min() < -1 or used.max() >= outputs):
+            raise ValueError(f"{fn}: up_map holds indices outside [-1, {outputs})")
+        da, db, ds = _norm(fn, deep_norm, deep.C)
+        code = self._lib.e2e_sconv133_up(*args, u0, u1, up_map.data_ptr(), deep_base, deep.H, deep.P,
+                                         deep.D * (deep.H + 2) * deep.P, da, db, ds, rowptr.data_ptr(),
+                                         colidx.data_ptr(), up_weights.data_ptr())
+        if code != 0:
+            raise ValueError(f"{fn}: the kernel refused the geometry (code {code})")
+
     def _sconv_args(self, fn: str, chan: torch.Tensor, dshift: torch.Tensor, colptr: torch.Tensor,
                     rowidx: torch.Tensor, weights: torch.Tensor, wdtype: torch.dtype, wcols: int, out: PPLike,
                     depth_range: tuple[int, int], norm: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-                    stats: torch.Tensor | None, streaming: bool, threads: int) -> tuple[object, ...]:
-        """The checked C arguments of the two sparse (1,3,3) convolutions (they differ in the weights)."""
+                    stats: torch.Tensor | None, streaming: bool, threads: int,
+                    computed: tuple[int, int] = (0, 0)) -> tuple[object, ...]:
+        """The checked C arguments of the sparse (1,3,3) convolutions (they differ in the weights);
+        the channels ``computed`` (first, end) are made in the kernel, their addresses not read."""
         i_count = chan.numel() if isinstance(chan, torch.Tensor) else -1
         _tensor(fn, "chan", chan, torch.int64, (i_count,))
         o_count = getattr(out, "C", -1)
@@ -340,7 +387,9 @@ class KernelLibrary:
         if i_count and np.abs(dshift.numpy()).max() > 1:
             raise ValueError(f"{fn}: dshift must be -1, 0 or 1 (the restricted depth shift)")
         p, addresses = colptr.numpy(), chan.numpy()
-        read = addresses[p[1:] > p[:-1]]  # the channels the kernel reads
+        active = p[1:] > p[:-1]
+        active[computed[0]:computed[1]] = False
+        read = addresses[active]  # the channels whose memory the kernel reads
         if (read == 0).any() or (read % ALIGN_BYTES).any():
             raise ValueError(f"{fn}: an input channel with active kernels has a null or unaligned address")
         d0, d1 = depth_range

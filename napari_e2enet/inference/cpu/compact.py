@@ -32,6 +32,7 @@ from .bindings import PAD_FLOATS, KernelLibrary, best_library, bf16_weight_pairs
 __all__ = [
     "CSCConv",
     "CSRConvT",
+    "ComputedUp",
     "Kernels",
     "BufferPool",
     "LazyNorm",
@@ -362,6 +363,19 @@ class LazyNorm:
         return torch.where(v > 0, v, v * self.s.view(shape))
 
 
+@dataclass
+class ComputedUp:
+    """Input channels of a (1,3,3) conv that the kernel computes as it reads them: channel
+    ``first + c`` is output ``up_map[c]`` ((C,) int32, -1: no kernels read it) of ``conv`` (kernel
+    == stride == (2, 2, 2)) applied to ``deep`` read through ``norm``."""
+
+    first: int
+    up_map: torch.Tensor
+    conv: CSRConvT
+    deep: PaddedPlanar
+    norm: LazyNorm | None
+
+
 def _norm_vectors(norm: LazyNorm | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     return None if norm is None else (norm.a, norm.b, norm.s)
 
@@ -401,14 +415,16 @@ class Kernels:
 
     def sconv133(self, conv: CSCConv, channel_ptrs: torch.Tensor, dshift: torch.Tensor,
                  out: PaddedPlanar, stats: torch.Tensor | None, *, norm: LazyNorm | None = None,
-                 streaming: bool = False, depth_range: tuple[int, int] | None = None) -> None:
+                 streaming: bool = False, depth_range: tuple[int, int] | None = None,
+                 up: ComputedUp | None = None) -> None:
         """out = conv(inputs) for a CSC (1,3,3) conv (raw, no bias). ``channel_ptrs`` (I,) int64
         addresses of the input channels (PP tensors of out's D, H, W and pitch; an address may
         point before its buffer when only a depth piece is stored, see ``depth_range``),
         ``dshift`` (I,) int32 depth offsets, ``norm`` the per-input-channel lazy norm (None: read
         as stored); ``stats`` (2·O,) float64 accumulates per-channel sum and sum of squares of out.
         ``depth_range`` (d0, d1): write only output slices [d0, d1), which read input slices
-        d0 - 1 .. d1 (default: all)."""
+        d0 - 1 .. d1 (default: all). ``up``: input channels computed in the kernel from a deeper
+        tensor (fp32 weights only; their ``channel_ptrs`` are not read)."""
         if conv.weights.shape[-1] != 9:
             raise ValueError("e2e_sconv133 needs 3 × 3 taps")
         if conv.out_channels != out.C or conv.in_channels != channel_ptrs.numel():
@@ -418,7 +434,14 @@ class Kernels:
         common = {"chan": channel_ptrs, "dshift": dshift, "colptr": conv.colptr, "rowidx": conv.rowidx, "out": out,
                   "depth_range": (d0, d1), "norm": _norm_vectors(norm), "stats": stats, "streaming": streaming,
                   "threads": self._threads(out.C * out.cstride * (d1 - d0) // max(out.D, 1))}
-        if conv.weight_pairs is not None:
+        if up is not None:
+            if conv.weight_pairs is not None:
+                raise ValueError("sconv133: computed up channels need the fp32 weights")
+            with _record("e2e_sconv133_up"):
+                self.library.sconv133_up(weights=conv.weights, up_first=up.first, up_map=up.up_map, deep=up.deep,
+                                         rowptr=up.conv.rowptr, colidx=up.conv.colidx, up_weights=up.conv.weights,
+                                         deep_norm=_norm_vectors(up.norm), **common)
+        elif conv.weight_pairs is not None:
             with _record("e2e_sconv133_bf16"):
                 self.library.sconv133_bf16(weight_pairs=conv.weight_pairs, **common)
         else:

@@ -264,6 +264,103 @@ static inline void sconv_taps_avx2(const float *const *R, float *acc, const int 
 }
 #endif
 
+/* Up-sampled input channels computed where the fusion conv reads them (e2e_sconv133_up): input
+   channels [u0, u1) of the conv are a ConvTranspose3d, kernel == stride == (2, 2, 2), of a deeper
+   PP tensor; channel u0 + c is the transposed conv's output umap[c] (-1: no kernels read it).
+   Instead of a whole up-sampled tensor in memory (48 channels of 128^3 at level 0 of the paper
+   network: the transposed conv wrote ~2.9 GB a forward and the fusion conv read it back), each
+   thread fills a strip of RB + 2 rows per up channel when it starts a row block. */
+typedef struct {
+    int u0, u1;
+    const int *umap;
+    const float *deep;      /* channel 0, plane 0, row 0 of the deeper PP tensor */
+    int Hl, Pl;
+    int64_t dstride;        /* floats between deeper channels */
+    const float *da, *db, *ds; /* the deeper tensor's lazy norm, NULL: as stored */
+    const int *rowptr, *colidx;
+    const float *wts;       /* 8 taps per kernel, (depth, row, column) parity order */
+} UpSrc;
+
+/* One up-sampled row (image row y, slice z) of transposed-conv output m into row[0 .. W): the same
+   sums in the same order as e2e_convt, so the values are bit-identical to it. W / 2 a multiple of 8. */
+static void up_row(const UpSrc *u, int m, int z, int y, float *row, int W)
+{
+    const int Wl = W / 2, tap = ((z & 1) * 2 + (y & 1)) * 2;
+    const size_t off = (size_t)(z >> 1) * (size_t)(u->Hl + 2) * u->Pl + (size_t)((y >> 1) + 1) * u->Pl;
+    const int k0 = u->rowptr[m], k1 = u->rowptr[m + 1];
+#if defined(__AVX2__)
+    for (int g = 0; g < Wl; g += 32) {
+        const int nv = Wl - g < 32 ? (Wl - g) / 8 : 4;
+        __m256 A0[4], A1[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++) { A0[v] = _mm256_setzero_ps(); A1[v] = _mm256_setzero_ps(); }
+        for (int k = k0; k < k1; k++) {
+            const int j = u->colidx[k];
+            const float *src = u->deep + (size_t)j * u->dstride + off + g;
+            const __m256 w0 = _mm256_broadcast_ss(u->wts + 8 * (size_t)k + tap);
+            const __m256 w1 = _mm256_broadcast_ss(u->wts + 8 * (size_t)k + tap + 1);
+            const int id = is_identity(u->da, u->db, u->ds, j);
+            const __m256 va = _mm256_set1_ps(id ? 1.f : u->da[j]), vb = _mm256_set1_ps(id ? 0.f : u->db[j]);
+            const __m256 vs = _mm256_set1_ps(id ? 1.f : u->ds[j]);
+#pragma GCC unroll 4
+            for (int v = 0; v < 4; v++) {
+                if (v >= nv) break;
+                __m256 x = _mm256_load_ps(src + 8 * v);
+                if (!id) {
+                    x = _mm256_fmadd_ps(va, x, vb);
+                    x = _mm256_max_ps(x, _mm256_mul_ps(vs, x));
+                }
+                A0[v] = _mm256_fmadd_ps(w0, x, A0[v]);
+                A1[v] = _mm256_fmadd_ps(w1, x, A1[v]);
+            }
+        }
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++) {
+            if (v >= nv) break;
+            const __m256 lo = _mm256_unpacklo_ps(A0[v], A1[v]), hi = _mm256_unpackhi_ps(A0[v], A1[v]);
+            _mm256_store_ps(row + 2 * (g + 8 * v), _mm256_permute2f128_ps(lo, hi, 0x20));
+            _mm256_store_ps(row + 2 * (g + 8 * v) + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+        }
+    }
+#else
+    for (int x = 0; x < Wl; x++) {
+        float a0 = 0.f, a1 = 0.f;
+        for (int k = k0; k < k1; k++) {
+            const int j = u->colidx[k];
+            float v = u->deep[(size_t)j * u->dstride + off + x];
+            if (!is_identity(u->da, u->db, u->ds, j)) {
+                v = u->da[j] * v + u->db[j];
+                v = v > u->ds[j] * v ? v : u->ds[j] * v;
+            }
+            a0 += u->wts[8 * (size_t)k + tap] * v;
+            a1 += u->wts[8 * (size_t)k + tap + 1] * v;
+        }
+        row[2 * x] = a0;
+        row[2 * x + 1] = a1;
+    }
+#endif
+}
+
+/* The strip rows h0-1 .. h0+RB of every up channel read at output slice d (its depth shift
+   applied); rows outside the image are zero, and so are the padding columns W .. P-1 (set once).
+   next: the strip holds the row block above (same slice), whose last 2 rows are this one's first 2
+   (moved, not computed again: a third of the ConvT work). */
+static void up_fill(const UpSrc *u, float *strip, size_t slab, int d, int h0, int D, int H, int W, int P,
+                    const int *dshift, const int *colptr, int next)
+{
+    for (int i = u->u0; i < u->u1; i++) {
+        const int m = u->umap[i - u->u0], z = d + dshift[i];
+        if (m < 0 || colptr[i] == colptr[i + 1] || z < 0 || z >= D) continue;
+        float *base = strip + (size_t)(i - u->u0) * slab + 16;
+        if (next) memcpy(base, base + (size_t)RB * P, sizeof(float) * 2 * (size_t)P);
+        for (int j = next ? 2 : 0; j < RB + 2; j++) {
+            const int y = h0 + j - 1;
+            if (y < 0 || y >= H) memset(base + (size_t)j * P, 0, sizeof(float) * (size_t)W);
+            else up_row(u, m, z, y, base + (size_t)j * P, W);
+        }
+    }
+}
+
 /* Sparse (1,3,3) convolution, stride 1, zero padding (0,1,1), with a per-input-channel depth
    offset (the restricted depth shift: channel i reads slice d + dshift[i], zero outside).
    chan[i]: address of input channel i (plane 0, row 0, column 0) in a PP tensor of shape (D,H,W),
@@ -321,7 +418,8 @@ static BF16_TARGET __attribute__((noinline)) void sconv_channel_bf16(const v16 *
 static inline __attribute__((always_inline)) void sconv133_tiles(
     int I, int O, int D, int d0, int d1, int H, int W, int P, const int64_t *chan, const int *dshift,
     const float *ia, const float *ib, const float *is, const int *colptr, const int *rowidx,
-    const float *wts, const uint32_t *wpairs, float *out, int64_t ostride, double *stats, int nt, int nthreads)
+    const float *wts, const uint32_t *wpairs, float *out, int64_t ostride, double *stats, int nt, int nthreads,
+    const UpSrc *up)
 {
     (void)wpairs; /* AVX2 and generic builds have no bf16 visit */
     const int nwb = (W + 15) / 16, nhb = (H + RB - 1) / RB;
@@ -334,6 +432,7 @@ static inline __attribute__((always_inline)) void sconv133_tiles(
        with whole slices a chunk (benchmarks/kernel_ab.py sconv, Zen 3). */
     const int per_thread = (d1 - d0) * nhb / (8 * nthreads);
     const int chunk = nwb * (per_thread < 1 ? 1 : per_thread > nhb ? nhb : per_thread);
+    (void)chunk; /* a build without OpenMP ignores the schedule */
     const int l1_next = colptr[I] >= 8 * I;
     (void)l1_next;
     double *tst = stats ? calloc((size_t)nthreads * 2 * O * STAT_LANES, sizeof(double)) : NULL;
@@ -341,6 +440,11 @@ static inline __attribute__((always_inline)) void sconv133_tiles(
     {
         float *acc = alloc64(sizeof(float) * (size_t)O * RB * 16);
         double *st = tst ? tst + (size_t)TID() * 2 * O * STAT_LANES : NULL;
+        /* up channel c's strip: 16 zero floats (row 0's column -1), then RB + 2 rows of pitch P */
+        const size_t slab = (size_t)(RB + 2) * P + 16;
+        float *strip = up ? alloc64(sizeof(float) * slab * (size_t)(up->u1 - up->u0)) : NULL;
+        if (strip) memset(strip, 0, sizeof(float) * slab * (size_t)(up->u1 - up->u0));
+        int filled_d = -1, filled_hb = -1;
 #if defined(__AVX2__) && !defined(__AVX512F__)
         float *T = alloc64(sizeof(float) * NROW_PITCH * (RB + 2));
 #endif
@@ -358,12 +462,19 @@ static inline __attribute__((always_inline)) void sconv133_tiles(
             }
 #endif
             memset(acc, 0, sizeof(float) * (size_t)O * RB * 16);
+            if (strip && (d != filled_d || hb != filled_hb)) {
+                up_fill(up, strip, slab, d, h0, D, H, W, P, dshift, colptr, d == filled_d && hb == filled_hb + 1);
+                filled_d = d;
+                filled_hb = hb;
+            }
             for (int i = 0; i < I; i++) {
                 const int k0 = colptr[i], k1 = colptr[i + 1];
                 if (k0 == k1) continue;
                 const int ds = d + dshift[i];
                 if (ds < 0 || ds >= D) continue;
-                const float *rp = (const float *)(intptr_t)chan[i] + (size_t)ds * plane + (size_t)h0 * P + w0;
+                const float *rp = strip && i >= up->u0 && i < up->u1
+                                      ? strip + (size_t)(i - up->u0) * slab + 16 + w0
+                                      : (const float *)(intptr_t)chan[i] + (size_t)ds * plane + (size_t)h0 * P + w0;
                 {   /* prefetch the lines this thread's next tile reads from this channel */
                     const float *np = wb + 1 < nwb ? rp + E2E_PF : rp + (size_t)RB * P - w0;
                     for (int j = 0; j < RB + 2; j++) __builtin_prefetch(np + (size_t)j * P, 0, 2);
@@ -478,6 +589,7 @@ static inline __attribute__((always_inline)) void sconv133_tiles(
 #endif
         }
         free(acc);
+        free(strip);
 #if defined(__AVX2__) && !defined(__AVX512F__)
         free(T);
 #endif
@@ -498,7 +610,23 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                   float *out, int64_t ostride, double *stats, int nt, int nthreads)
 {
     sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, wts, NULL, out, ostride,
-                   stats, nt, nthreads);
+                   stats, nt, nthreads, NULL);
+}
+
+int e2e_sconv133_up(int I, int O, int D, int d0, int d1, int H, int W, int P,
+                    const int64_t *chan, const int *dshift,
+                    const float *ia, const float *ib, const float *is,
+                    const int *colptr, const int *rowidx, const float *wts,
+                    float *out, int64_t ostride, double *stats, int nt, int nthreads,
+                    int u0, int u1, const int *umap, const float *deep, int Hl, int Pl, int64_t dstride,
+                    const float *da, const float *db, const float *ds,
+                    const int *urowptr, const int *ucolidx, const float *uwts)
+{
+    if (W % 16 || H != 2 * Hl || D % 2 || u0 < 0 || u1 < u0 || u1 > I) return 2;
+    const UpSrc up = {u0, u1, umap, deep, Hl, Pl, dstride, da, db, ds, urowptr, ucolidx, uwts};
+    sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, wts, NULL, out, ostride,
+                   stats, nt, nthreads, &up);
+    return 0;
 }
 
 int e2e_sconv133_bf16(int I, int O, int D, int d0, int d1, int H, int W, int P,
@@ -509,7 +637,7 @@ int e2e_sconv133_bf16(int I, int O, int D, int d0, int d1, int H, int W, int P,
 {
 #if E2E_BF16
     sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, NULL, wpairs, out, ostride,
-                   stats, nt, nthreads);
+                   stats, nt, nthreads, NULL);
     return 0;
 #else
     (void)I; (void)O; (void)D; (void)d0; (void)d1; (void)H; (void)W; (void)P; (void)chan; (void)dshift;

@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#define E2E_ABI_VERSION 9
+#define E2E_ABI_VERSION 10
 #define E2E_PAD_FLOATS 16
 
 /* E2E_ABI_VERSION of the compiled library. */
@@ -29,6 +29,21 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                   const float *ia, const float *ib, const float *is,
                   const int *colptr, const int *rowidx, const float *wts,
                   float *out, int64_t ostride, double *stats, int nt, int nthreads);
+
+/* e2e_sconv133 whose input channels [u0, u1) are computed in the kernel: channel u0 + c is output
+   umap[c] (-1: unread) of a ConvTranspose3d, kernel == stride == (2, 2, 2), no bias, CSR by output
+   (urowptr, ucolidx, uwts: 8 taps per kernel) of the PP tensor deep (channel stride dstride, Hl
+   rows, pitch Pl, D / 2 planes) read through its lazy norm (da, db, ds; NULL: as stored); chan[u0 ..
+   u1) are not read. Values bit-identical to e2e_convt into a buffer, then e2e_sconv133. Returns 0,
+   or 2 where W is not a multiple of 16, H != 2 Hl, D is odd or [u0, u1) is not within [0, I). */
+int e2e_sconv133_up(int I, int O, int D, int d0, int d1, int H, int W, int P,
+                    const int64_t *chan, const int *dshift,
+                    const float *ia, const float *ib, const float *is,
+                    const int *colptr, const int *rowidx, const float *wts,
+                    float *out, int64_t ostride, double *stats, int nt, int nthreads,
+                    int u0, int u1, const int *umap, const float *deep, int Hl, int Pl, int64_t dstride,
+                    const float *da, const float *db, const float *ds,
+                    const int *urowptr, const int *ucolidx, const float *uwts);
 
 /* 1 where this build has e2e_sconv133_bf16 (AVX-512 with a compiler that knows AVX512-BF16). */
 int e2e_bf16_built(void);
