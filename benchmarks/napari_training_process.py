@@ -37,6 +37,8 @@ def _timed(events: Any) -> dict[str, float]:
             first = now - start
         if event.kind == "iteration":
             stamps.append(now)
+    if not stamps:
+        raise SystemExit("the run ended before its first iteration: nothing to time")
     steps = [b - a for a, b in itertools.pairwise(stamps)]
     return {"first_event_s": round(first or 0.0, 2), "first_step_s": round(stamps[0] - start, 2),
             "median_step_s": round(statistics.median(steps), 2) if steps else float("nan")}
