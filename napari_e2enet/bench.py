@@ -338,6 +338,34 @@ def run_patch_benchmark(
     return results
 
 
+def best_of_modes(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Best against best: per (size, precision, model), the row of the allocator mode (``runs``' keys,
+    "returned" and "kept") with the lowest median, its ``ratio_to_plain`` recomputed against
+    PlainConvUNet's best mode. Rows that failed in every mode are left out."""
+    best: dict[tuple[int, str, str], dict[str, Any]] = {}
+    for mode, rows in runs.items():
+        for row in rows:
+            key = (row["size"], row["precision"], row["model"])
+            if "error" not in row and (key not in best or row["median_s"] < best[key]["median_s"]):
+                best[key] = {**row, "freed_memory": mode}
+    for (size, precision, _), row in best.items():
+        plain = best.get((size, precision, "plain"))
+        row["ratio_to_plain"] = row["median_s"] / plain["median_s"] if plain else None
+    return list(best.values())
+
+
+def format_best_table(rows: list[dict[str, Any]]) -> str:
+    """The best-against-best rows: each candidate's fastest allocator mode and its ratio."""
+    lines = ["", "best against best: each candidate with the allocator mode it ran fastest in "
+                 "(the patch part ran once returned, then once kept, in this process)",
+             f"  {'size':>5s} {'precision':9s} {'model':20s} {'mode':9s} {'median s':>9s} {'× plain':>8s}"]
+    for r in rows:
+        ratio = f"{r['ratio_to_plain']:.2f}" if r["ratio_to_plain"] is not None else "—"
+        lines.append(f"  {r['size']:5d} {r['precision']:9s} {r['model']:20s} {r['freed_memory']:9s} "
+                     f"{r['median_s']:9.3f} {ratio:>8s}")
+    return "\n".join(lines)
+
+
 def _freed_memory(keep: bool) -> contextlib.AbstractContextManager[Any]:
     from .allocator import keep_freed_memory
 
@@ -649,16 +677,18 @@ def format_table(results: list[dict[str, Any]], machine: dict[str, Any] | None =
         lines.append(f"{size}^3, {precision}, batch 1, {NUM_CLASSES} classes — median of interleaved rounds"
                      + (f"; GMAC/s of the convs each path computes (the sparse path skips masked kernels), "
                         f"% of the {_peak_line(peak)}" if peak else ""))
-        lines.append(f"  {'model':20s} {'description':44s} {'median s':>9s} {'min s':>8s} {'× plain':>8s} "
+        block = [r for r in results if (r["size"], r["precision"]) == (size, precision)]
+        # --freed-memory best: each row names its pass; its ratio is against plain in the same pass
+        names = [r["model"] + (f" {r['freed_memory']}" if "freed_memory" in r else "") for r in block]
+        width = max([20, *map(len, names)])
+        lines.append(f"  {'model':{width}s} {'description':44s} {'median s':>9s} {'min s':>8s} {'× plain':>8s} "
                      f"{'GMAC/s':>8s} {'% peak':>7s}")
-        for r in results:
-            if (r["size"], r["precision"]) != (size, precision):
-                continue
+        for name, r in zip(names, block, strict=True):
             if "error" in r:
-                lines.append(f"  {r['model']:20s} error: {r['error'][:80]}")
+                lines.append(f"  {name:{width}s} error: {r['error'][:80]}")
                 continue
             ratio = f"{r['ratio_to_plain']:.2f}" if r["ratio_to_plain"] is not None else "—"
-            lines.append(f"  {r['model']:20s} {r['description'][:44]:44s} {r['median_s']:9.3f} {r['min_s']:8.3f} "
+            lines.append(f"  {name:{width}s} {r['description'][:44]:44s} {r['median_s']:9.3f} {r['min_s']:8.3f} "
                          f"{ratio:>8s} {_rate_cells(r)}")
     return "\n".join(lines)
 

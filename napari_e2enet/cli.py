@@ -919,10 +919,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-batch", type=_POSITIVE, default=2)
     p.add_argument("--train-iterations", type=_POSITIVE, default=6, help="timed training steps (after one warm-up)")
     p.add_argument("--threads", type=_POSITIVE, default=2)
-    p.add_argument("--freed-memory", choices=["kept", "returned"], default=None,
+    p.add_argument("--freed-memory", choices=["kept", "returned", "best"], default=None,
                    help="freed tensors' memory kept in the process for the next allocation, or returned at once "
                         "(glibc's default: every fresh tensor is faulted in again); default: as the project runs "
-                        "them, returned for inference (the fast path pools its buffers) and kept for training")
+                        "them, returned for inference (the fast path pools its buffers) and kept for training; "
+                        "best: the patch part runs returned, then kept, and each candidate is compared in its "
+                        "faster mode (the other parts as by default)")
     p.add_argument("--json", action="store_true", help="print the machine line and results as one JSON object")
 
 
@@ -957,10 +959,18 @@ def _bench(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"machine": machine}
     text = []
     if "patch" in args.parts:
-        out["results"] = bench.run_patch_benchmark(args.sizes, args.repeats, precisions=args.precisions,
-                                                   models=args.models, threads=args.threads, progress=say,
-                                                   keep_memory=keep_inference)
+        # best: returned first, then kept (kept memory would also serve a later returned pass)
+        modes = ["returned", "kept"] if args.freed_memory == "best" else [None]
+        runs = {mode or "": bench.run_patch_benchmark(args.sizes, args.repeats, precisions=args.precisions,
+                                                      models=args.models, threads=args.threads, progress=say,
+                                                      keep_memory=keep_inference or mode == "kept")
+                for mode in modes}
+        out["results"] = [{**row, **({"freed_memory": mode} if mode else {})} for mode, rows in runs.items()
+                          for row in rows]
         text.append(bench.format_table(out["results"], machine))
+        if args.freed_memory == "best":
+            out["best"] = bench.best_of_modes(runs)
+            text.append(bench.format_best_table(out["best"]))
     else:
         text.append(bench.format_table([], machine))
     if "volume" in args.parts:

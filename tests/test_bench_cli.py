@@ -21,6 +21,25 @@ def test_bench_json_reports_machine_and_medians():
         assert 0 < r["peak_share"] < 1 and r["peak"]["mac_per_cycle"] in (8, 16, 32)
 
 
+def test_bench_best_compares_each_candidate_in_its_faster_allocator_mode():
+    """--freed-memory best: the patch part once with freed memory returned, once kept, in one process;
+    each candidate's best row is the faster of its two, and its ratio is against plain's best."""
+    proc = subprocess.run([sys.executable, "-m", "napari_e2enet.cli", "bench", "--parts", "patch", "--sizes", "64",
+                           "--repeats", "1", "--precisions", "fp32", "--models", "plain", "small_fast_s09",
+                           "--freed-memory", "best", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["machine"]["freed_memory"] == "best"
+    runs = {(r["model"], r["freed_memory"]): r for r in report["results"] if "error" not in r}
+    assert set(runs) == {(m, mode) for m in ("plain", "small_fast_s09") for mode in ("returned", "kept")}
+    best = {r["model"]: r for r in report["best"]}
+    for model, row in best.items():
+        assert row["median_s"] == min(runs[(model, mode)]["median_s"] for mode in ("returned", "kept"))
+        assert row["freed_memory"] in ("returned", "kept")
+    assert best["plain"]["ratio_to_plain"] == 1.0
+    assert best["small_fast_s09"]["ratio_to_plain"] == best["small_fast_s09"]["median_s"] / best["plain"]["median_s"]
+
+
 def test_bench_unknown_candidate_is_exit_2():
     proc = subprocess.run([sys.executable, "-m", "napari_e2enet.cli", "bench", "--models", "nope"],
                           capture_output=True, text=True)
