@@ -699,17 +699,8 @@ class _SparseNode:
         up_offsets = torch.where(self.up_map >= 0, self.up_map.clamp_min(0) * (4 * up.cstride),
                                  torch.zeros((), dtype=torch.int64))
         plane_bytes = 4 * (up.H + 2) * up.P
-        ptrs = [fwd.t.channel_ptrs()]
-        norms = [_read_norm(fwd)]
-        ptrs.append(up_offsets)  # placeholder: replaced per piece below
-        norms.append(LazyNorm.identity(self.channels))
-        down = self._down_input(k, shallower, pool)
-        if down is not None:
-            ptrs.append(down.channel_ptrs())
-            norms.append(LazyNorm.identity(down.C))
-        norm = LazyNorm.cat(norms) if fwd.norm is not None else None
-        up_at = len(ptrs[0])
-        channel_ptrs = torch.cat(ptrs)
+        # the up channels' addresses are a placeholder, replaced per piece below
+        channel_ptrs, norm, down, up_at = self._inputs(k, fwd, up_offsets, shallower, pool)
         # where the forward input is read last, the output is laid on its memory (level 0: one
         # full-resolution buffer less at the arena's peak); see _inplace_output
         inplace = _inplace_output(fwd, self.units[0], bounds, pool) if last_reader_of_fwd else None
@@ -735,6 +726,19 @@ class _SparseNode:
         return self._finish(k, y, fwd, deeper, down, pool, last_reader_of_deeper=last_reader_of_deeper,
                             last_reader_of_fwd=last_reader_of_fwd)
 
+    def _inputs(self, k: Kernels, fwd: _Act, up_ptrs: torch.Tensor, shallower: _Act | None,
+                pool: BufferPool) -> tuple[torch.Tensor, LazyNorm | None, PaddedPlanar | None, int]:
+        """The first fusion conv's inputs in concatenation order (forward, up, pooled shallower):
+        their addresses, their lazy norm, the pooled input (to release) and the first up channel."""
+        ptrs = [fwd.t.channel_ptrs(), up_ptrs]
+        norms = [_read_norm(fwd), LazyNorm.identity(self.channels)]
+        down = self._down_input(k, shallower, pool)
+        if down is not None:
+            ptrs.append(down.channel_ptrs())
+            norms.append(LazyNorm.identity(down.C))
+        norm = LazyNorm.cat(norms) if fwd.norm is not None else None
+        return torch.cat(ptrs), norm, down, len(ptrs[0])
+
     def _computes_up(self, deep: PaddedPlanar) -> bool:
         """Whether the first fusion conv computes the up-sampled channels itself (e2e_sconv133_up):
         a (2, 2, 2) ConvT, fp32 weights, a width the kernel's rows take, and an up-sampled input
@@ -748,15 +752,8 @@ class _SparseNode:
         """__call__ with the up-sampled channels computed inside the first fusion conv, row block by
         row block, from ``deeper`` (never stored: at level 0 of the paper network the ConvT wrote
         ~2.9 GB a forward that the conv read back)."""
-        ptrs = [fwd.t.channel_ptrs(), torch.zeros(self.channels, dtype=torch.int64)]
-        norms = [_read_norm(fwd), LazyNorm.identity(self.channels)]
-        down = self._down_input(k, shallower, pool)
-        if down is not None:
-            ptrs.append(down.channel_ptrs())
-            norms.append(LazyNorm.identity(down.C))
-        norm = LazyNorm.cat(norms) if fwd.norm is not None else None
-        up_at = len(ptrs[0])
-        channel_ptrs = torch.cat(ptrs)
+        channel_ptrs, norm, down, up_at = self._inputs(k, fwd, torch.zeros(self.channels, dtype=torch.int64),
+                                                       shallower, pool)
         up = ComputedUp(up_at, self.up_map.to(torch.int32), self.up, deeper.t, deeper.norm)
         depth = fwd.t.D
         step = _up_piece_depth(self.up.out_channels, depth, fwd.t.H, fwd.t.W, 2)
