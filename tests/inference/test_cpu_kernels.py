@@ -292,6 +292,10 @@ def test_up_channels_computed_in_the_fusion_conv_equals_convt_then_conv(kernels,
     assert float(stored.interior.abs().max()) > 0
     assert torch.allclose(computed.buffer, stored.buffer, rtol=1e-6, atol=1e-6)
     assert torch.allclose(stats_computed, stats_stored, rtol=1e-9)
+    unread = up_map.clone()
+    unread[read[0]] = -1  # an up channel the conv reads, given no ConvT output
+    with pytest.raises(ValueError, match="no ConvT output"):
+        k.sconv133(csc, ptrs, shift, computed, None, up=ComputedUp(fwd_c, unread, convt, deep, deep_norm))
     with pytest.raises(ValueError, match="W a multiple of 16"):
         odd = PaddedPlanar.from_dense(torch.randn(deep_c, low[0], low[1], 5, generator=g))
         k.sconv133(csc, ptrs, shift, PaddedPlanar(out_c, depth, height, 10), None,

@@ -350,10 +350,13 @@ class KernelLibrary:
         u0 = int(up_first)
         _tensor(fn, "up_map", up_map, torch.int32)
         u1 = u0 + up_map.numel()
+        if up_map.dim() != 1 or not isinstance(chan, torch.Tensor) or not 0 <= u0 <= u1 <= chan.numel():
+            raise ValueError(f"{fn}: up channels [{u0}, {u1}) outside the input channels")
         args = self._sconv_args(fn, chan, dshift, colptr, rowidx, weights, torch.float32, 9, out, depth_range, norm,
                                 stats, streaming, threads, computed=(u0, u1))
-        if up_map.dim() != 1 or not 0 <= u0 <= u1 <= chan.numel():
-            raise ValueError(f"{fn}: up channels [{u0}, {u1}) outside the {chan.numel()} input channels")
+        read = colptr.numpy()[u0 + 1:u1 + 1] > colptr.numpy()[u0:u1]
+        if (up_map.numpy()[read] < 0).any():  # the kernel would read zeros for them
+            raise ValueError(f"{fn}: an up channel with active kernels has no ConvT output (up_map -1)")
         deep_base = _pp(fn, "deep", deep, self.row_block, dims=(out.D // 2, out.H // 2, out.W // 2))
         if out.W % 16 or out.D % 2 or out.H % 2:
             raise ValueError(f"{fn}: out must have W a multiple of 16 and even D and H, got {out.D, out.H, out.W}")
@@ -367,6 +370,8 @@ class KernelLibrary:
         code = self._lib.e2e_sconv133_up(*args, u0, u1, up_map.data_ptr(), deep_base, deep.H, deep.P,
                                          deep.D * (deep.H + 2) * deep.P, da, db, ds, rowptr.data_ptr(),
                                          colidx.data_ptr(), up_weights.data_ptr())
+        if code == 1:
+            raise MemoryError(f"{fn}: the kernel could not allocate its up-sampling strips")
         if code != 0:
             raise ValueError(f"{fn}: the kernel refused the geometry (code {code})")
 

@@ -415,7 +415,7 @@ static BF16_TARGET __attribute__((noinline)) void sconv_channel_bf16(const v16 *
 
 /* The body of e2e_sconv133 and e2e_sconv133_bf16: wpairs NULL runs the fp32 kernel, else the
    bf16 channel visit above on the same tiles, loads and epilogue (AVX-512 builds only). */
-static inline __attribute__((always_inline)) void sconv133_tiles(
+static inline __attribute__((always_inline)) int sconv133_tiles(
     int I, int O, int D, int d0, int d1, int H, int W, int P, const int64_t *chan, const int *dshift,
     const float *ia, const float *ib, const float *is, const int *colptr, const int *rowidx,
     const float *wts, const uint32_t *wpairs, float *out, int64_t ostride, double *stats, int nt, int nthreads,
@@ -436,7 +436,8 @@ static inline __attribute__((always_inline)) void sconv133_tiles(
     const int l1_next = colptr[I] >= 8 * I;
     (void)l1_next;
     double *tst = stats ? calloc((size_t)nthreads * 2 * O * STAT_LANES, sizeof(double)) : NULL;
-#pragma omp parallel num_threads(nthreads)
+    int failed = 0; /* a thread could not allocate its up strip: its tiles are skipped, 1 returned */
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         float *acc = alloc64(sizeof(float) * (size_t)O * RB * 16);
         double *st = tst ? tst + (size_t)TID() * 2 * O * STAT_LANES : NULL;
@@ -444,12 +445,14 @@ static inline __attribute__((always_inline)) void sconv133_tiles(
         const size_t slab = (size_t)(RB + 2) * P + 16;
         float *strip = up ? alloc64(sizeof(float) * slab * (size_t)(up->u1 - up->u0)) : NULL;
         if (strip) memset(strip, 0, sizeof(float) * slab * (size_t)(up->u1 - up->u0));
+        if (up && !strip) failed = 1;
         int filled_d = -1, filled_hb = -1;
 #if defined(__AVX2__) && !defined(__AVX512F__)
         float *T = alloc64(sizeof(float) * NROW_PITCH * (RB + 2));
 #endif
 #pragma omp for schedule(SCHED(chunk))
         for (int task = 0; task < ntask; task++) {
+            if (up && !strip) continue; /* its up channels would be read from nowhere */
             const int wb = task % nwb, hb = (task / nwb) % nhb, d = d0 + task / (nwb * nhb);
             const int h0 = hb * RB, w0 = wb * 16;
             const int nrow = H - h0 < RB ? H - h0 : RB, ncol = W - w0 < 16 ? W - w0 : 16;
@@ -601,6 +604,7 @@ static inline __attribute__((always_inline)) void sconv133_tiles(
                 for (int l = 0; l < STAT_LANES; l++) stats[j] += tst[((size_t)t * 2 * O + j) * STAT_LANES + l];
         free(tst);
     }
+    return failed;
 }
 
 void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
@@ -609,8 +613,8 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
                   const int *colptr, const int *rowidx, const float *wts,
                   float *out, int64_t ostride, double *stats, int nt, int nthreads)
 {
-    sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, wts, NULL, out, ostride,
-                   stats, nt, nthreads, NULL);
+    (void)sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, wts, NULL, out, ostride,
+                         stats, nt, nthreads, NULL);
 }
 
 int e2e_sconv133_up(int I, int O, int D, int d0, int d1, int H, int W, int P,
@@ -624,9 +628,8 @@ int e2e_sconv133_up(int I, int O, int D, int d0, int d1, int H, int W, int P,
 {
     if (W % 16 || H != 2 * Hl || D % 2 || u0 < 0 || u1 < u0 || u1 > I) return 2;
     const UpSrc up = {u0, u1, umap, deep, Hl, Pl, dstride, da, db, ds, urowptr, ucolidx, uwts};
-    sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, wts, NULL, out, ostride,
-                   stats, nt, nthreads, &up);
-    return 0;
+    return sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, wts, NULL, out,
+                          ostride, stats, nt, nthreads, &up);
 }
 
 int e2e_sconv133_bf16(int I, int O, int D, int d0, int d1, int H, int W, int P,
@@ -636,8 +639,8 @@ int e2e_sconv133_bf16(int I, int O, int D, int d0, int d1, int H, int W, int P,
                       float *out, int64_t ostride, double *stats, int nt, int nthreads)
 {
 #if E2E_BF16
-    sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, NULL, wpairs, out, ostride,
-                   stats, nt, nthreads, NULL);
+    (void)sconv133_tiles(I, O, D, d0, d1, H, W, P, chan, dshift, ia, ib, is, colptr, rowidx, NULL, wpairs, out,
+                         ostride, stats, nt, nthreads, NULL);
     return 0;
 #else
     (void)I; (void)O; (void)D; (void)d0; (void)d1; (void)H; (void)W; (void)P; (void)chan; (void)dshift;

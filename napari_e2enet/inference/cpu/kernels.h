@@ -34,8 +34,9 @@ void e2e_sconv133(int I, int O, int D, int d0, int d1, int H, int W, int P,
    umap[c] (-1: unread) of a ConvTranspose3d, kernel == stride == (2, 2, 2), no bias, CSR by output
    (urowptr, ucolidx, uwts: 8 taps per kernel) of the PP tensor deep (channel stride dstride, Hl
    rows, pitch Pl, D / 2 planes) read through its lazy norm (da, db, ds; NULL: as stored); chan[u0 ..
-   u1) are not read. Values bit-identical to e2e_convt into a buffer, then e2e_sconv133. Returns 0,
-   or 2 where W is not a multiple of 16, H != 2 Hl, D is odd or [u0, u1) is not within [0, I). */
+   u1) are not read. Values bit-identical to e2e_convt into a buffer, then e2e_sconv133. Returns 0;
+   1 where a thread could not allocate its up strip (out is then incomplete); 2 where W is not a
+   multiple of 16, H != 2 Hl, D is odd or [u0, u1) is not within [0, I). */
 int e2e_sconv133_up(int I, int O, int D, int d0, int d1, int H, int W, int P,
                     const int64_t *chan, const int *dshift,
                     const float *ia, const float *ib, const float *is,
